@@ -1,0 +1,132 @@
+"""Builds a marnet_jax tfds dataset into a data_dir (`tfds build` needs TensorFlow; this does not).
+
+    python -m marnet_jax.data.build --dataset vireo_food172 --manual_dir DIR --data_dir DIR
+    python -m marnet_jax.data.build --dataset ingredient101 --config simplified --manual_dir DIR \\
+        --data_dir DIR [--skip_bad_records]
+    python -m marnet_jax.data.build --dataset synthetic_food --config tiny --data_dir DIR
+
+Builders are found by their tfds name once their modules are imported (BUILDER_MODULES). Prints
+the split sizes when done; exits with status 1 and the builder's message on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+import tensorflow_datasets as tfds
+
+from marnet_jax.data import manual_release
+
+# Modules that register builders; a module not (yet) present in the package is passed over.
+BUILDER_MODULES = (
+    "marnet_jax.data.synthetic_food",
+    "marnet_jax.data.vireo_food172",
+    "marnet_jax.data.ingredient101",
+)
+
+
+def register_builders() -> list[str]:
+    """Imports the builder modules (registering their builders); returns the available names."""
+    for module in BUILDER_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:  # a missing dependency inside an existing module is an error
+                raise
+    names = {"synthetic_food", "vireo_food172", "ingredient101"}
+    return sorted(n for n in names if n in tfds.list_builders(with_community_datasets=False))
+
+
+def build(
+    dataset: str,
+    data_dir: str,
+    *,
+    config: str | None = None,
+    manual_dir: str | None = None,
+    skip_bad_records: bool = False,
+    overwrite: bool = False,
+) -> tfds.core.DatasetBuilder:
+    """Builds (or reuses) `dataset` in data_dir and returns its builder."""
+    register_builders()
+    cls = tfds.builder_cls(dataset)
+    kwargs = {}
+    if issubclass(cls, manual_release.ManualReleaseBuilder):
+        kwargs["skip_bad_records"] = skip_bad_records
+    elif skip_bad_records:
+        raise ValueError(
+            f"{dataset} does not read a manual release: --skip_bad_records does not apply"
+        )
+    builder = cls(data_dir=data_dir, config=config, **kwargs)
+    mode = (
+        tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
+        if overwrite
+        else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+    )
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, download_mode=mode),
+        file_format="array_record",
+    )
+    return builder
+
+
+def summary(builder: tfds.core.DatasetBuilder) -> str:
+    """Split sizes, class and ingredient counts, and skipped records of a prepared builder."""
+    info = builder.info
+    lines = [f"{info.full_name} in {builder.data_path}"]
+    for name, split in info.splits.items():
+        lines.append(f"  {name:<10} {split.num_examples:>8} examples")
+    features = info.features
+    lines.append(
+        f"  classes {features['label'].num_classes}, ingredients {features['ingredients'].shape[0]}"
+    )
+    metadata = info.metadata or {}
+    if "skipped_records" in metadata.keys():
+        skipped = metadata["skipped_records"]
+        if any(skipped.values()) or metadata["num_problems"]:
+            lines.append(f"  skipped records {skipped}; {metadata['num_problems']} problem(s):")
+            lines.extend(f"    {p}" for p in metadata["problems"][:10])
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line entry point; returns the exit status."""
+    available = register_builders()
+    parser = argparse.ArgumentParser(
+        description="Build a marnet_jax tfds dataset (ArrayRecord) without TensorFlow."
+    )
+    parser.add_argument("--dataset", required=True, choices=available)
+    parser.add_argument("--data_dir", required=True, help="tfds data_dir to write into")
+    parser.add_argument("--config", default=None, help="builder config (default: the builder's)")
+    parser.add_argument("--manual_dir", default=None, help="folder holding the extracted release")
+    parser.add_argument(
+        "--skip_bad_records",
+        action="store_true",
+        help="leave bad records out (counted in the metadata) instead of stopping",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="rebuild an existing dataset")
+    args = parser.parse_args(argv)
+    try:
+        builder = build(
+            args.dataset,
+            args.data_dir,
+            config=args.config,
+            manual_dir=args.manual_dir,
+            skip_bad_records=args.skip_bad_records,
+            overwrite=args.overwrite,
+        )
+    except (
+        manual_release.ReleaseLayoutError,
+        manual_release.ReleaseFormatError,
+        manual_release.BadRecordsError,
+    ) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(summary(builder))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
