@@ -20,9 +20,8 @@ WRITERS = fixtures.WRITERS
 
 def _prepare(name, manual_dir, data_dir, config=None, skip_bad_records=False):
     builder = BUILDERS[name](data_dir=data_dir, config=config, skip_bad_records=skip_bad_records)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)),
-        file_format="array_record",
+    builder.download_and_prepare(  # ArrayRecord by default
+        download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir))
     )
     return builder
 
@@ -239,3 +238,25 @@ def test_build_command(tmp_path, capsys):
     for split, n in sizes.items():
         assert f"{split:<10} {n:>8} examples" in out
     assert "skipped records {'train': 1, 'validation': 0, 'test': 0}" in out
+
+
+def test_truncated_jpeg_is_caught_even_if_pil_is_told_to_accept_it(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    fx = fixtures.write_vireo_food172(tmp_path / "manual", faults=["corrupt_jpeg"])
+    with pytest.raises(manual_release.BadRecordsError, match="truncated"):
+        _prepare("vireo_food172", fx.manual_dir, tmp_path / "data")
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # restored after the check
+
+
+def test_build_command_finds_synthetic_food(tmp_path, capsys):
+    pytest.importorskip("marnet_jax.data.synthetic_food")
+    assert (
+        build_cli.main(
+            ["--dataset", "synthetic_food", "--config", "tiny", "--data_dir", str(tmp_path)]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "synthetic_food/tiny/1.0.0" in out and "train" in out

@@ -363,9 +363,13 @@ class ManualReleaseBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
         *,
         download_dir: epath.PathLike | None = None,
         download_config: tfds.download.DownloadConfig | None = None,
+        file_format: str | None = None,
         **kwargs: Any,
     ) -> None:
-        """Reads and validates the release from the manual_dir, then lets tfds write the dataset."""
+        """Reads and validates the release from the manual_dir, then lets tfds write the dataset.
+
+        Writes ArrayRecord unless another file_format is asked for.
+        """
         download_config = download_config or tfds.download.DownloadConfig()
         mode = download_config.download_mode
         will_generate = mode != tfds.download.GenerateMode.UPDATE_DATASET_INFO and (
@@ -376,9 +380,15 @@ class ManualReleaseBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
                 epath.Path(download_dir or self.data_dir_root / "downloads") / "manual"
             )
             self._release = self.read_release(manual_dir)
+            previous = self.info
             self.__dict__.pop("_cached_info", None)  # features now come from the release
+            self.info.set_file_format(previous.file_format)
+            file_format = file_format or "array_record"
         super().download_and_prepare(
-            download_dir=download_dir, download_config=download_config, **kwargs
+            download_dir=download_dir,
+            download_config=download_config,
+            file_format=file_format,
+            **kwargs,
         )
 
     def _saved_metadata(self) -> dict[str, Any] | None:

@@ -74,10 +74,9 @@ def read_ingredient_rows(
             )
             bad.add(key)
             continue
-        arr = np.asarray(values)
-        positive, negative = arr == "1", arr == "-1"
-        if not (positive | negative).all():
-            col = int(np.argmin(positive | negative))
+        num_positive = values.count("1")
+        if num_positive + values.count("-1") != len(values):
+            col = next(j for j, v in enumerate(values) if v not in ("1", "-1"))
             log.note(
                 path,
                 lineno,
@@ -85,7 +84,12 @@ def read_ingredient_rows(
             )
             bad.add(key)
             continue
-        rows[key] = (positive.astype(np.uint8), lineno)
+        multi_hot = np.zeros(num_ingredients, np.uint8)
+        start = 0
+        for _ in range(num_positive):  # list.index runs in C; rows hold few positives
+            start = values.index("1", start) + 1
+            multi_hot[start - 1] = 1
+        rows[key] = (multi_hot, lineno)
     return rows, bad
 
 
