@@ -320,6 +320,8 @@ class ManualReleaseBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
         self._release: Release | None = None
         super().__init__(**kwargs)
         self._original_state["skip_bad_records"] = self._skip_bad_records  # kept when pickled
+        if kwargs.get("file_format") is None and not self.data_path.exists():
+            self.info.set_file_format("array_record", override=True)  # random access by default
 
     @property
     def info(self) -> tfds.core.DatasetInfo:
