@@ -1,0 +1,499 @@
+"""grain input pipeline: decode, augment, normalise, shard and batch (no TensorFlow).
+
+Training (`train_iterator`): an infinite stream. Each epoch is a global permutation of the split
+(same seed on every process, reshuffled every epoch); shard i of n takes every n-th element of it,
+after dropping the last `len % n`, so within an epoch the shards are disjoint and together cover
+the split. Augmentation draws from grain's per-element generator (Philox keyed by a seed derived
+from (seed, shard, transform), counter = position in the stream), so the batch sequence is a pure
+function of (data, config, seed, shard): it does not depend on `worker_count` or `read_threads`,
+and `get_state()` / `set_state()` resume it exactly.
+
+Evaluation (`eval_batches`): one ordered pass over a contiguous slice of the split per shard,
+padded with masked copies of a real example so that every shard yields as many full batches.
+
+Element flow (dicts): source {'image': encoded bytes, 'label', 'ingredients', 'image_path'}
+  -> DecodeImage: 'image' uint8 [H, W, 3]
+  -> train: RandomResizedCrop, ColorJitter, RandomFlip
+     eval: ResizeCentreCrop, then the caller's `extra_transforms`
+  -> Normalize: {'image' [S, S, 3] config dtype, 'label' int32, 'ingredients' float32 [V], 'mask'}
+  -> batch.
+All transforms are module-level classes so grain can pickle them into worker processes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import chex
+import grain
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from marnet_jax.data import datasets
+
+Example = dict[str, Any]
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+_GREY_WEIGHTS = np.asarray([0.299, 0.587, 0.114], np.float32)  # ITU-R 601 luma.
+
+
+def _resample(name: str) -> Image.Resampling:
+    if name not in _RESAMPLE:
+        raise ValueError(f"Unknown interpolation {name!r}; expected one of {sorted(_RESAMPLE)}.")
+    return _RESAMPLE[name]
+
+
+def _np_dtype(name: str) -> np.dtype:
+    if name == "float32":
+        return np.dtype(np.float32)
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    raise ValueError(f"Unknown image dtype {name!r}; expected 'float32' or 'bfloat16'.")
+
+
+def _resize_box(image: np.ndarray, box: tuple[int, int, int, int], size: int, resample: str):
+    """Crops `box` (left, top, right, bottom) of `image`, resized to size x size in one step."""
+    h, w = image.shape[:2]
+    if box == (0, 0, w, h) and (h, w) == (size, size):
+        return image
+    out = Image.fromarray(image).resize((size, size), _resample(resample), box=box)
+    return np.asarray(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Transforms.
+
+
+class DecodeImage(grain.transforms.Map):
+    """'image': encoded PNG/JPEG bytes -> uint8 [H, W, 3] RGB (grey, palette and CMYK converted)."""
+
+    def map(self, element: Example) -> Example:
+        data = element["image"]
+        if isinstance(data, np.ndarray):  # A 0-d object/bytes array from some sources.
+            data = data.item()
+        with Image.open(io.BytesIO(data)) as img:
+            rgb = img if img.mode == "RGB" else img.convert("RGB")
+            image = np.asarray(rgb)
+        return {**element, "image": image}
+
+
+class RandomResizedCrop(grain.transforms.RandomMap):
+    """Inception-style crop: area fraction in `scale`, aspect (w / h) log-uniform in `ratio`,
+    resized to size x size; after 10 failed draws, a centre crop with the aspect clamped."""
+
+    def __init__(
+        self,
+        size: int,
+        scale: Sequence[float] = (0.08, 1.0),
+        ratio: Sequence[float] = (3 / 4, 4 / 3),
+        interpolation: str = "bilinear",
+    ):
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"crop scale must satisfy 0 < lo <= hi <= 1, got {scale}.")
+        if not 0 < ratio[0] <= ratio[1]:
+            raise ValueError(f"crop ratio must satisfy 0 < lo <= hi, got {ratio}.")
+        self.size = int(size)
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+        self.interpolation = interpolation
+        _resample(interpolation)
+
+    def crop_box(
+        self, height: int, width: int, rng: np.random.Generator
+    ) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of the crop for an image of the given size."""
+        area = height * width
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target = area * rng.uniform(*self.scale)
+            aspect = math.exp(rng.uniform(*log_ratio))
+            w = round(math.sqrt(target * aspect))
+            h = round(math.sqrt(target / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(rng.integers(0, height - h + 1))
+                left = int(rng.integers(0, width - w + 1))
+                return left, top, left + w, top + h
+        in_ratio = width / height
+        if in_ratio < self.ratio[0]:
+            w, h = width, round(width / self.ratio[0])
+        elif in_ratio > self.ratio[1]:
+            w, h = round(height * self.ratio[1]), height
+        else:
+            w, h = width, height
+        top, left = (height - h) // 2, (width - w) // 2
+        return left, top, left + w, top + h
+
+    def random_map(self, element: Example, rng: np.random.Generator) -> Example:
+        image = element["image"]
+        box = self.crop_box(image.shape[0], image.shape[1], rng)
+        return {**element, "image": _resize_box(image, box, self.size, self.interpolation)}
+
+
+class ResizeCentreCrop(grain.transforms.Map):
+    """Resize the shorter side to size / crop_ratio and take the central size x size crop.
+
+    Done as one resampling of the matching box of the original image (same result up to resampling,
+    less work); the identity for a size x size image with crop_ratio 1.
+    """
+
+    def __init__(self, size: int, crop_ratio: float = 0.875, interpolation: str = "bilinear"):
+        if not 0 < crop_ratio <= 1:
+            raise ValueError(f"crop_ratio must be in (0, 1], got {crop_ratio}.")
+        self.size = int(size)
+        self.crop_ratio = float(crop_ratio)
+        self.interpolation = interpolation
+        _resample(interpolation)
+
+    def crop_box(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) in the original image of the final centre crop."""
+        side = min(height, width) * self.crop_ratio  # Shorter side * size / (size / ratio).
+        crop = max(1, round(side))
+        top, left = (height - crop) // 2, (width - crop) // 2
+        return left, top, left + crop, top + crop
+
+    def map(self, element: Example) -> Example:
+        image = element["image"]
+        box = self.crop_box(image.shape[0], image.shape[1])
+        return {**element, "image": _resize_box(image, box, self.size, self.interpolation)}
+
+
+class RandomFlip(grain.transforms.RandomMap):
+    """Left-right flip with probability 1/2."""
+
+    def random_map(self, element: Example, rng: np.random.Generator) -> Example:
+        if rng.random() < 0.5:
+            return {**element, "image": np.ascontiguousarray(element["image"][:, ::-1])}
+        return element
+
+
+class ColorJitter(grain.transforms.RandomMap):
+    """Light photometric jitter of uint8 RGB: brightness, contrast and saturation factors drawn
+    uniformly from [1 - s, 1 + s], applied in that order (a part with strength 0 is skipped)."""
+
+    def __init__(self, brightness: float = 0.2, contrast: float = 0.2, saturation: float = 0.2):
+        for k, v in (
+            ("brightness", brightness),
+            ("contrast", contrast),
+            ("saturation", saturation),
+        ):
+            if not 0 <= v < 1:
+                raise ValueError(f"{k} strength must be in [0, 1), got {v}.")
+        self.brightness = float(brightness)
+        self.contrast = float(contrast)
+        self.saturation = float(saturation)
+
+    def random_map(self, element: Example, rng: np.random.Generator) -> Example:
+        if not (self.brightness or self.contrast or self.saturation):
+            return element
+        # Always draw three factors so the random stream does not depend on which parts are on.
+        b, c, s = (
+            1.0 + v * rng.uniform(-1.0, 1.0)
+            for v in (self.brightness, self.contrast, self.saturation)
+        )
+        x = element["image"].astype(np.float32)
+        if self.brightness:
+            x *= b
+        if self.contrast:
+            mean = float((x @ _GREY_WEIGHTS).mean())
+            x = (x - mean) * c + mean
+        if self.saturation:
+            grey = (x @ _GREY_WEIGHTS)[..., None]
+            x = (x - grey) * s + grey
+        image = np.clip(x + 0.5, 0, 255).astype(np.uint8)
+        return {**element, "image": image}
+
+
+class Normalize(grain.transforms.Map):
+    """Final features: image (x / 255 - mean) / std in `dtype`, label int32, ingredients
+    float32, mask float32 (eval). Everything else (e.g. 'image_path') is dropped."""
+
+    def __init__(
+        self,
+        mean: Sequence[float],
+        std: Sequence[float],
+        dtype: str = "float32",
+        keep_mask: bool = False,
+    ):
+        self.mean = np.asarray(mean, np.float32) * 255.0
+        self.inv_std = 1.0 / (np.asarray(std, np.float32) * 255.0)
+        self.dtype = dtype
+        self.keep_mask = keep_mask
+        _np_dtype(dtype)
+
+    def map(self, element: Example) -> Example:
+        image = (element["image"].astype(np.float32) - self.mean) * self.inv_std
+        out = {
+            "image": image.astype(_np_dtype(self.dtype)),
+            "label": np.int32(element["label"]),
+            "ingredients": np.asarray(element["ingredients"], np.float32),
+        }
+        if self.keep_mask:
+            out["mask"] = np.float32(element["mask"])
+        return out
+
+
+class CheckBatch(grain.transforms.Map):
+    """Asserts shapes and dtypes of a finished batch (cheap; catches a bad source early)."""
+
+    def __init__(self, batch_size: int, image_size: int, dtype: str, with_mask: bool):
+        self.batch_size = batch_size
+        self.image_size = image_size
+        self.dtype = dtype
+        self.with_mask = with_mask
+
+    def map(self, batch: Example) -> Example:
+        b, s = self.batch_size, self.image_size
+        chex.assert_shape(batch["image"], (b, s, s, 3))
+        chex.assert_type(batch["image"], _np_dtype(self.dtype))
+        chex.assert_shape(batch["label"], (b,))
+        chex.assert_type(batch["label"], np.int32)
+        chex.assert_rank(batch["ingredients"], 2)
+        chex.assert_type(batch["ingredients"], np.float32)
+        if self.with_mask:
+            chex.assert_shape(batch["mask"], (b,))
+        return batch
+
+
+# --------------------------------------------------------------------------------------------------
+# Sources and seeds.
+
+
+class PaddedShard:
+    """Random-access view of records [start, end) of `source`, padded to `length` with copies
+    of record `pad_index`; adds 'mask' (1.0 real, 0.0 padding)."""
+
+    def __init__(
+        self, source: Sequence[Example], start: int, end: int, length: int, pad_index: int
+    ):
+        if not 0 <= start <= end <= len(source) or length < end - start:
+            raise ValueError(f"Bad shard [{start}, {end}) of {len(source)} padded to {length}.")
+        self.source = source
+        self.start, self.end, self.length, self.pad_index = start, end, length, pad_index
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> Example:
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        real = index < self.end - self.start
+        element = self.source[self.start + index if real else self.pad_index]
+        return {**element, "mask": np.float32(real)}
+
+    def __repr__(self) -> str:
+        return (
+            f"PaddedShard({self.source!r}, start={self.start}, end={self.end}, "
+            f"length={self.length}, pad_index={self.pad_index})"
+        )
+
+
+def derive_seed(*entropy: int) -> int:
+    """A 32-bit seed mixed from non-negative integers (grain wants seeds in [0, 2**32))."""
+    return int(np.random.SeedSequence([int(e) for e in entropy]).generate_state(1, np.uint32)[0])
+
+
+def _default_shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
+    index = jax.process_index() if shard_index is None else int(shard_index)
+    count = jax.process_count() if shard_count is None else int(shard_count)
+    if not 0 <= index < count:
+        raise ValueError(f"shard_index {index} out of range for shard_count {count}.")
+    return index, count
+
+
+def _read_options(data_cfg: ml_collections.ConfigDict) -> grain.ReadOptions:
+    return grain.ReadOptions(
+        num_threads=int(data_cfg.read_threads),
+        prefetch_buffer_size=int(data_cfg.prefetch_buffer_size),
+    )
+
+
+def _to_iterator(
+    ds: grain.MapDataset, data_cfg: ml_collections.ConfigDict
+) -> grain.DatasetIterator:
+    """Threads prefetch whole batches; worker processes (if any) take every k-th batch, in order."""
+    it_ds = ds.to_iter_dataset(_read_options(data_cfg))
+    if data_cfg.worker_count > 0:
+        it_ds = it_ds.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=int(data_cfg.worker_count),
+                per_worker_buffer_size=int(data_cfg.worker_buffer_size),
+            )
+        )
+    return iter(it_ds)
+
+
+def _apply(ds: grain.MapDataset, transform: Any, seed: int) -> grain.MapDataset:
+    if isinstance(transform, grain.transforms.RandomMap):
+        return ds.random_map(transform, seed=seed)
+    if isinstance(transform, grain.transforms.Map) or callable(transform):
+        return ds.map(transform)
+    raise TypeError(f"Expected a grain Map/RandomMap transform or a callable, got {transform!r}.")
+
+
+def train_transforms(data_cfg: ml_collections.ConfigDict) -> list[Any]:
+    """The per-example training transforms on uint8 images (after DecodeImage, before Normalize)."""
+    aug = data_cfg.augment
+    size = data_cfg.image_size
+    out: list[Any] = []
+    if aug.random_resized_crop:
+        out.append(RandomResizedCrop(size, aug.crop_scale, aug.crop_ratio, data_cfg.interpolation))
+    else:
+        out.append(ResizeCentreCrop(size, data_cfg.eval_crop_ratio, data_cfg.interpolation))
+    if aug.color_jitter:
+        out.append(ColorJitter(aug.brightness, aug.contrast, aug.saturation))
+    if aug.horizontal_flip:
+        out.append(RandomFlip())
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Public pipelines.
+
+
+def train_iterator(
+    data_cfg: ml_collections.ConfigDict,
+    split: str | None = None,
+    *,
+    batch_size: int,
+    seed: int,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    data_source: Sequence[Example] | None = None,
+) -> grain.DatasetIterator:
+    """Infinite iterator of augmented training batches for this process's shard.
+
+    Args:
+      data_cfg: config.data.
+      split: tfds split (default data_cfg.train_split).
+      batch_size: examples per batch of this process (the global batch is batch_size * shard_count).
+      seed: non-negative int; fixes the shuffle (shared by all shards) and the augmentation.
+      shard_index, shard_count: this process's shard; default jax.process_index() / process_count().
+      data_source: a random-access source to read instead of the tfds split (tests, benchmarks).
+
+    Returns:
+      A grain DatasetIterator of dicts 'image' [b, S, S, 3] (data_cfg.dtype), 'label' int32 [b],
+      'ingredients' float32 [b, V]. Its get_state() is a JSON-able dict; set_state() on a fresh
+      iterator made with the same arguments continues with exactly the same batches.
+    """
+    shard_index, shard_count = _default_shard(shard_index, shard_count)
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}.")
+    src = (
+        data_source
+        if data_source is not None
+        else datasets.source(data_cfg, split or data_cfg.train_split)
+    )
+    n = len(src)
+    used = n - n % shard_count  # Drop the remainder so every shard has the same epoch length.
+    if used == 0:
+        raise ValueError(f"Split of {n} examples cannot feed {shard_count} shards.")
+
+    ds = grain.MapDataset.source(src)
+    if data_cfg.shuffle:
+        # The same permutation on every shard, a new one every epoch.
+        ds = ds.shuffle(seed=derive_seed(seed, 0))
+    ds = ds[shard_index:used:shard_count].repeat(None)
+    ds = ds.map(DecodeImage())
+    for i, t in enumerate(train_transforms(data_cfg)):
+        ds = _apply(ds, t, derive_seed(seed, 1, shard_index, i))
+    ds = ds.map(Normalize(data_cfg.mean, data_cfg.std, data_cfg.dtype))
+    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.map(CheckBatch(batch_size, data_cfg.image_size, data_cfg.dtype, with_mask=False))
+    return _to_iterator(ds, data_cfg)
+
+
+def eval_shard_range(num_examples: int, shard_index: int, shard_count: int) -> tuple[int, int]:
+    """[start, end) of the contiguous, near-equal slice of the split that a shard evaluates."""
+    per, extra = divmod(num_examples, shard_count)
+    start = shard_index * per + min(shard_index, extra)
+    return start, start + per + (shard_index < extra)
+
+
+def eval_num_batches(num_examples: int, batch_size: int, shard_count: int = 1) -> int:
+    """Batches each shard yields in `eval_batches` (the same on every shard)."""
+    return max(1, math.ceil(math.ceil(num_examples / shard_count) / batch_size))
+
+
+def eval_batches(
+    data_cfg: ml_collections.ConfigDict,
+    split: str | None = None,
+    *,
+    batch_size: int,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    extra_transforms: Sequence[Any] = (),
+    seed: int = 0,
+    data_source: Sequence[Example] | None = None,
+) -> Iterator[Example]:
+    """One ordered pass over this shard's slice of `split`, in full batches with a 'mask'.
+
+    Shards take contiguous slices that are disjoint and cover the split; every shard yields
+    `eval_num_batches(len, batch_size, shard_count)` batches (so multi-host collectives line
+    up), the tail padded with copies of a real example whose 'mask' is 0.
+
+    Args:
+      data_cfg: config.data.
+      split: tfds split (default data_cfg.eval_split).
+      batch_size: examples per batch of this process.
+      shard_index, shard_count: default jax.process_index() / process_count().
+      extra_transforms: grain Map / RandomMap transforms (or picklable callables) applied in
+        order to each example dict after the resize + centre crop, while 'image' is uint8
+        [S, S, 3] (e.g. corruptions); each returns the dict with 'image' still uint8 [S, S, 3].
+      seed: seed of the RandomMap extra transforms (drawn per example position: reproducible).
+      data_source: a random-access source to read instead of the tfds split.
+
+    Returns:
+      An iterator of dicts 'image', 'label', 'ingredients' (as in training) and 'mask' float32 [b].
+    """
+    shard_index, shard_count = _default_shard(shard_index, shard_count)
+    src = (
+        data_source
+        if data_source is not None
+        else datasets.source(data_cfg, split or data_cfg.eval_split)
+    )
+    n = len(src)
+    if n == 0:
+        raise ValueError("Cannot evaluate an empty split.")
+    start, end = eval_shard_range(n, shard_index, shard_count)
+    length = eval_num_batches(n, batch_size, shard_count) * batch_size
+    pad_index = start if end > start else 0
+    ds = grain.MapDataset.source(PaddedShard(src, start, end, length, pad_index))
+    ds = ds.map(DecodeImage())
+    ds = ds.map(
+        ResizeCentreCrop(data_cfg.image_size, data_cfg.eval_crop_ratio, data_cfg.interpolation)
+    )
+    for i, t in enumerate(extra_transforms):
+        ds = _apply(ds, t, derive_seed(seed, 2, shard_index, i))
+    ds = ds.map(Normalize(data_cfg.mean, data_cfg.std, data_cfg.dtype, keep_mask=True))
+    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.map(CheckBatch(batch_size, data_cfg.image_size, data_cfg.dtype, with_mask=True))
+    return _to_iterator(ds, data_cfg)
+
+
+# --------------------------------------------------------------------------------------------------
+# Iterator state.
+
+
+def state_to_json(state: Mapping[str, Any] | bytes) -> str:
+    """Iterator state (grain DatasetIterator dict, or DataLoader bytes) as a JSON string."""
+    if isinstance(state, bytes | bytearray):
+        return bytes(state).decode()
+    return json.dumps(state)
+
+
+def state_from_json(text: str) -> dict[str, Any]:
+    """Inverse of `state_to_json` for `train_iterator` iterators: the dict set_state() takes."""
+    return json.loads(text)

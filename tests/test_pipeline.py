@@ -1,0 +1,342 @@
+"""Input pipeline: batch format, augmentation determinism, sharding, iterator state, padding."""
+
+import io
+
+import grain
+import numpy as np
+import pytest
+from PIL import Image
+
+from marnet_jax.data import config as data_config
+from marnet_jax.data import datasets, pipeline
+
+SIZE = 32
+V = 6
+
+
+def memory_source(n: int, *, height: int = SIZE, width: int = SIZE, fmt: str = "PNG", solid=None):
+    """In-memory records shaped like the tfds ones; label = record index (identifies records)."""
+    rng = np.random.default_rng(n)
+    records = []
+    for i in range(n):
+        if solid is None:
+            pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        else:
+            pixels = np.broadcast_to(np.asarray(solid, np.uint8), (height, width, 3))
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(pixels)).save(buf, format=fmt)
+        records.append(
+            {
+                "image": buf.getvalue(),
+                "label": i,
+                "ingredients": (np.arange(V) == i % V).astype(np.uint8),
+                "image_path": f"img/{i}.png".encode(),
+            }
+        )
+    return records
+
+
+def cfg(**overrides):
+    c = data_config.get_data_config("synthetic_food/tiny")
+    c.read_threads = 0
+    for k, v in overrides.items():
+        setattr(c, k, v)
+    return c
+
+
+def no_augment(c):
+    c.augment.random_resized_crop = False
+    c.augment.horizontal_flip = False
+    c.augment.color_jitter = False
+    return c
+
+
+def take(it, k):
+    return [next(it) for _ in range(k)]
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_config_presets():
+    assert data_config.get_data_config().image_size == 64
+    assert data_config.get_data_config("synthetic_food/tiny").image_size == 32
+    real = data_config.get_data_config("ingredient101")
+    assert (real.builder_config, real.image_size, real.eval_crop_ratio) == ("full", 224, 0.875)
+    with pytest.raises(ValueError):
+        data_config.get_data_config("imagenet")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_train_batch_format_and_normalisation(dtype):
+    colour = (200, 100, 30)
+    src = memory_source(12, solid=colour)
+    c = no_augment(cfg(dtype=dtype))
+    batch = next(
+        pipeline.train_iterator(
+            c, batch_size=4, seed=0, shard_index=0, shard_count=1, data_source=src
+        )
+    )
+    assert set(batch) == {"image", "label", "ingredients"}  # No 'image_path' in training batches.
+    assert batch["image"].shape == (4, SIZE, SIZE, 3)
+    assert batch["image"].dtype == pipeline._np_dtype(dtype)
+    assert batch["label"].dtype == np.int32 and batch["label"].shape == (4,)
+    assert batch["ingredients"].dtype == np.float32 and batch["ingredients"].shape == (4, V)
+    np.testing.assert_array_equal(batch["ingredients"][np.arange(4), batch["label"] % V], 1.0)
+    expected = (np.asarray(colour) / 255.0 - np.asarray(c.mean)) / np.asarray(c.std)
+    got = batch["image"].astype(np.float32)
+    np.testing.assert_allclose(
+        got, np.broadcast_to(expected, got.shape), atol=1e-2 if dtype == "bfloat16" else 1e-5
+    )
+
+
+def test_augmentations_change_images_but_keep_format():
+    src = memory_source(8, height=48, width=40, fmt="JPEG")
+    c = cfg()
+    batch = next(
+        pipeline.train_iterator(
+            c, batch_size=8, seed=1, shard_index=0, shard_count=1, data_source=src
+        )
+    )
+    assert batch["image"].shape == (8, SIZE, SIZE, 3)
+    plain = next(
+        pipeline.eval_batches(
+            no_augment(cfg(eval_crop_ratio=1.0)),
+            batch_size=8,
+            shard_index=0,
+            shard_count=1,
+            data_source=src,
+        )
+    )
+    order = np.argsort(batch["label"])
+    assert not np.allclose(batch["image"][order], plain["image"])
+
+
+def test_resize_centre_crop_geometry():
+    t = pipeline.ResizeCentreCrop(32, crop_ratio=0.875)
+    # 64 x 96 image: shorter side 64 -> 32 / 0.875 = 36.6; the 32 crop covers 56 px of the original.
+    assert t.crop_box(64, 96) == (20, 4, 76, 60)
+    image = np.arange(32 * 32 * 3, dtype=np.uint8).reshape(32, 32, 3)
+    same = pipeline.ResizeCentreCrop(32, crop_ratio=1.0).map({"image": image})["image"]
+    assert same is image  # Identity for pre-sized images.
+    out = t.map({"image": np.zeros((50, 70, 3), np.uint8)})["image"]
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+
+
+def test_random_resized_crop_box_within_bounds():
+    t = pipeline.RandomResizedCrop(16, scale=(0.2, 1.0), ratio=(0.5, 2.0))
+    rng = np.random.default_rng(0)
+    for h, w in [(20, 30), (100, 10), (7, 7)]:
+        for _ in range(50):
+            left, top, right, bottom = t.crop_box(h, w, rng)
+            assert 0 <= left < right <= w and 0 <= top < bottom <= h
+
+
+def test_augmentation_deterministic_by_seed_and_varies_across_seeds_and_epochs():
+    n = 8
+    src = memory_source(n)
+    c = cfg(shuffle=False)  # Same record order in every epoch, so only the augmentation differs.
+
+    def run(seed):
+        it = pipeline.train_iterator(
+            c, batch_size=n, seed=seed, shard_index=0, shard_count=1, data_source=src
+        )
+        return take(it, 2)
+
+    a, b, other = run(3), run(3), run(4)
+    assert_same_batches(a, b)
+    np.testing.assert_array_equal(a[0]["label"], a[1]["label"])  # Two epochs of the same records...
+    assert not np.allclose(a[0]["image"], a[1]["image"])  # ...augmented differently.
+    assert not np.allclose(a[0]["image"], other[0]["image"])
+
+
+def test_shuffle_differs_across_epochs_and_seeds():
+    src = memory_source(20)
+    c = no_augment(cfg())
+    it = pipeline.train_iterator(
+        c, batch_size=20, seed=0, shard_index=0, shard_count=1, data_source=src
+    )
+    e0, e1 = (b["label"] for b in take(it, 2))
+    assert sorted(e0) == sorted(e1) == list(range(20))
+    assert not np.array_equal(e0, e1)
+    it2 = pipeline.train_iterator(
+        c, batch_size=20, seed=1, shard_index=0, shard_count=1, data_source=src
+    )
+    assert not np.array_equal(next(it2)["label"], e0)
+
+
+@pytest.mark.parametrize("n", [40, 43])
+def test_train_shards_disjoint_and_cover_each_epoch(n):
+    src = memory_source(n)
+    c = no_augment(cfg())
+    shards = 2
+    per_shard = n // shards  # 43: one example left out of each epoch.
+    epochs = []
+    for s in range(shards):
+        it = pipeline.train_iterator(
+            c, batch_size=1, seed=5, shard_index=s, shard_count=shards, data_source=src
+        )
+        labels = np.concatenate([b["label"] for b in take(it, 2 * per_shard)])
+        epochs.append((labels[:per_shard], labels[per_shard:]))
+    for e in range(2):
+        parts = [set(ep[e].tolist()) for ep in epochs]
+        assert all(len(p) == per_shard for p in parts)  # No repeats within a shard's epoch.
+        assert parts[0].isdisjoint(parts[1])
+        assert len(parts[0] | parts[1]) == shards * per_shard  # All but n % shards examples.
+    # Each epoch deals the examples out afresh.
+    assert set(epochs[0][0].tolist()) != set(epochs[0][1].tolist())
+
+
+def test_restored_iterator_continues_identically():
+    src = memory_source(24, height=40, width=36)
+    c = cfg()
+    kwargs = dict(batch_size=5, seed=7, shard_index=1, shard_count=2, data_source=src)
+    full = take(pipeline.train_iterator(c, **kwargs), 9)
+    it = pipeline.train_iterator(c, **kwargs)
+    take(it, 4)
+    saved = pipeline.state_to_json(it.get_state())
+    take(it, 2)  # Moves on after the save; the restore must not care.
+    restored = pipeline.train_iterator(c, **kwargs)
+    restored.set_state(pipeline.state_from_json(saved))
+    assert_same_batches(take(restored, 5), full[4:])
+
+
+def test_restored_iterator_with_worker_process_and_threads():
+    src = memory_source(24)
+    c = cfg(worker_count=1, read_threads=2)
+    kwargs = dict(batch_size=4, seed=2, shard_index=0, shard_count=1, data_source=src)
+    # Worker processes and threads do not change the batch sequence.
+    reference = take(pipeline.train_iterator(cfg(), **kwargs), 7)
+    it = pipeline.train_iterator(c, **kwargs)
+    first = take(it, 3)
+    saved = pipeline.state_to_json(it.get_state())
+    assert_same_batches(first, reference[:3])
+    it.close()
+    restored = pipeline.train_iterator(c, **kwargs)
+    restored.set_state(pipeline.state_from_json(saved))
+    assert_same_batches(take(restored, 4), reference[3:])
+    restored.close()
+
+
+class _Blackout(grain.transforms.Map):
+    """Test corruption: zeroes the image (uint8 in, uint8 out)."""
+
+    def map(self, element):
+        assert element["image"].dtype == np.uint8 and element["image"].shape == (SIZE, SIZE, 3)
+        return {**element, "image": np.zeros_like(element["image"])}
+
+
+class _RandomShift(grain.transforms.RandomMap):
+    def random_map(self, element, rng):
+        return {**element, "image": np.roll(element["image"], int(rng.integers(1, SIZE)), axis=1)}
+
+
+@pytest.mark.parametrize("n,batch,shards", [(50, 8, 3), (7, 4, 2), (3, 4, 4)])
+def test_eval_shards_padded_disjoint_covering(n, batch, shards):
+    src = memory_source(n)
+    c = cfg()
+    seen = []
+    counts = []
+    for s in range(shards):
+        batches = list(
+            pipeline.eval_batches(
+                c, batch_size=batch, shard_index=s, shard_count=shards, data_source=src
+            )
+        )
+        counts.append(len(batches))
+        for b in batches:
+            assert b["image"].shape == (batch, SIZE, SIZE, 3) and b["mask"].dtype == np.float32
+        labels = np.concatenate([b["label"] for b in batches])
+        mask = np.concatenate([b["mask"] for b in batches])
+        real = labels[mask == 1]
+        assert np.all(np.diff(real) == 1)  # One ordered, contiguous slice.
+        # Padding only at the end.
+        assert np.all(mask[: len(real)] == 1) and np.all(mask[len(real) :] == 0)
+        seen.extend(real.tolist())
+    assert len(set(counts)) == 1 and counts[0] == pipeline.eval_num_batches(n, batch, shards)
+    assert sorted(seen) == list(range(n))  # Every example exactly once.
+
+
+def test_eval_extra_transforms_apply_before_normalisation():
+    src = memory_source(6)
+    c = cfg()
+    b = next(
+        pipeline.eval_batches(
+            c,
+            batch_size=6,
+            shard_index=0,
+            shard_count=1,
+            extra_transforms=[_Blackout()],
+            data_source=src,
+        )
+    )
+    expected = -np.asarray(c.mean) / np.asarray(c.std)
+    np.testing.assert_allclose(b["image"], np.broadcast_to(expected, b["image"].shape), atol=1e-5)
+
+    def shifted(seed):
+        return next(
+            pipeline.eval_batches(
+                c,
+                batch_size=6,
+                shard_index=0,
+                shard_count=1,
+                extra_transforms=[_RandomShift()],
+                seed=seed,
+                data_source=src,
+            )
+        )["image"]
+
+    np.testing.assert_array_equal(shifted(0), shifted(0))
+    assert not np.array_equal(shifted(0), shifted(1))
+
+
+def test_state_json_round_trip():
+    state = {"next_index": 3, "nested": [{"a": 1}]}
+    assert pipeline.state_from_json(pipeline.state_to_json(state)) == state
+    assert pipeline.state_from_json(pipeline.state_to_json(b'{"x": 1}')) == {"x": 1}
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg(tmp_path_factory):
+    c = cfg()
+    c.data_dir = str(tmp_path_factory.mktemp("tfds"))
+    return c
+
+
+def test_synthetic_tiny_end_to_end(tiny_cfg):
+    facts = datasets.prepare(tiny_cfg)
+    assert facts.name == "synthetic_food" and facts.builder_config == "tiny"
+    assert facts.image_shape == (SIZE, SIZE, 3)
+    assert len(facts.class_names) == facts.num_classes
+    assert len(facts.ingredient_names) == facts.num_ingredients
+    assert set(facts.split_sizes) == {"train", "validation", "test"}
+    assert datasets.prepare(tiny_cfg) == facts  # Second call reads what the first built.
+
+    src = datasets.source(tiny_cfg, "train")
+    assert len(src) == facts.split_sizes["train"]
+    kwargs = dict(batch_size=8, seed=0, shard_index=0, shard_count=2)
+    it = pipeline.train_iterator(tiny_cfg, "train", **kwargs)
+    batches = take(it, 3)
+    b = batches[0]
+    assert b["image"].shape == (8, SIZE, SIZE, 3) and b["image"].dtype == np.float32
+    assert b["ingredients"].shape == (8, facts.num_ingredients)
+    assert np.all(b["ingredients"].sum(-1) >= 1) and np.all(b["label"] < facts.num_classes)
+    it = pipeline.train_iterator(tiny_cfg, "train", **kwargs)
+    take(it, 1)
+    restored = pipeline.train_iterator(tiny_cfg, "train", **kwargs)
+    restored.set_state(pipeline.state_from_json(pipeline.state_to_json(it.get_state())))
+    assert_same_batches(take(restored, 2), batches[1:])
+
+    n_val = facts.split_sizes["validation"]
+    total = 0.0
+    for s in range(3):
+        for eb in pipeline.eval_batches(
+            tiny_cfg, "validation", batch_size=10, shard_index=s, shard_count=3
+        ):
+            total += float(eb["mask"].sum())
+    assert total == n_val
