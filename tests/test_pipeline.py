@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from marnet_jax.data import config as data_config
-from marnet_jax.data import datasets, pipeline
+from marnet_jax.data import datasets, fixtures, pipeline
 
 SIZE = 32
 V = 6
@@ -340,3 +340,89 @@ def test_synthetic_tiny_end_to_end(tiny_cfg):
         ):
             total += float(eb["mask"].sum())
     assert total == n_val
+
+
+def test_real_layout_fixture_end_to_end(tmp_path):
+    """Vireo fixture: variable-size JPEGs (one greyscale) through prepare, train and eval."""
+    fx = fixtures.write_vireo_food172(tmp_path / "manual")
+    c = data_config.get_data_config("vireo_food172")
+    c.data_dir, c.manual_dir, c.image_size, c.read_threads = (
+        str(tmp_path / "tfds"),
+        str(fx.manual_dir),
+        SIZE,
+        0,
+    )
+    facts = datasets.prepare(c)
+    assert facts.image_shape is None  # Photos of any size.
+    assert facts.class_names == tuple(fx.class_names)
+    assert facts.ingredient_names == tuple(fx.ingredient_names["default"])
+    n_train = len(fx.splits["train"])
+    assert facts.split_sizes["train"] == n_train
+
+    b = next(pipeline.train_iterator(c, batch_size=n_train, seed=0, shard_index=0, shard_count=1))
+    assert b["image"].shape == (n_train, SIZE, SIZE, 3)
+    assert b["ingredients"].shape == (n_train, facts.num_ingredients)
+    expected = {
+        (e.label, e.ingredients["default"].astype(np.float32).tobytes()) for e in fx.splits["train"]
+    }
+    got = {(int(lab), ing.tobytes()) for lab, ing in zip(b["label"], b["ingredients"])}
+    assert got == expected
+
+    test = list(pipeline.eval_batches(c, "test", batch_size=4, shard_index=0, shard_count=1))
+    assert sum(float(t["mask"].sum()) for t in test) == len(fx.splits["test"])
+
+
+_TWO_PROCESS_CHILD = """
+import json, sys
+import jax
+jax.config.update("jax_num_cpu_devices", 2)
+port, pid, data_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+jax.distributed.initialize(
+    coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid,
+    coordinator_bind_address=f"127.0.0.1:{port}", initialization_timeout=60,
+)
+from marnet_jax.data import config, datasets, pipeline
+built = []
+real_build = datasets._build
+datasets._build = lambda *a: (built.append(jax.process_index()), real_build(*a))
+c = config.get_data_config("synthetic_food/tiny")
+c.data_dir, c.read_threads, c.augment.random_resized_crop = data_dir, 0, False
+facts = datasets.prepare(c)
+it = pipeline.train_iterator(c, batch_size=10, seed=0)  # Shard from jax.process_index().
+assert next(it)["image"].shape == (10, 32, 32, 3)
+ev = pipeline.eval_batches(c, "validation", batch_size=8)
+mask = sum(float(b["mask"].sum()) for b in ev)
+print("RESULT", json.dumps(dict(built=built, train=facts.split_sizes["train"], mask=mask)))
+jax.distributed.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_build_once_and_shard(tmp_path):
+    """Two jax processes: only process 0 builds, both read it, eval masks sum to the split."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _TWO_PROCESS_CHILD, str(port), str(i), str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    results = []
+    for p in procs:
+        out, _ = p.communicate(timeout=240)
+        assert p.returncode == 0, out[-3000:]
+        line = [x for x in out.splitlines() if x.startswith("RESULT ")][-1]
+        results.append(json.loads(line[len("RESULT ") :]))
+    assert results[0]["built"] == [0] and results[1]["built"] == []
+    assert results[0]["train"] == results[1]["train"]
+    assert results[0]["mask"] + results[1]["mask"] == 64  # 'tiny' validation size.

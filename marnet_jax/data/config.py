@@ -17,7 +17,8 @@ import os
 
 import ml_collections
 
-# name -> (default builder config, per-config image size, eval crop ratio, random crop scale range).
+# name -> default builder config (None: the builder has none), image size per builder config, eval
+# crop ratio, random-crop area range.
 _PRESETS: dict[str, dict] = {
     "synthetic_food": {
         "builder_config": "default",
@@ -26,8 +27,8 @@ _PRESETS: dict[str, dict] = {
         "crop_scale": (0.35, 1.0),
     },
     "vireo_food172": {
-        "builder_config": "default",
-        "image_size": {"default": 224},
+        "builder_config": None,
+        "image_size": {None: 224},
         "eval_crop_ratio": 0.875,
         "crop_scale": (0.08, 1.0),
     },
@@ -62,10 +63,14 @@ def get_data_config(dataset: str = "synthetic_food") -> ml_collections.ConfigDic
     c = ml_collections.ConfigDict()
     # --- Which data ---------------------------------------------------------------------------
     c.name = name  # tfds builder: 'synthetic_food' | 'vireo_food172' | 'ingredient101'.
-    c.builder_config = builder_config  # synthetic: default/tiny; ingredient101: full/simplified.
+    # tfds builder config: synthetic default | tiny; ingredient101 full | simplified; vireo None.
+    c.builder_config = builder_config
     # Where tfds writes and reads the prepared ArrayRecord files ('~' is expanded).
     c.data_dir = os.environ.get("MARNET_DATA_DIR", "~/tensorflow_datasets")
     c.manual_dir = None  # Folder with the extracted real-dataset releases (unused by synthetic).
+    # Real datasets: leave out unreadable records (listed in the dataset metadata) instead of
+    # stopping the build.
+    c.skip_bad_records = False
     # Multi-host: False = only process 0 builds (data_dir shared by all hosts, e.g. GCS or NFS)
     # while the others wait at a barrier; True = every process builds its own copy (host-local
     # data_dir).

@@ -23,6 +23,8 @@ import ml_collections
 import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 
+from marnet_jax.data import manual_release
+
 # tfds builder name -> module defining it (imported on first use, which registers it with tfds).
 BUILDER_MODULES: dict[str, str] = {
     "synthetic_food": "marnet_jax.data.synthetic_food",
@@ -39,7 +41,7 @@ class DatasetFacts:
     """What the rest of the project needs to know about a prepared dataset."""
 
     name: str  # tfds builder name.
-    builder_config: str  # tfds builder config name.
+    builder_config: str | None  # tfds builder config name (None: the builder has none).
     num_classes: int
     num_ingredients: int  # Length V of the 'ingredients' multi-hot.
     class_names: tuple[str, ...]
@@ -67,7 +69,12 @@ def builder(data_cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     """A builder for `data_cfg.name` / `data_cfg.builder_config` reading and writing
     `data_cfg.data_dir`."""
     cls = builder_class(data_cfg.name)
-    return cls(config=data_cfg.builder_config, data_dir=os.path.expanduser(data_cfg.data_dir))
+    kwargs: dict[str, Any] = {"data_dir": os.path.expanduser(data_cfg.data_dir)}
+    if data_cfg.builder_config is not None:
+        kwargs["config"] = data_cfg.builder_config
+    if issubclass(cls, manual_release.ManualReleaseBuilder):
+        kwargs["skip_bad_records"] = bool(data_cfg.skip_bad_records)
+    return cls(**kwargs)
 
 
 def _build(b: tfds.core.DatasetBuilder, manual_dir: str | None) -> None:
@@ -85,15 +92,16 @@ def prepare(data_cfg: ml_collections.ConfigDict) -> DatasetFacts:
     """
     b = builder(data_cfg)
     multi = jax.process_count() > 1 and not data_cfg.build_on_all_processes
-    if not b.is_prepared() and (not multi or jax.process_index() == 0):
+    was_prepared = b.is_prepared()
+    if not was_prepared and (not multi or jax.process_index() == 0):
         _build(b, data_cfg.manual_dir)
     if multi:
         # On every process, even one that already sees the files: all must reach the barrier.
         multihost_utils.sync_global_devices(
             f"marnet_jax.data.prepare:{data_cfg.name}/{data_cfg.builder_config}"
         )
-        if not b.is_prepared():
-            b = builder(data_cfg)  # Re-read the DatasetInfo that process 0 wrote.
+        if not was_prepared and jax.process_index() != 0:
+            b = builder(data_cfg)  # Its DatasetInfo predates the build: read what process 0 wrote.
             if not b.is_prepared():
                 raise FileNotFoundError(
                     f"{b.data_path} is not prepared after process 0 built it: data_dir must be "
@@ -102,7 +110,7 @@ def prepare(data_cfg: ml_collections.ConfigDict) -> DatasetFacts:
     return facts_from_info(b.info, data_cfg.builder_config)
 
 
-def facts_from_info(info: tfds.core.DatasetInfo, builder_config: str) -> DatasetFacts:
+def facts_from_info(info: tfds.core.DatasetInfo, builder_config: str | None) -> DatasetFacts:
     """DatasetFacts from a prepared dataset's DatasetInfo."""
     features = info.features
     metadata = info.metadata or {}

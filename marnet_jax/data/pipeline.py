@@ -32,6 +32,7 @@ import chex
 import grain
 import jax
 import ml_collections
+import ml_dtypes
 import numpy as np
 from PIL import Image
 
@@ -58,8 +59,6 @@ def _np_dtype(name: str) -> np.dtype:
     if name == "float32":
         return np.dtype(np.float32)
     if name == "bfloat16":
-        import ml_dtypes
-
         return np.dtype(ml_dtypes.bfloat16)
     raise ValueError(f"Unknown image dtype {name!r}; expected 'float32' or 'bfloat16'.")
 
@@ -175,7 +174,7 @@ class RandomFlip(grain.transforms.RandomMap):
 
     def random_map(self, element: Example, rng: np.random.Generator) -> Example:
         if rng.random() < 0.5:
-            return {**element, "image": np.ascontiguousarray(element["image"][:, ::-1])}
+            return {**element, "image": element["image"][:, ::-1]}  # A view; batching copies.
         return element
 
 
@@ -234,9 +233,10 @@ class Normalize(grain.transforms.Map):
         _np_dtype(dtype)
 
     def map(self, element: Example) -> Example:
-        image = (element["image"].astype(np.float32) - self.mean) * self.inv_std
+        image = np.subtract(element["image"], self.mean, dtype=np.float32)
+        np.multiply(image, self.inv_std, out=image)
         out = {
-            "image": image.astype(_np_dtype(self.dtype)),
+            "image": image.astype(_np_dtype(self.dtype), copy=False),
             "label": np.int32(element["label"]),
             "ingredients": np.asarray(element["ingredients"], np.float32),
         }
@@ -480,7 +480,16 @@ def eval_batches(
     ds = ds.map(Normalize(data_cfg.mean, data_cfg.std, data_cfg.dtype, keep_mask=True))
     ds = ds.batch(batch_size, drop_remainder=True)
     ds = ds.map(CheckBatch(batch_size, data_cfg.image_size, data_cfg.dtype, with_mask=True))
-    return _to_iterator(ds, data_cfg)
+    return _closing(_to_iterator(ds, data_cfg))
+
+
+def _closing(it: grain.DatasetIterator) -> Iterator[Example]:
+    """Yields from `it` and closes it (stopping its threads and worker processes) when the pass
+    ends or the generator is closed."""
+    try:
+        yield from it
+    finally:
+        it.close()
 
 
 # --------------------------------------------------------------------------------------------------

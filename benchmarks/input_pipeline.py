@@ -1,0 +1,189 @@
+"""Training input pipeline throughput (decode + augment + normalise + batch); prints a table.
+
+  python -m benchmarks.input_pipeline                  # small preset: a few minutes on 2 cores
+  python -m benchmarks.input_pipeline --preset full --json /tmp/input_pipeline.json
+
+Cases:
+  synthetic_64px_png  synthetic_food 'default' geometry (64 px PNG, 48 ingredients) read from a
+                      freshly built tfds ArrayRecord dataset (small: 1,024 train examples; full: the
+                      'default' config itself, built into --data_dir if needed).
+  jpeg_224px          512x384 photo-like JPEGs (written to a temp dir, read back into an in-memory
+                      source) through random-resized-crop to 224 px, flip and colour jitter.
+Each case runs with worker_count 0, 1, 2 (and read_threads 0 and the config default at 0 workers).
+Images/s is measured over --batches batches after --warmup batches (worker start-up excluded; it
+is reported separately as the time to the first batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import pathlib
+import platform
+import tempfile
+import time
+
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import flags
+from PIL import Image
+
+from marnet_jax.data import config as data_config
+from marnet_jax.data import datasets, pipeline, synthetic_food
+
+PRESETS = {
+    # num synthetic train examples, JPEG files, batch size, warm-up batches, timed batches
+    "small": dict(synthetic_train=1024, jpegs=256, batch=32, warmup=3, batches=12),
+    "full": dict(synthetic_train=None, jpegs=1024, batch=64, warmup=5, batches=40),
+}
+
+
+def photo_like_jpeg(rng: np.random.Generator, width: int = 512, height: int = 384) -> bytes:
+    """A JPEG with smooth colour regions, edges and mild noise (sizes like real food photos)."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    image = np.zeros((height, width, 3), np.float32)
+    for _ in range(6):  # Blobs of colour.
+        cx, cy = rng.uniform(0, width), rng.uniform(0, height)
+        r = rng.uniform(40, 160)
+        blob = np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * r * r))[..., None]
+        image += blob * rng.uniform(0, 255, 3)
+    image = image / max(float(image.max()), 1.0) * 220 + 20
+    image += rng.normal(0, 6, image.shape)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def jpeg_source(n: int, directory: pathlib.Path) -> list[dict]:
+    """Writes n JPEG files and returns records like the real datasets' (bytes read from disk)."""
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(n):
+        path = directory / f"{i:05d}.jpg"
+        path.write_bytes(photo_like_jpeg(rng))
+        ingredients = np.zeros(353, np.uint8)
+        ingredients[rng.choice(353, 3, replace=False)] = 1
+        records.append(
+            {
+                "image": path.read_bytes(),
+                "label": i % 172,
+                "ingredients": ingredients,
+                "image_path": str(path).encode(),
+            }
+        )
+    return records
+
+
+def synthetic_source(num_train: int | None, data_dir: str):
+    """The synthetic train split as the pipeline reads it (tfds ArrayRecord data source)."""
+    if num_train is None:
+        cfg = data_config.get_data_config("synthetic_food")
+        cfg.data_dir = data_dir
+        datasets.prepare(cfg)
+        return datasets.source(cfg, "train")
+    config = synthetic_food.make_config(
+        "default", num_train=num_train, num_validation=32, num_test=32
+    )
+    builder = synthetic_food.SyntheticFood(config=config, data_dir=data_dir)
+    if not builder.is_prepared():
+        builder.download_and_prepare(file_format="array_record")
+        builder = synthetic_food.SyntheticFood(config=config, data_dir=data_dir)
+    return builder.as_data_source(split="train", decoders={"image": tfds.decode.SkipDecoding()})
+
+
+def measure(cfg, src, *, batch: int, warmup: int, batches: int) -> tuple[float, float]:
+    """(images per second, seconds to the first batch)."""
+    t0 = time.perf_counter()
+    it = pipeline.train_iterator(
+        cfg, batch_size=batch, seed=0, shard_index=0, shard_count=1, data_source=src
+    )
+    next(it)
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        next(it)
+    t1 = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    rate = batches * batch / (time.perf_counter() - t1)
+    if hasattr(it, "close"):
+        it.close()
+    return rate, first
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    p.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
+    p.add_argument("--data_dir", default=None, help="tfds data_dir (default: a temp dir)")
+    p.add_argument("--json", default="input_pipeline.json", help="where to write the results")
+    args = p.parse_args()
+    flags.FLAGS.mark_as_parsed()  # grain worker processes read absl flags.
+    preset = PRESETS[args.preset]
+    workers = [int(w) for w in args.workers.split(",")]
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = pathlib.Path(tmp)
+        data_dir = args.data_dir or str(tmp / "tfds")
+        if preset["synthetic_train"] is None and args.data_dir is None:
+            data_dir = os.path.expanduser(data_config.get_data_config().data_dir)
+        (tmp / "jpeg").mkdir()
+        cases = [
+            (
+                "synthetic_64px_png",
+                "synthetic_food",
+                synthetic_source(preset["synthetic_train"], data_dir),
+            ),
+            ("jpeg_224px", "vireo_food172", jpeg_source(preset["jpegs"], tmp / "jpeg")),
+        ]
+        for case, dataset, src in cases:
+            default_threads = data_config.get_data_config(dataset).read_threads
+            settings = [(0, 0)] + [(w, default_threads) for w in workers]
+            for worker_count, threads in settings:
+                cfg = data_config.get_data_config(dataset)
+                cfg.worker_count, cfg.read_threads = worker_count, threads
+                rate, first = measure(
+                    cfg,
+                    src,
+                    batch=preset["batch"],
+                    warmup=preset["warmup"],
+                    batches=preset["batches"],
+                )
+                row = dict(
+                    case=case,
+                    image_size=cfg.image_size,
+                    workers=worker_count,
+                    read_threads=threads,
+                    batch=preset["batch"],
+                    images_per_s=round(rate, 1),
+                    first_batch_s=round(first, 2),
+                )
+                rows.append(row)
+                print(
+                    f"{case:20s} {cfg.image_size:4d}px  workers={worker_count}  "
+                    f"threads={threads}  {rate:8.1f} img/s  first batch {first:5.2f} s",
+                    flush=True,
+                )
+
+    header = "| case | px | workers | read threads | images/s | first batch (s) |"
+    print(
+        f"\n{args.preset} preset, batch {preset['batch']}, {os.cpu_count()} CPUs "
+        f"({platform.processor() or platform.machine()})"
+    )
+    print(header)
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['case']} | {r['image_size']} | {r['workers']} | {r['read_threads']} | "
+            f"{r['images_per_s']:.0f} | {r['first_batch_s']:.2f} |"
+        )
+    out = dict(preset=args.preset, cpus=os.cpu_count(), machine=platform.machine(), rows=rows)
+    pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(args.json).write_text(json.dumps(out, indent=2))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
