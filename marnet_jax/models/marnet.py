@@ -1,0 +1,274 @@
+"""MARNet: backbone + ingredient encoder, EMA alignment, CDR diffusion reconstruction, fusion.
+
+One code path gives the four variants of the ablation:
+  baseline (use_ema=False, use_cdr=False): classifier on x_v; the text is never read.
+  +EMA     (use_ema=True,  use_cdr=False): classifier on x_EMA = g_v(x_v), aligned to g_s(x_s).
+  +CDR     (use_ema=False, use_cdr=True):  classifier on [x_v, x_CDR]; s0 = g_s(x_s) is trained
+           only through the CE on s0_hat (target_grad='straight_through'): no alignment loss.
+  full     (use_ema=True,  use_cdr=True):  classifier on [x_EMA, x_CDR].
+Every classifier is LayerNorm + Dense on its inputs (the same for all variants), so the variants
+differ only in what they read. Train calls use the one-step estimate s0_hat as x_CDR; `predict` is
+image-only and runs the reverse chain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from marnet_jax.models.alignment import EMAHeads, l2_normalize
+from marnet_jax.models.diffusion import CDR
+
+Array = jax.Array
+FUSIONS = ("concat", "sum", "gated")
+
+
+class ClassifierHead(nn.Module):
+    """Fusion + linear classifier in float32: LayerNorm on each input, then combine, then Dense.
+
+    One input: LN -> Dense. Two inputs: 'concat' concatenates them; 'sum' adds them (a shared
+    classifier over both); 'gated' mixes them with an elementwise sigmoid gate computed from both.
+    'sum' and 'gated' need the same width: when the first input is wider or narrower (x_v with EMA
+    off), a learned Dense maps it to the width of the second.
+    """
+
+    num_classes: int
+    fusion: str = "concat"
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, feats: Sequence[Array], train: bool) -> Array:
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {self.fusion!r}; expected one of {FUSIONS}")
+        chex.assert_rank(list(feats), 2)
+        xs = [nn.LayerNorm(name=f"norm_{i}")(f.astype(jnp.float32)) for i, f in enumerate(feats)]
+        if len(xs) == 1:
+            h = xs[0]
+        elif len(xs) == 2 and self.fusion == "concat":
+            h = jnp.concatenate(xs, axis=-1)
+        elif len(xs) == 2:
+            a, b = xs
+            if a.shape[-1] != b.shape[-1]:
+                a = nn.Dense(b.shape[-1], name="proj_0")(a)
+            if self.fusion == "sum":
+                h = a + b
+            else:
+                gate = nn.sigmoid(nn.Dense(b.shape[-1], name="gate")(jnp.concatenate([a, b], -1)))
+                h = gate * a + (1.0 - gate) * b
+        else:
+            raise ValueError(f"ClassifierHead takes 1 or 2 inputs, got {len(xs)}")
+        h = nn.Dropout(self.dropout)(h, deterministic=not train)
+        return nn.Dense(self.num_classes, name="classifier")(h)
+
+
+class MARNet(nn.Module):
+    """The MARNet classifier. Parameter collections: 'backbone', 'text_encoder', 'ema', 'cdr',
+    'fused_head', 'visual_head', 'cdr_head' (only the ones a variant uses get parameters).
+
+    Attributes:
+      backbone: any module mapping images [B, H, W, 3] -> [B, D] with `__call__(x, train)`.
+      text_encoder: any module mapping multi-hot ingredients [B, V] -> [B, D_s] with
+        `__call__(x, train)`; may be None for the baseline.
+      ema: projection heads g_v, g_s and the temperature (CDR uses g_s even with use_ema False).
+      cdr: the diffusion module; may be None when use_cdr is False. cdr.dim == ema.embed_dim.
+      target_grad: gradient into s0 in the CDR training path: 'stop' | 'straight_through' |
+        'none' (see CDR.estimate).
+      condition_on: the denoiser's condition: 'x_v' (backbone feature) or 'x_ema' (needs use_ema).
+      cdr_init: where the image-only chain starts: 'noise' (N(0, I)) or 'visual' (x_EMA put on
+        the target sphere and noised to step T-1; needs use_ema).
+      visual_probe_on: input of the stop-gradient linear probe: 'auto' (x_EMA if use_ema else
+        x_v) or 'x_v'.
+    """
+
+    backbone: nn.Module
+    text_encoder: nn.Module | None
+    ema: EMAHeads
+    cdr: CDR | None
+    num_classes: int
+    num_ingredients: int | None = None
+    use_ema: bool = True
+    use_cdr: bool = True
+    fusion: str = "concat"
+    fusion_dropout: float = 0.0
+    target_grad: str = "straight_through"
+    condition_on: str = "x_v"
+    cdr_init: str = "noise"
+    visual_probe_on: str = "auto"
+
+    def setup(self) -> None:
+        if self.use_cdr:
+            if self.cdr is None:
+                raise ValueError("use_cdr=True needs a CDR module")
+            if self.cdr.dim != self.ema.embed_dim:
+                raise ValueError(f"cdr.dim={self.cdr.dim} != ema.embed_dim={self.ema.embed_dim}")
+            if not self.use_ema and (self.condition_on == "x_ema" or self.cdr_init == "visual"):
+                raise ValueError("condition_on='x_ema' and cdr_init='visual' need use_ema=True")
+        if (self.use_ema or self.use_cdr) and self.text_encoder is None:
+            raise ValueError("EMA and CDR need a text encoder")
+        if self.condition_on not in ("x_v", "x_ema") or self.cdr_init not in ("noise", "visual"):
+            raise ValueError(f"bad condition_on={self.condition_on!r} / cdr_init={self.cdr_init!r}")
+        self.fused_head = ClassifierHead(self.num_classes, self.fusion, self.fusion_dropout)
+        self.visual_head = ClassifierHead(self.num_classes)
+        if self.use_cdr:
+            self.cdr_head = ClassifierHead(self.num_classes)
+
+    def _visual(self, images: Array, train: bool) -> dict[str, Array]:
+        chex.assert_rank(images, 4)
+        x_v = self.backbone(images, train=train)
+        chex.assert_rank(x_v, 2)
+        chex.assert_axis_dimension(x_v, 0, images.shape[0])
+        out = {"x_v": x_v.astype(jnp.float32)}
+        if self.use_ema:
+            out["x_ema"] = self.ema.project_visual(x_v)
+        return out
+
+    def _heads(self, out: dict[str, Array], x_cdr: Array | None, train: bool) -> dict[str, Array]:
+        visual = out["x_ema"] if self.use_ema else out["x_v"]
+        feats = [visual] if x_cdr is None else [visual, x_cdr]
+        out["logits"] = self.fused_head(feats, train)
+        probe = visual if self.visual_probe_on == "auto" else out["x_v"]
+        out["visual_logits"] = self.visual_head([jax.lax.stop_gradient(probe)], train)
+        if x_cdr is not None:
+            out["cdr_logits"] = self.cdr_head([x_cdr], train)
+        return out
+
+    def __call__(
+        self, images: Array, ingredients: Array | None = None, train: bool = False
+    ) -> dict[str, Array]:
+        """Training path (reads the ingredients). Returns float32 arrays:
+        always 'logits', 'visual_logits' [B, C], 'x_v' [B, D];
+        use_ema: 'x_ema' [B, E], 'ema_z_v', 'ema_z_s' (L2-normalised g_v(x_v), g_s(x_s)),
+          'ema_logit_scale' [];
+        use_cdr: 'cdr_logits' [B, C], 's0', 's0_hat', 'cdr_pred', 'cdr_target' [B, E],
+          'cdr_t' int32 [B].
+        """
+        out = self._visual(images, train)
+        x_cdr = None
+        if self.use_ema or self.use_cdr:
+            if ingredients is None:
+                raise ValueError("the training path of MARNet with EMA or CDR needs ingredients")
+            chex.assert_rank(ingredients, 2)
+            chex.assert_axis_dimension(ingredients, 0, images.shape[0])
+            if self.num_ingredients is not None:
+                chex.assert_axis_dimension(ingredients, 1, self.num_ingredients)
+            x_s = self.text_encoder(ingredients.astype(jnp.float32), train=train)
+            chex.assert_rank(x_s, 2)
+            g_s = self.ema.project_semantic(x_s)
+            if self.use_ema:
+                out["ema_z_v"] = l2_normalize(out["x_ema"])
+                out["ema_z_s"] = l2_normalize(g_s)
+                out["ema_logit_scale"] = self.ema.logit_scale()
+            if self.use_cdr:
+                s0 = self.cdr.semantic_target(g_s)
+                cond = out["x_v"] if self.condition_on == "x_v" else out["x_ema"]
+                est = self.cdr(s0, cond, train=train, target_grad=self.target_grad)
+                out.update(
+                    s0=s0,
+                    s0_hat=est.x0_hat,
+                    cdr_pred=est.model_out,
+                    cdr_target=est.target,
+                    cdr_t=est.t,
+                )
+                x_cdr = est.x0_hat
+        return self._heads(out, x_cdr, train)
+
+    def predict(self, images: Array, train: bool = False) -> dict[str, Array]:
+        """Image-only prediction: 'logits', 'visual_logits', 'x_v' (+ 'x_ema' with EMA, 'cdr_logits'
+        and 'x_cdr' with CDR: the reverse chain conditioned on the image, keyed by the 'diffusion'
+        rng)."""
+        out = self._visual(images, train)
+        x_cdr = None
+        if self.use_cdr:
+            cond = out["x_v"] if self.condition_on == "x_v" else out["x_ema"]
+            x_init = None
+            if self.cdr_init == "visual":
+                x_init = self.cdr.semantic_target(out["x_ema"])
+            x_cdr = self.cdr.sample(cond, x_init=x_init)
+            out["x_cdr"] = x_cdr
+        return self._heads(out, x_cdr, train)
+
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str) -> Any:
+    """'float32' | 'bfloat16' -> jnp dtype."""
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {tuple(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def build_model(
+    model_cfg: ml_collections.ConfigDict, num_classes: int, num_ingredients: int
+) -> MARNet:
+    """MARNet from config (fields documented in marnet_jax.models.config.get_model_config)."""
+    from marnet_jax.models.backbones import build_backbone
+    from marnet_jax.models.text import build_text_encoder
+
+    cfg = model_cfg
+    dtype = compute_dtype(cfg.dtype)
+    backbone = build_backbone(cfg.backbone, dtype, **cfg.backbone_kwargs.to_dict())
+    text_encoder = None
+    if cfg.use_ema or cfg.use_cdr:
+        text_encoder = build_text_encoder(cfg.text_encoder, dtype, **cfg.text_kwargs.to_dict())
+    e = cfg.ema
+    ema = EMAHeads(
+        embed_dim=cfg.embed_dim,
+        hidden_dim=e.proj_hidden_dim,
+        num_layers=e.proj_layers,
+        temperature=e.temperature,
+        learnable_temperature=e.learnable_temperature,
+        max_logit_scale=e.max_logit_scale,
+        dtype=dtype,
+    )
+    cdr = None
+    if cfg.use_cdr:
+        c = cfg.cdr
+        cdr = CDR(
+            dim=cfg.embed_dim,
+            schedule=c.schedule,
+            num_steps=c.num_steps,
+            beta_start=c.beta_start,
+            beta_end=c.beta_end,
+            cosine_s=c.cosine_s,
+            noise_scale=c.noise_scale,
+            noise_min=c.noise_min,
+            noise_max=c.noise_max,
+            prediction=c.prediction,
+            sampler=c.sampler,
+            sample_steps=c.sample_steps,
+            eta=c.eta,
+            num_samples=c.num_samples,
+            clip_mode=c.clip_mode,
+            clip_value=c.clip_value,
+            target_norm=c.target_norm,
+            hidden_dim=c.hidden_dim,
+            num_blocks=c.num_blocks,
+            time_embed_dim=c.time_embed_dim,
+            mlp_ratio=c.mlp_ratio,
+            conditioning=c.conditioning,
+            dropout=c.dropout,
+            dtype=dtype,
+        )
+    return MARNet(
+        backbone=backbone,
+        text_encoder=text_encoder,
+        ema=ema,
+        cdr=cdr,
+        num_classes=num_classes,
+        num_ingredients=num_ingredients,
+        use_ema=cfg.use_ema,
+        use_cdr=cfg.use_cdr,
+        fusion=cfg.fusion,
+        fusion_dropout=cfg.fusion_dropout,
+        target_grad=cfg.cdr.target_grad,
+        condition_on=cfg.cdr.condition_on,
+        cdr_init=cfg.cdr.init_from,
+        visual_probe_on=cfg.visual_probe_on,
+    )

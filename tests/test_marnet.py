@@ -1,0 +1,408 @@
+"""MARNet: variants, fusion options, outputs, gradient routing, image-only prediction, the loss, and
+the configured model with the project's backbones."""
+
+import functools
+import time
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from marnet_jax.losses import PART_KEYS, marnet_loss
+from marnet_jax.models import build_model
+from marnet_jax.models.alignment import EMAHeads
+from marnet_jax.models.config import get_loss_config, get_model_config
+from marnet_jax.models.diffusion import CDR
+from marnet_jax.models.marnet import MARNet
+
+B, H, V, C, E = 4, 16, 7, 5, 8
+VARIANTS = [(False, False), (True, False), (False, True), (True, True)]  # (use_ema, use_cdr)
+
+
+class TinyBackbone(nn.Module):
+    """Conv -> BatchNorm -> ReLU -> mean pool -> Dense: a backbone with batch statistics."""
+
+    features: int = 12
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train):
+        x = nn.Conv(4, (3, 3), strides=(2, 2), dtype=self.dtype)(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train, dtype=self.dtype)(x))
+        return nn.Dense(self.features, dtype=self.dtype)(jnp.mean(x, axis=(1, 2)))
+
+
+class TinyText(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+        x = nn.relu(nn.Dense(10)(x))
+        return nn.Dropout(0.1)(x, deterministic=not train)
+
+
+def make_model(use_ema=True, use_cdr=True, fusion="concat", dtype=jnp.float32, cdr_kw=None, **kw):
+    cdr = None
+    if use_cdr:
+        base = dict(num_steps=20, hidden_dim=16, num_blocks=1, time_embed_dim=8, sample_steps=4)
+        cdr = CDR(dim=E, dtype=dtype, **{**base, **(cdr_kw or {})})
+    return MARNet(
+        backbone=TinyBackbone(dtype=dtype),
+        text_encoder=TinyText(),
+        ema=EMAHeads(embed_dim=E, hidden_dim=16, dtype=dtype),
+        cdr=cdr,
+        num_classes=C,
+        num_ingredients=V,
+        use_ema=use_ema,
+        use_cdr=use_cdr,
+        fusion=fusion,
+        **kw,
+    )
+
+
+def batch(seed=0):
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    images = jax.random.normal(k1, (B, H, H, 3))
+    ingredients = (jax.random.uniform(k2, (B, V)) < 0.4).astype(jnp.float32)
+    labels = jax.random.randint(k3, (B,), 0, C)
+    return images, ingredients, labels
+
+
+def rngs(seed=0):
+    k = jax.random.split(jax.random.key(seed), 3)
+    return {"params": k[0], "dropout": k[1], "diffusion": k[2]}
+
+
+def init(model, images, ingredients, seed=0):
+    return jax.jit(lambda r: model.init(r, images, ingredients, train=False))(rngs(seed))
+
+
+def host_init(model, *args, seed=0):
+    """Variables of model.init's shapes drawn on the host, with no init compile (parameter
+    initialisers are slow to compile on the CPU): He-scaled normal kernels, LayerNorm/BatchNorm
+    scales 1, biases and means 0, variances 1."""
+    shapes = jax.eval_shape(lambda r: model.init(r, *args, train=False), rngs())
+    rng = np.random.default_rng(seed)
+
+    def draw(path, s):
+        name = path[-1].key
+        if name in ("scale", "var") or not s.shape:
+            return jnp.ones(s.shape, s.dtype)
+        if name in ("bias", "mean"):
+            return jnp.zeros(s.shape, s.dtype)
+        std = np.sqrt(2.0 / np.prod(s.shape[:-1]))
+        return jnp.asarray(std * rng.standard_normal(s.shape), s.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def train_apply(model, variables, images, ingredients, seed=1):
+    r = rngs(seed)
+    return model.apply(
+        variables,
+        images,
+        ingredients,
+        train=True,
+        rngs={"dropout": r["dropout"], "diffusion": r["diffusion"]},
+        mutable=["batch_stats"],
+    )
+
+
+def predict(model, variables, images, key):
+    return model.apply(
+        variables, images, train=False, rngs={"diffusion": key}, method=MARNet.predict
+    )
+
+
+# The default test model and its compiled entry points, shared by the tests below (each compile
+# costs seconds on a shared 2-core CPU).
+FULL = make_model(fusion="gated")
+IMAGES, INGREDIENTS, LABELS = batch()
+full_train = jax.jit(lambda v: train_apply(FULL, v, IMAGES, INGREDIENTS))
+full_predict = jax.jit(lambda v, k: predict(FULL, v, IMAGES, k))
+
+
+@functools.cache
+def _full_vars():
+    return init(FULL, IMAGES, INGREDIENTS)
+
+
+@pytest.fixture
+def full_vars():
+    return _full_vars()
+
+
+# --- shapes, names and keys of every variant and fusion (abstract evaluation: nothing compiles)
+
+
+@pytest.mark.parametrize("fusion", ["concat", "sum", "gated"])
+@pytest.mark.parametrize("use_ema,use_cdr", VARIANTS)
+def test_variant_shapes_keys_and_collections(use_ema, use_cdr, fusion):
+    model = make_model(use_ema, use_cdr, fusion)
+    images, ingredients, labels = batch()
+    variables = jax.eval_shape(lambda r: model.init(r, images, ingredients, train=False), rngs())
+    expected = {"backbone", "fused_head", "visual_head"}
+    if use_ema or use_cdr:
+        expected |= {"text_encoder", "ema"}
+    if use_cdr:
+        expected |= {"cdr", "cdr_head"}
+    assert set(variables["params"]) == expected
+    assert set(variables["batch_stats"]) == {"backbone"}
+    if use_cdr and not use_ema:  # only g_s defines the semantic target; no g_v, no temperature
+        assert set(variables["params"]["ema"]) == {"g_s"}
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
+
+    out, state = jax.eval_shape(lambda v: train_apply(model, v, images, ingredients), variables)
+    keys = {"logits", "visual_logits", "x_v"}
+    if use_ema:
+        keys |= {"x_ema", "ema_z_v", "ema_z_s", "ema_logit_scale"}
+    if use_cdr:
+        keys |= {"cdr_logits", "s0", "s0_hat", "cdr_pred", "cdr_target", "cdr_t"}
+    assert set(out) == keys
+    assert set(state) == {"batch_stats"}
+    for k in ("logits", "visual_logits", "cdr_logits"):
+        if k in out:
+            assert out[k].shape == (B, C) and out[k].dtype == jnp.float32
+    for k in ("x_ema", "ema_z_v", "ema_z_s", "s0", "s0_hat", "cdr_pred", "cdr_target"):
+        if k in out:
+            assert out[k].shape == (B, E) and out[k].dtype == jnp.float32, k
+    total, parts = jax.eval_shape(lambda o: marnet_loss(o, labels, get_loss_config()), out)
+    assert total.shape == () and set(parts) == set(PART_KEYS)
+    if not (use_ema and use_cdr):  # the parts of a module that is off are exactly 0
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), out)
+        _, parts = marnet_loss(zeros, labels, get_loss_config())
+        off = ([] if use_ema else ["ema"]) + ([] if use_cdr else ["mse", "ce_cdr"])
+        assert all(float(parts[k]) == 0.0 for k in off)
+
+    pred = jax.eval_shape(lambda v: predict(model, v, images, jax.random.key(0)), variables)
+    pkeys = {"logits", "visual_logits", "x_v"} | ({"x_ema"} if use_ema else set())
+    pkeys |= {"cdr_logits", "x_cdr"} if use_cdr else set()
+    assert set(pred) == pkeys
+    assert pred["logits"].shape == (B, C) and pred["logits"].dtype == jnp.float32
+
+
+def test_invalid_combinations_raise():
+    images, ingredients, _ = batch()
+    bad = [
+        make_model(use_ema=False, condition_on="x_ema"),
+        make_model(use_ema=False, cdr_init="visual"),
+        make_model(fusion="product"),
+        make_model(cdr_kw={"prediction": "score"}),
+    ]
+    for model in bad:
+        with pytest.raises(ValueError):
+            jax.eval_shape(lambda r, m=model: m.init(r, images, ingredients), rngs())
+    with pytest.raises(ValueError, match="ingredients"):
+        jax.eval_shape(lambda r: make_model().init(r, images), rngs())
+    # The baseline never reads the text.
+    jax.eval_shape(lambda r: make_model(False, False).init(r, images), rngs())
+
+
+# --- jit / no-jit agreement
+
+
+class JitAgreementTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_train_and_predict_agree_with_and_without_jit(self):
+        variables = _full_vars()
+        key = jax.random.key(3)
+        out, state = self.variant(lambda v: train_apply(FULL, v, IMAGES, INGREDIENTS))(variables)
+        pred = self.variant(lambda v: predict(FULL, v, IMAGES, key))(variables)
+        chex.assert_trees_all_close((out, state), full_train(variables), atol=1e-5, rtol=1e-5)
+        chex.assert_trees_all_close(pred, full_predict(variables, key), atol=1e-5, rtol=1e-5)
+
+
+# --- image-only prediction
+
+
+def test_predict_needs_no_ingredients_and_is_deterministic(full_vars):
+    a, b = full_predict(full_vars, jax.random.key(0)), full_predict(full_vars, jax.random.key(0))
+    chex.assert_trees_all_equal(a, b)
+    c = full_predict(full_vars, jax.random.key(1))
+    assert float(jnp.max(jnp.abs(a["x_cdr"] - c["x_cdr"]))) > 1e-4  # the start noise differs
+    np.testing.assert_array_equal(a["visual_logits"], c["visual_logits"])
+
+
+def test_predict_options_ddpm_multi_sample_visual_start():
+    cdr_kw = dict(sampler="ddpm", num_samples=3, clip_mode="sphere")
+    model = make_model(cdr_kw=cdr_kw, cdr_init="visual", condition_on="x_ema")
+    images, ingredients, _ = batch()
+    variables = host_init(model, images, ingredients)
+    out = jax.jit(lambda v: predict(model, v, images, jax.random.key(0)))(variables)
+    assert out["x_cdr"].shape == (B, E) and bool(jnp.all(jnp.isfinite(out["logits"])))
+    # Averaging three chains of points on the sqrt(E) sphere lands inside that sphere.
+    norms = jnp.linalg.norm(out["x_cdr"], axis=-1)
+    assert bool(jnp.all(norms <= np.sqrt(E) + 1e-4))
+
+
+# --- gradients go where the design says
+
+
+def test_gradient_routing(full_vars):
+    cfg = get_loss_config()
+    names = ("ce_visual", "mse", "ce_cdr", "ema")
+
+    @jax.jit
+    def part_grads(params):
+        def parts(p):
+            out, _ = train_apply(FULL, {**full_vars, "params": p}, IMAGES, INGREDIENTS)
+            return jnp.stack([marnet_loss(out, LABELS, cfg)[1][n] for n in names])
+
+        jac = jax.jacrev(parts)(params)  # one forward pass, one vmapped backward pass
+        return {n: jax.tree.map(lambda g, i=i: g[i], jac) for i, n in enumerate(names)}
+
+    # Leave the zero-initialised output layers of the denoiser, through which no gradient flows yet.
+    params = dict(full_vars["params"])
+    params["cdr"] = jax.tree.map(lambda x: x + 0.05, params["cdr"])
+    grads = part_grads(params)
+    norm = lambda tree: float(optax.global_norm(tree))
+    # The probe only trains itself.
+    assert norm(grads["ce_visual"]["backbone"]) == 0.0
+    assert norm(grads["ce_visual"]["visual_head"]) > 0.0
+    # The diffusion MSE trains the denoiser and the image side, never the semantic target.
+    assert norm(grads["mse"]["text_encoder"]) == 0.0 and norm(grads["mse"]["ema"]["g_s"]) == 0.0
+    assert norm(grads["mse"]["backbone"]) > 0.0 and norm(grads["mse"]["cdr"]) > 0.0
+    # The CE on s0_hat reaches the text side through the straight-through estimate.
+    assert norm(grads["ce_cdr"]["text_encoder"]) > 0.0
+    # L_EMA trains both projection heads and the temperature.
+    assert norm(grads["ema"]["ema"]["g_v"]) > 0.0 and norm(grads["ema"]["ema"]["g_s"]) > 0.0
+    assert norm(grads["ema"]["ema"]["temperature"]) > 0.0
+
+
+# --- the loss
+
+
+def test_full_loss_decreases(full_vars):
+    model, images, ingredients, labels, variables = FULL, IMAGES, INGREDIENTS, LABELS, full_vars
+    opt = optax.adam(1e-2)
+    cfg = get_loss_config()
+
+    @jax.jit
+    def train(variables, opt_state):
+        def step(carry, _):
+            params, stats, opt_state = carry
+
+            def loss_fn(p):
+                out, new = train_apply(
+                    model, {"params": p, "batch_stats": stats}, images, ingredients
+                )
+                total, parts = marnet_loss(out, labels, cfg)
+                return total, (parts, new["batch_stats"])
+
+            (loss, (parts, stats)), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            updates, opt_state = opt.update(g, opt_state)
+            return (optax.apply_updates(params, updates), stats, opt_state), (loss, parts)
+
+        carry = (variables["params"], variables["batch_stats"], opt_state)
+        (_, stats, _), (losses, parts) = jax.lax.scan(step, carry, length=25)
+        return losses, parts, stats
+
+    losses, parts, stats = train(variables, opt.init(variables["params"]))
+    assert bool(jnp.all(jnp.isfinite(losses)))
+    assert float(losses[-1]) < 0.7 * float(losses[0]), losses
+    assert float(parts["ce"][-1]) < float(parts["ce"][0])
+    for k in ("ema", "mse", "ce_cdr", "ce_visual"):
+        assert float(parts[k][-1]) < float(parts[k][0]), (k, parts[k])
+    chex.assert_trees_all_equal_shapes(stats, variables["batch_stats"])
+    changed = jax.tree.map(
+        lambda a, b: float(jnp.max(jnp.abs(a - b))), stats, variables["batch_stats"]
+    )
+    assert max(jax.tree.leaves(changed)) > 0.0  # running statistics were updated
+
+
+def test_loss_parts_by_hand():
+    logits = jnp.array([[2.0, 0.0], [0.0, 1.0]])
+    labels = jnp.array([0, 0])
+    out = {"logits": logits, "visual_logits": jnp.zeros((2, 2))}
+    cfg = get_loss_config()
+    total, parts = marnet_loss(out, labels, cfg)
+    ce = -np.mean([2 - np.log(np.exp(2) + 1), -np.log(1 + np.e)])
+    np.testing.assert_allclose(parts["ce"], ce, rtol=1e-6)
+    np.testing.assert_allclose(parts["ce_visual"], np.log(2), rtol=1e-6)
+    np.testing.assert_allclose(total, ce + np.log(2), rtol=1e-6)
+    assert float(parts["ema"]) == float(parts["mse"]) == float(parts["ce_cdr"]) == 0.0
+    cfg.label_smoothing = 0.2  # targets (0.9, 0.1)
+    _, smooth = marnet_loss(out, labels, cfg)
+    lp = jax.nn.log_softmax(logits)
+    np.testing.assert_allclose(smooth["ce"], -np.mean(lp @ np.array([0.9, 0.1])), rtol=1e-6)
+
+
+# --- mixed precision
+
+
+def test_bfloat16_compute_float32_logits_and_params():
+    model = make_model(dtype=jnp.bfloat16)
+    images, ingredients, labels = batch()
+
+    shapes = jax.eval_shape(lambda r: model.init(r, images, ingredients), rngs())
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(shapes))
+
+    @jax.jit
+    def run(variables):  # one compile: train call, loss, prediction
+        out, _ = train_apply(model, variables, images, ingredients)
+        total, _ = marnet_loss(out, labels, get_loss_config())
+        return out, total, predict(model, variables, images, jax.random.key(0))
+
+    out, total, pred = run(host_init(model, images, ingredients))
+    x_v = jax.eval_shape(lambda: model.backbone.init_with_output(rngs(), images, False))[0]
+    assert x_v.dtype == jnp.bfloat16  # the backbone really computes in bfloat16
+    for o in (out, pred):
+        assert o["logits"].dtype == jnp.float32 and o["cdr_logits"].dtype == jnp.float32
+        assert bool(jnp.all(jnp.isfinite(o["logits"])))
+    assert total.dtype == jnp.float32 and bool(jnp.isfinite(total))
+
+
+# --- the configured model with the project's backbones and ingredient encoders
+
+
+def _configured(overrides=None, **backbone_kwargs):
+    cfg = get_model_config()
+    cfg.backbone_kwargs.update(backbone_kwargs)
+    cfg.text_kwargs.update(dict(features=64, hidden_dim=64))
+    for k, v in (overrides or {}).items():
+        cfg[k] = v
+    return build_model(cfg, num_classes=C, num_ingredients=V)
+
+
+def test_build_model_default_config_small_stem_64px():
+    model = _configured(width=0.125)
+    assert model.use_ema and model.use_cdr and model.cdr.sampler == "ddim"
+    images = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+    ingredients = jnp.zeros((2, V)).at[:, :3].set(1.0)
+    variables = host_init(model, images, ingredients)
+    assert set(variables["params"]) == {
+        "backbone", "text_encoder", "ema", "cdr", "fused_head", "visual_head", "cdr_head"
+    }  # fmt: skip
+    assert set(variables["batch_stats"]) == {"backbone"}
+
+    @jax.jit
+    def run(v):
+        out, state = train_apply(model, v, images, ingredients)
+        total, _ = marnet_loss(out, jnp.array([0, 1]), get_loss_config())
+        return out, state, total, predict(model, v, images, jax.random.key(0))
+
+    out, state, total, pred = run(variables)
+    assert out["x_v"].shape == (2, 64) and set(state) == {"batch_stats"}
+    assert pred["logits"].shape == (2, C) and pred["x_cdr"].shape == (2, 128)
+    assert bool(jnp.isfinite(total)) and bool(jnp.all(jnp.isfinite(pred["logits"])))
+    baseline = _configured({"use_ema": False, "use_cdr": False}, width=0.125)
+    assert baseline.text_encoder is None and baseline.cdr is None
+    v0 = jax.eval_shape(lambda r: baseline.init(r, images, train=False), rngs())
+    assert set(v0["params"]) == {"backbone", "fused_head", "visual_head"}
+
+
+@pytest.mark.slow
+def test_resnet50_forward_224px():
+    model = _configured({"backbone": "resnet50"}, stem="imagenet")
+    images = jax.random.normal(jax.random.key(0), (2, 224, 224, 3))
+    ingredients = jnp.zeros((2, V)).at[:, :3].set(1.0)
+    t0 = time.perf_counter()
+    variables = jax.jit(lambda r: model.init(r, images, ingredients, train=False))(rngs())
+    out, _ = jax.jit(lambda v: train_apply(model, v, images, ingredients))(variables)
+    pred = jax.jit(lambda v: predict(model, v, images, jax.random.key(0)))(variables)
+    assert out["x_v"].shape == (2, 2048) and pred["logits"].shape == (2, C)
+    assert bool(jnp.all(jnp.isfinite(pred["logits"])))
+    print(f"resnet50 224px init + train call + predict: {time.perf_counter() - t0:.1f} s")
