@@ -121,8 +121,18 @@ def predict(model, variables, images, key):
 # costs seconds on a shared 2-core CPU).
 FULL = make_model(fusion="gated")
 IMAGES, INGREDIENTS, LABELS = batch()
-full_train = jax.jit(lambda v: train_apply(FULL, v, IMAGES, INGREDIENTS))
-full_predict = jax.jit(lambda v, k: predict(FULL, v, IMAGES, k))
+
+
+def _full_train(variables):
+    return train_apply(FULL, variables, IMAGES, INGREDIENTS)
+
+
+def _full_predict(variables, key):
+    return predict(FULL, variables, IMAGES, key)
+
+
+# jax.jit of the same function shares one compile cache, so chex's with_jit variant below reuses these.
+full_train, full_predict = jax.jit(_full_train), jax.jit(_full_predict)
 
 
 @functools.cache
@@ -209,8 +219,8 @@ class JitAgreementTest(chex.TestCase):
     def test_train_and_predict_agree_with_and_without_jit(self):
         variables = _full_vars()
         key = jax.random.key(3)
-        out, state = self.variant(lambda v: train_apply(FULL, v, IMAGES, INGREDIENTS))(variables)
-        pred = self.variant(lambda v: predict(FULL, v, IMAGES, key))(variables)
+        out, state = self.variant(_full_train)(variables)
+        pred = self.variant(_full_predict)(variables, key)
         chex.assert_trees_all_close((out, state), full_train(variables), atol=1e-5, rtol=1e-5)
         chex.assert_trees_all_close(pred, full_predict(variables, key), atol=1e-5, rtol=1e-5)
 
