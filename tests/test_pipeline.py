@@ -137,6 +137,18 @@ def test_random_resized_crop_box_within_bounds():
             assert 0 <= left < right <= w and 0 <= top < bottom <= h
 
 
+def test_color_jitter_factors():
+    image = np.random.default_rng(0).integers(0, 200, (8, 8, 3), dtype=np.uint8)
+    out = pipeline.ColorJitter(0.5, 0.0, 0.0).random_map({"image": image}, np.random.default_rng(3))
+    factor = 1.0 + 0.5 * np.random.default_rng(3).uniform(-1.0, 1.0, 3)[0]
+    expected = np.clip(image * factor, 0, 255)
+    assert out["image"].dtype == np.uint8
+    np.testing.assert_allclose(out["image"], expected, atol=1.0)  # Brightness scales pixels.
+    grey = np.full((8, 8, 3), 90, np.uint8)
+    same = pipeline.ColorJitter(0.0, 0.5, 0.5).random_map({"image": grey}, np.random.default_rng(1))
+    np.testing.assert_array_equal(same["image"], grey)  # Contrast/saturation keep flat grey.
+
+
 def test_augmentation_deterministic_by_seed_and_varies_across_seeds_and_epochs():
     n = 8
     src = memory_source(n)
