@@ -1,0 +1,155 @@
+"""End-to-end trainer tests on the tiny synthetic dataset: train, resume, eval mode, NaN stop, SIGTERM."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from marnet_jax.train import checkpoint, trainer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _config(data_dir, **train):
+    config = tiny.get_config()
+    config.data.data_dir = str(data_dir)
+    config.mesh.num_devices = 1  # the sharded runs are compared with this one in test_scale_out.py
+    for k, v in train.items():
+        section, field = k.split("__")
+        config[section][field] = v
+    return config
+
+
+def _params(workdir, config):
+    _, _mesh, _, _, _, _, _, abstract, shardings = trainer._setup(config)
+    manager = checkpoint.make_manager(workdir, config.checkpoint)
+    state = checkpoint.restore(
+        manager,
+        manager.latest_step(),
+        checkpoint.abstract_with_shardings(abstract, shardings),
+        None,
+    )
+    manager.close()
+    return jax.device_get(state.params), int(state.step)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_data_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("straight")
+    config = _config(tiny_data_dir)
+    results = trainer.train_and_evaluate(config, str(workdir))
+    return workdir, config, results
+
+
+def test_train_writes_metrics_and_results(straight_run):
+    workdir, config, results = straight_run
+    test = results[config.data.test_split]
+    assert test["num_examples"] > 0
+    for head in ("fused", "visual", "cdr"):
+        assert 0.0 <= test[f"{head}_top1"] <= test[f"{head}_top5"] <= 1.0
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [x for x in lines if x["split"] == "train"]
+    assert train_lines[-1]["step"] == config.train.num_steps
+    for key in ("loss", "loss/ce", "loss/ema", "loss/mse", "loss/ce_cdr", "lr", "grad_norm"):
+        assert np.isfinite(train_lines[-1][key]), key
+    assert train_lines[-1]["examples_per_s"] > 0
+    assert any(p.name.startswith("events") for p in (workdir / "tensorboard").iterdir())
+
+
+def test_resume_matches_uninterrupted_run(straight_run, tiny_data_dir, tmp_path, monkeypatch):
+    workdir, config, _ = straight_run
+    expected, _ = _params(workdir, config)
+    stop_at = config.train.num_steps // 2
+    # Interrupt the same run half-way (as a preemption would), then restart it from the workdir.
+    monkeypatch.setattr(trainer._StopFlag, "should_stop", lambda self, step, every: step == stop_at)
+    out = trainer.train_and_evaluate(_config(tiny_data_dir), str(tmp_path))
+    assert out == {"preempted_at_step": stop_at}
+    monkeypatch.undo()
+    trainer.train_and_evaluate(_config(tiny_data_dir), str(tmp_path))
+    resumed, step = _params(tmp_path, config)
+    assert step == config.train.num_steps
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), resumed, expected
+    )
+
+
+def test_eval_mode_reproduces_final_test_accuracy(straight_run):
+    workdir, config, results = straight_run
+    again = trainer.evaluate(config, str(workdir))
+    split = config.data.test_split
+    assert again[split] == pytest.approx(results[split])
+    assert (workdir / f"eval_step_{config.train.num_steps}.json").exists()
+
+
+def test_eval_mode_without_checkpoint_is_a_clear_error(tiny_data_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="No checkpoint"):
+        trainer.evaluate(_config(tiny_data_dir), str(tmp_path))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data_dir, tmp_path):
+    config = _config(tiny_data_dir)
+    config.train.num_steps = 2
+    config.checkpoint.every_steps = 1
+    trainer.train_and_evaluate(config, str(tmp_path))
+    bad = _config(tiny_data_dir)
+    bad.train.num_steps = 4
+    bad.optim.lr = float("nan")
+    with pytest.raises(trainer.NonFiniteLossError, match=r"step 3.*checkpoint: step 2"):
+        trainer.train_and_evaluate(bad, str(tmp_path))
+    params, step = _params(tmp_path, config)
+    assert step == 2
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+
+
+def _main(*args, env=None, **kwargs):
+    return subprocess.Popen(
+        [sys.executable, "-m", "marnet_jax.main", "--config", str(REPO / "configs/tiny.py"), *args],
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def test_mistyped_override_is_a_one_line_error(tmp_path):
+    proc = _main("--workdir", str(tmp_path), "--config.train.num_stepz=3")
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    lines = [x for x in err.strip().splitlines() if x]
+    assert len(lines) == 1, err
+    assert "config.train.num_stepz" in lines[0] and "num_steps" in lines[0]
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_data_dir, tmp_path):
+    proc = _main(
+        "--workdir",
+        str(tmp_path),
+        f"--config.data.data_dir={tiny_data_dir}",
+        "--config.train.num_steps=100000",
+        "--config.train.log_every=1",
+        "--config.checkpoint.every_steps=0",
+        "--config.mesh.num_devices=1",
+    )
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and 2 <= steps[-1] < 100000
+    assert "SIGTERM" in err
