@@ -67,7 +67,9 @@ def get_data_config(dataset: str = "synthetic_food") -> ml_collections.ConfigDic
     c.builder_config = builder_config
     # Where tfds writes and reads the prepared ArrayRecord files ('~' is expanded).
     c.data_dir = os.environ.get("MARNET_DATA_DIR", "~/tensorflow_datasets")
-    c.manual_dir = None  # Folder with the extracted real-dataset releases (unused by synthetic).
+    c.manual_dir = ml_collections.config_dict.placeholder(
+        str
+    )  # Folder with the extracted real-dataset releases (unused by synthetic).
     # Real datasets: leave out unreadable records (listed in the dataset metadata) instead of
     # stopping the build.
     c.skip_bad_records = False

@@ -1,0 +1,25 @@
+"""MARNet on Vireo Food-172 (110,241 images, 172 dishes, 353 per-image ingredients), 224 px, one host.
+
+Build the dataset once (see `python -m marnet_jax.data.build --help` and README), then:
+
+    python -m marnet_jax.main --config configs/vireo_food172.py --workdir runs/vireo_r50 \
+        --config.data.data_dir=DATA_DIR
+    python -m marnet_jax.main --config configs/vireo_food172.py:vit_b16,baseline --workdir runs/vireo_vit_base
+
+Arg: 'BACKBONE[,VARIANT]', BACKBONE resnet50 (default) | vit_b16, VARIANT baseline | ema | cdr | full.
+Batch 256, 30 epochs of TR.txt's 66,071 images (7,742 steps), AdamW with warm-up + cosine, bf16 compute. From ImageNet weights
+set `--config.model.init_from=PATH` and `--config.optim.backbone_lr_mult=0.1`.
+Result: not measured here (the release cannot be downloaded on the project's machines).
+"""
+
+import ml_collections
+
+from configs.paper_scale import paper_scale_config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    config = paper_scale_config("vireo_food172", arg, train_images=66_071)
+    # Ingredients are per image here, so plain InfoNCE positives (the image's own list) are right;
+    # class-aware positives remain available.
+    config.loss.ema_class_aware = False
+    return config
