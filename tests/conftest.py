@@ -1,17 +1,22 @@
-"""Test session set-up: 8 fake CPU devices (for sharding tests) and parsed absl flags (for grain workers)."""
+"""Test session set-up: 8 fake CPU devices (for sharding tests), parsed absl flags (for grain workers),
+and a persistent XLA compilation cache shared by the in-process runs and the subprocesses they start
+(many tests compile the same tiny train step: compiled once, loaded afterwards)."""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "marnet_jax_test_xla_cache")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax
+import pytest
 from absl import flags
 
 flags.FLAGS.mark_as_parsed()
 jax.config.update("jax_threefry_partitionable", True)
-
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
