@@ -131,3 +131,12 @@ def test_ema_heads_shapes_and_dtypes():
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
     z_v, z_s, scale = jax.jit(heads.apply)(variables, x_v, x_s)
     assert z_v.shape == z_s.shape == (4, 8) and z_v.dtype == jnp.float32 and scale.shape == ()
+
+
+def test_zero_vectors_give_finite_gradients():
+    # An empty ingredient list can give an exactly zero embedding (zero-initialised biases): the
+    # normalisation must not turn that into NaN gradients (jnp.linalg.norm's gradient at 0 is NaN).
+    z = jnp.zeros((3, 4)).at[1].set(1.0)
+    g = jax.jit(jax.grad(lambda z: info_nce(z, z[::-1] + 0.5, 10.0) + cosine(z, z + 1.0)))(z)
+    assert bool(jnp.all(jnp.isfinite(g)))
+    np.testing.assert_array_equal(alignment.l2_normalize(jnp.zeros((2, 3))), 0.0)

@@ -103,9 +103,14 @@ class EMAHeads(nn.Module):
 
 
 def l2_normalize(x: Array, eps: float = 1e-6) -> Array:
-    """x / max(||x||, eps) along the last axis (float32)."""
+    """x / max(||x||, eps) along the last axis (float32).
+
+    Written with rsqrt of the squared norm: the gradient of jnp.linalg.norm is NaN at 0, and an
+    all-zero vector is common (an empty ingredient list through zero-initialised biases).
+    """
     x = x.astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+    sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
 def _masked_mean(values: Array, weights: Array) -> Array:

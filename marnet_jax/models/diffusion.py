@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from marnet_jax.models.alignment import l2_normalize
+
 Array = jax.Array
 DenoiseFn = Callable[
     [Array, Array], Array
@@ -248,7 +250,7 @@ def make_x0_clip(mode: str, value: float) -> ClipFn | None:
     if mode == "box":
         return lambda x: jnp.clip(x, -value, value)
     if mode == "sphere":
-        return lambda x: value * x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+        return lambda x: value * l2_normalize(x)
     raise ValueError(f"unknown x0 clip mode {mode!r}; expected 'none', 'box' or 'sphere'")
 
 
@@ -590,8 +592,7 @@ class CDR(nn.Module):
         g_s = g_s.astype(jnp.float32)
         if self.target_norm == "none":
             return g_s
-        norm = jnp.maximum(jnp.linalg.norm(g_s, axis=-1, keepdims=True), 1e-6)
-        return self.target_radius * g_s / norm
+        return self.target_radius * l2_normalize(g_s)
 
     def _clip(self) -> ClipFn | None:
         value = self.target_radius if self.clip_mode == "sphere" else self.clip_value

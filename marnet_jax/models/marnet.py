@@ -7,8 +7,13 @@ One code path gives the four variants of the ablation:
            only through the CE on s0_hat (target_grad='straight_through'): no alignment loss.
   full     (use_ema=True,  use_cdr=True):  classifier on [x_EMA, x_CDR].
 Every classifier is LayerNorm + Dense on its inputs (the same for all variants), so the variants
-differ only in what they read. Train calls use the one-step estimate s0_hat as x_CDR; `predict` is
-image-only and runs the reverse chain.
+differ only in what they read.
+
+CDR in training: the MSE and the CDR head's CE use the one-step estimate s0_hat (noise s0 at a
+random t, denoise once). What the fused classifier reads as x_CDR in training is `train_estimate`:
+'chain' (default) runs the same image-only reverse chain as `predict`, so the fused classifier is
+trained on exactly what it sees at test; 'one_step' feeds it s0_hat, which at small t is nearly the
+text embedding itself, so the classifier learns to trust a branch that is much weaker at test.
 """
 
 from __future__ import annotations
@@ -84,6 +89,10 @@ class MARNet(nn.Module):
         the target sphere and noised to step T-1; needs use_ema).
       visual_probe_on: input of the stop-gradient linear probe: 'auto' (x_EMA if use_ema else
         x_v) or 'x_v'.
+      train_estimate: x_CDR read by the fused classifier in training: 'chain' (the test-time
+        reverse chain) or 'one_step' (s0_hat).
+      chain_grad: with 'chain', whether the fused CE back-propagates through the chain (into the
+        denoiser and the image side) or treats the chain's output as a constant.
     """
 
     backbone: nn.Module
@@ -100,6 +109,8 @@ class MARNet(nn.Module):
     condition_on: str = "x_v"
     cdr_init: str = "noise"
     visual_probe_on: str = "auto"
+    train_estimate: str = "chain"
+    chain_grad: bool = True
 
     def setup(self) -> None:
         if self.use_cdr:
@@ -111,8 +122,15 @@ class MARNet(nn.Module):
                 raise ValueError("condition_on='x_ema' and cdr_init='visual' need use_ema=True")
         if (self.use_ema or self.use_cdr) and self.text_encoder is None:
             raise ValueError("EMA and CDR need a text encoder")
-        if self.condition_on not in ("x_v", "x_ema") or self.cdr_init not in ("noise", "visual"):
-            raise ValueError(f"bad condition_on={self.condition_on!r} / cdr_init={self.cdr_init!r}")
+        for name, value, allowed in (
+            ("condition_on", self.condition_on, ("x_v", "x_ema")),
+            ("cdr_init", self.cdr_init, ("noise", "visual")),
+            ("visual_probe_on", self.visual_probe_on, ("auto", "x_v")),
+            ("target_grad", self.target_grad, ("stop", "straight_through", "none")),
+            ("train_estimate", self.train_estimate, ("chain", "one_step")),
+        ):
+            if value not in allowed:
+                raise ValueError(f"MARNet.{name}={value!r}; expected one of {allowed}")
         self.fused_head = ClassifierHead(self.num_classes, self.fusion, self.fusion_dropout)
         self.visual_head = ClassifierHead(self.num_classes)
         if self.use_cdr:
@@ -128,14 +146,29 @@ class MARNet(nn.Module):
             out["x_ema"] = self.ema.project_visual(x_v)
         return out
 
-    def _heads(self, out: dict[str, Array], x_cdr: Array | None, train: bool) -> dict[str, Array]:
+    def _chain(self, out: dict[str, Array]) -> Array:
+        """x_CDR from the configured reverse chain, conditioned on the image only."""
+        cond = out["x_v"] if self.condition_on == "x_v" else out["x_ema"]
+        x_init = None
+        if self.cdr_init == "visual":
+            x_init = self.cdr.semantic_target(out["x_ema"])
+        return self.cdr.sample(cond, x_init=x_init)
+
+    def _heads(
+        self,
+        out: dict[str, Array],
+        x_cdr: Array | None,
+        train: bool,
+        cdr_head_input: Array | None = None,
+    ) -> dict[str, Array]:
         visual = out["x_ema"] if self.use_ema else out["x_v"]
         feats = [visual] if x_cdr is None else [visual, x_cdr]
         out["logits"] = self.fused_head(feats, train)
         probe = visual if self.visual_probe_on == "auto" else out["x_v"]
         out["visual_logits"] = self.visual_head([jax.lax.stop_gradient(probe)], train)
         if x_cdr is not None:
-            out["cdr_logits"] = self.cdr_head([x_cdr], train)
+            head_in = x_cdr if cdr_head_input is None else cdr_head_input
+            out["cdr_logits"] = self.cdr_head([head_in], train)
         return out
 
     def __call__(
@@ -145,11 +178,11 @@ class MARNet(nn.Module):
         always 'logits', 'visual_logits' [B, C], 'x_v' [B, D];
         use_ema: 'x_ema' [B, E], 'ema_z_v', 'ema_z_s' (L2-normalised g_v(x_v), g_s(x_s)),
           'ema_logit_scale' [];
-        use_cdr: 'cdr_logits' [B, C], 's0', 's0_hat', 'cdr_pred', 'cdr_target' [B, E],
-          'cdr_t' int32 [B].
+        use_cdr: 'cdr_logits' [B, C] (the CDR head on s0_hat), 's0', 's0_hat', 'cdr_pred',
+          'cdr_target' [B, E], 'cdr_t' int32 [B]; with train_estimate='chain' also 'x_cdr' [B, E].
         """
         out = self._visual(images, train)
-        x_cdr = None
+        x_cdr = s0_hat = None
         if self.use_ema or self.use_cdr:
             if ingredients is None:
                 raise ValueError("the training path of MARNet with EMA or CDR needs ingredients")
@@ -175,8 +208,13 @@ class MARNet(nn.Module):
                     cdr_target=est.target,
                     cdr_t=est.t,
                 )
-                x_cdr = est.x0_hat
-        return self._heads(out, x_cdr, train)
+                x_cdr = s0_hat = est.x0_hat
+                if self.train_estimate == "chain":
+                    x_cdr = self._chain(out)
+                    if not self.chain_grad:
+                        x_cdr = jax.lax.stop_gradient(x_cdr)
+                    out["x_cdr"] = x_cdr
+        return self._heads(out, x_cdr, train, cdr_head_input=s0_hat)
 
     def predict(self, images: Array, train: bool = False) -> dict[str, Array]:
         """Image-only prediction: 'logits', 'visual_logits', 'x_v' (+ 'x_ema' with EMA, 'cdr_logits'
@@ -185,12 +223,7 @@ class MARNet(nn.Module):
         out = self._visual(images, train)
         x_cdr = None
         if self.use_cdr:
-            cond = out["x_v"] if self.condition_on == "x_v" else out["x_ema"]
-            x_init = None
-            if self.cdr_init == "visual":
-                x_init = self.cdr.semantic_target(out["x_ema"])
-            x_cdr = self.cdr.sample(cond, x_init=x_init)
-            out["x_cdr"] = x_cdr
+            x_cdr = out["x_cdr"] = self._chain(out)
         return self._heads(out, x_cdr, train)
 
 
@@ -271,4 +304,6 @@ def build_model(
         condition_on=cfg.cdr.condition_on,
         cdr_init=cfg.cdr.init_from,
         visual_probe_on=cfg.visual_probe_on,
+        train_estimate=cfg.cdr.train_estimate,
+        chain_grad=cfg.cdr.chain_grad,
     )
