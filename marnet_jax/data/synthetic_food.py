@@ -36,8 +36,9 @@ Measured (config 'default', seed 0, test split; a 2-core CPU machine shared with
   family but cannot tell siblings apart): 73.2%.
 - Visual-only: a small ResNet from scratch in flax/optax (3x3 stride-2 stem, three basic blocks of
   width 24/48/96 with BatchNorm, global average pool, linear; AdamW lr 3e-3 with 30 warm-up steps,
-  weight decay 1e-4, batch 64, horizontal flips, per-channel standardisation): 26.2% top-1 after
-  200 steps, 42.7% after 300, 49.2% after 400 (still rising).
+  weight decay 1e-4, batch 64, horizontal flips, per-channel standardisation): test top-1 26.2%
+  after 200 steps, 49.2% after 400, 59.2% after 800, 64.9% after 1,200, 72.1% after 1,600 and
+  69.5% after 1,709 (11 epochs; train loss 0.39, so it is overfitting the 10k images by then).
 - Colour-histogram baseline: logistic regression on 216-bin grey-world-normalised colour
   histograms (first 5,000 train / first 2,000 test images): 44.5% (71.6% with ``nuisance=0``).
 - Build time (``download_and_prepare``, one process): 'default' 44 s of CPU time (124 s wall
