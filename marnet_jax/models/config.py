@@ -58,8 +58,9 @@ def get_model_config() -> ml_collections.ConfigDict:
     # gradient into s0: 'stop' | 'straight_through' (the CE on s0_hat reaches the text side, the MSE
     # never does: no collapse, and +CDR without EMA still trains g_s) | 'none' (s0 may collapse)
     cfg.cdr.target_grad = "straight_through"
-    # x_CDR read by the fused classifier in training: 'chain' (the test-time reverse chain: the
-    # classifier trains on what it sees at test) | 'one_step' (s0_hat: near the text at small t)
+    # x_CDR read by the fused classifier in training: 'chain' (the test-time reverse chain, i.e.
+    # sample_steps denoiser passes, T with 'ddpm': the classifier trains on what it sees at test) |
+    # 'one_step' (s0_hat: nearly the text embedding at small t, which the classifier then trusts)
     cfg.cdr.train_estimate = "chain"
     cfg.cdr.chain_grad = True  # 'chain': the fused CE back-propagates through the chain
     cfg.cdr.condition_on = "x_v"  # denoiser condition: 'x_v' (backbone) | 'x_ema' (needs use_ema)
