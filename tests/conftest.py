@@ -5,7 +5,10 @@ and a persistent XLA compilation cache shared by the in-process runs and the sub
 import os
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Tests are compile-bound on tiny models: skipping LLVM optimisation compiles ~40% faster.
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+)
 os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "marnet_jax_test_xla_cache")
 )
