@@ -244,7 +244,9 @@ class ResNet(nn.Module):
     block: type[nn.Module] = BasicBlock
     width: float = 1.0
     stem: str = "imagenet"
-    stem_stride: int = 1  # stride of the small stem's 3x3 conv (2 halves every stage's map, 1/4 cost)
+    stem_stride: int = (
+        1  # stride of the small stem's 3x3 conv (2 halves every stage's map, 1/4 cost)
+    )
     zero_init_residual: bool = False
     conv_impl: str = "auto"
     bn_axis_name: str | None = None  # only for pmap/shard_map; jit + sharding needs none
