@@ -41,7 +41,7 @@ def bench(
     state = {k: v for k, v in variables.items() if k != "params"}
     tx = optax.sgd(0.01, momentum=0.9)
     opt_state = tx.init(params)
-    mutable = list(state)
+    mutable = list(state) or False
 
     def loss_fn(p, s, x, key):
         out = model.apply({"params": p, **s}, x, train=True, mutable=mutable, rngs={"dropout": key})
