@@ -2,6 +2,9 @@
 
 Any config field can be overridden, e.g. `--config.train.num_steps=200 --config.model.use_cdr=False`.
 The config is locked: a mistyped field is an error naming the field.
+
+Multi-process jobs (TPU pod slices, SLURM, launch/*.sh) start JAX's distributed runtime by themselves;
+`--multihost=on|off` (or MARNET_MULTIHOST=1|0) overrides the detection, see `multihost_reason`.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Mapping
 
 import jax
 from absl import app, flags
@@ -26,12 +30,83 @@ _MODE = flags.DEFINE_enum(
 )
 
 
-def maybe_initialize_distributed() -> None:
-    """Starts JAX's multi-controller runtime when the environment describes a multi-process job.
+_MULTIHOST = flags.DEFINE_enum(
+    "multihost",
+    None,
+    ["auto", "on", "off"],
+    "Start JAX's multi-process runtime (jax.distributed.initialize) before the run: 'auto' detects a "
+    "multi-process job (see maybe_initialize_distributed), 'on' always starts it and lets JAX find the "
+    "cluster (Cloud TPU, SLURM, Open MPI, Kubernetes), 'off' never does. Default: $MARNET_MULTIHOST "
+    "(auto | on | off, also 1 | 0), else auto.",
+)
 
-    Explicit: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID (local tests, custom launchers).
-    Automatic (jax.distributed.initialize() detects them): Cloud TPU pod slices, SLURM with >1 task.
+_MULTIHOST_ENV = "MARNET_MULTIHOST"
+_MODES = {
+    "auto": "auto",
+    "on": "on",
+    "1": "on",
+    "true": "on",
+    "off": "off",
+    "0": "off",
+    "false": "off",
+}
+
+
+def _on_cloud_tpu_vm() -> bool:
+    """Whether this is a Cloud TPU VM with TPU chips and libtpu: jax records it when it is imported."""
+    try:
+        from jax._src import cloud_tpu_init
+    except ImportError:  # a private module: if it moves, say no (use --multihost=on there)
+        return False
+    return bool(getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False))
+
+
+def multihost_reason(mode: str | None = None, env: Mapping[str, str] | None = None) -> str | None:
+    """Why this process should call jax.distributed.initialize(), or None for a single-process run.
+
+    mode: 'auto' | 'on' | 'off' (None: $MARNET_MULTIHOST, else 'auto'). In 'auto':
+      - JAX_COORDINATOR_ADDRESS is set (our launchers, custom launchers, local tests);
+      - SLURM with more than one task;
+      - Cloud TPU: TPU_WORKER_HOSTNAMES / TPU_PROCESS_ADDRESSES list several hosts (GKE), or this is a
+        Cloud TPU VM at all. A VM created by hand (`gcloud compute tpus tpu-vm create`) sets neither
+        variable; JAX reads the workers from the VM metadata server instead. On a single-host TPU VM the
+        call finds one process and changes nothing; JAX recommends it on every Cloud TPU VM.
+    Plain CPU and single-host GPU runs match none of these.
     """
+    env = os.environ if env is None else env
+    raw = mode if mode is not None else env.get(_MULTIHOST_ENV, "auto")
+    if raw.strip().lower() not in _MODES:
+        raise ValueError(
+            f"{_MULTIHOST_ENV}/--multihost must be one of auto, on, off (or 1, 0); got {raw!r}."
+        )
+    mode = _MODES[raw.strip().lower()]
+    if mode == "off":
+        return None
+    if "JAX_COORDINATOR_ADDRESS" in env:
+        return "JAX_COORDINATOR_ADDRESS is set"
+    if mode == "on":
+        return "--multihost=on"
+    if int(env.get("SLURM_NTASKS", "1")) > 1:
+        return "SLURM job with several tasks"
+    hosts = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES") or ""
+    if "," in hosts:
+        return "TPU worker list in the environment"
+    if _on_cloud_tpu_vm():
+        return "Cloud TPU VM"
+    return None
+
+
+def maybe_initialize_distributed(mode: str | None = None) -> str | None:
+    """Starts JAX's multi-controller runtime when `multihost_reason` says so; returns the reason.
+
+    With JAX_COORDINATOR_ADDRESS the job is described explicitly by JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES, JAX_PROCESS_ID (and JAX_NUM_CPU_DEVICES, JAX_INIT_TIMEOUT); otherwise
+    jax.distributed.initialize() detects the cluster itself (Cloud TPU metadata, SLURM, Open MPI, ...).
+    Must run before anything touches a device.
+    """
+    reason = multihost_reason(mode)
+    if reason is None:
+        return None
     env = os.environ
     if "JAX_COORDINATOR_ADDRESS" in env:
         if "JAX_NUM_CPU_DEVICES" in env:
@@ -42,17 +117,27 @@ def maybe_initialize_distributed() -> None:
             process_id=int(env["JAX_PROCESS_ID"]),
             initialization_timeout=int(env.get("JAX_INIT_TIMEOUT", "300")),
         )
-    elif int(env.get("SLURM_NTASKS", "1")) > 1 or "," in env.get("TPU_WORKER_HOSTNAMES", ""):
+    else:
         jax.distributed.initialize()
+    logging.getLogger("marnet_jax").info(
+        "Multi-process runtime started (%s): process %d of %d.",
+        reason,
+        jax.process_index(),
+        jax.process_count(),
+    )
+    return reason
 
 
 def main(argv) -> None:
     del argv
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError("--config and --workdir are required.")
-    maybe_initialize_distributed()
     absl_logging.set_verbosity(absl_logging.WARNING)  # library INFO logs (orbax) are noise here
     logging.getLogger("marnet_jax").setLevel(logging.INFO)
+    try:
+        maybe_initialize_distributed(_MULTIHOST.value)
+    except ValueError as e:  # a bad MARNET_MULTIHOST
+        raise app.UsageError(str(e)) from e
     from marnet_jax.train import trainer  # after distributed init: it touches devices on import
 
     if _MODE.value == "train":

@@ -1,4 +1,9 @@
-"""Metric output: JSON lines and TensorBoard event files in the workdir (process 0 only), summary table."""
+"""Metric output: JSON lines and TensorBoard event files in the workdir (process 0 only), summary table.
+
+The workdir can be any path etils.epath supports: a local folder, or gs://... on Cloud TPU (which needs
+gcsfs installed for epath, and google-cloud-storage for tensorboardX; both are the user's choice and are not
+in requirements.txt).
+"""
 
 from __future__ import annotations
 
@@ -9,19 +14,34 @@ from collections.abc import Mapping
 from etils import epath
 
 
+def _is_local(path: epath.Path) -> bool:
+    return "://" not in str(path)
+
+
 class MetricWriter:
-    """Appends `{"step", "split", **metrics}` lines to metrics.jsonl and scalars to TensorBoard."""
+    """Appends `{"step", "split", **metrics}` lines to metrics.jsonl and scalars to TensorBoard.
+
+    A local metrics.jsonl is kept open in append mode and flushed after every line. Object stores
+    (gs://, s3://) cannot append (gcsfs silently turns mode 'a' into an overwrite) and show an object only
+    once it is closed, so there the whole file, earlier runs' lines included, is rewritten on each write.
+    """
 
     def __init__(self, workdir: str | epath.Path, enabled: bool = True):
         self.enabled = enabled
         self._tb = None
         self._jsonl = None
+        self._path = None
+        self._text = ""  # object stores only: the file's content so far
         if enabled:
             from tensorboardX import SummaryWriter
 
             workdir = epath.Path(workdir)
             workdir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(workdir / "metrics.jsonl", "a")
+            self._path = workdir / "metrics.jsonl"
+            if _is_local(self._path):
+                self._jsonl = self._path.open("a")
+            elif self._path.exists():
+                self._text = self._path.read_text()
             self._tb = SummaryWriter(str(workdir / "tensorboard"))
 
     def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
@@ -29,8 +49,13 @@ class MetricWriter:
             return
         clean = {k: float(v) for k, v in metrics.items()}
         record = {"step": int(step), "split": split, **clean}
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        line = json.dumps(record) + "\n"
+        if self._jsonl is not None:
+            self._jsonl.write(line)
+            self._jsonl.flush()
+        else:
+            self._text += line
+            self._path.write_text(self._text)
         for k, v in clean.items():
             if math.isfinite(v):
                 self._tb.add_scalar(f"{split}/{k}", v, int(step))
@@ -38,7 +63,8 @@ class MetricWriter:
 
     def close(self) -> None:
         if self.enabled:
-            self._jsonl.close()
+            if self._jsonl is not None:
+                self._jsonl.close()
             self._tb.close()
 
 
