@@ -2,6 +2,8 @@
 # Runs one command as N cooperating JAX processes on this machine (CPU, loopback only), for testing
 # multi-process code without a cluster. See usage() for the environment each process gets.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_lib.sh"  # quote, check_int, need_value
 
 usage() {
   cat <<'EOF'
@@ -54,28 +56,6 @@ die_usage() {
   exit 2
 }
 
-# Prints a command as one shell-quoted line (copy-pasteable).
-quote() {
-  local out="" word
-  for word in "$@"; do
-    if [[ -n "$word" && "$word" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-      out+="$word "
-    elif [[ "$word" != *[\$\`\"\\!]* ]]; then
-      out+="\"$word\" "
-    else
-      out+="'${word//\'/\'\\\'\'}' "
-    fi
-  done
-  printf '%s' "${out% }"
-}
-
-# check_int OPTION VALUE MIN [MAX]: a usage error unless VALUE is an integer in range.
-check_int() {
-  if ! [[ "$2" =~ ^[0-9]+$ ]] || ((10#$2 < $3)) || { [[ $# -gt 3 ]] && ((10#$2 > $4)); }; then
-    die_usage "$1 must be an integer >= $3${4:+ and <= $4}, got '$2'"
-  fi
-}
-
 NUM_PROCESSES="${NUM_PROCESSES:-2}"
 DEVICES_PER_PROCESS="${DEVICES_PER_PROCESS:-4}"
 COORDINATOR_PORT="${COORDINATOR_PORT:-}"
@@ -85,7 +65,6 @@ INIT_TIMEOUT="${INIT_TIMEOUT:-120}"
 DRY_RUN="${DRY_RUN:-0}"
 FOLLOW=0
 
-need_value() { [[ $# -ge 2 && -n "$2" ]] || die_usage "option $1 needs a value"; }
 
 while [[ $# -gt 0 ]]; do
   case "$1" in

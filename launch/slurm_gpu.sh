@@ -2,6 +2,8 @@
 # Submits launch/slurm_gpu.sbatch sized for N nodes x G GPUs, optionally as a chain of jobs that
 # resume one another (each starts when the previous one has ended).
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_lib.sh"  # quote, check_int, need_value
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
@@ -50,28 +52,6 @@ die_usage() {
   exit 2
 }
 
-# Prints a command as one shell-quoted line (copy-pasteable).
-quote() {
-  local out="" word
-  for word in "$@"; do
-    if [[ -n "$word" && "$word" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-      out+="$word "
-    elif [[ "$word" != *[\$\`\"\\!]* ]]; then
-      out+="\"$word\" "
-    else
-      out+="'${word//\'/\'\\\'\'}' "
-    fi
-  done
-  printf '%s' "${out% }"
-}
-
-# check_int OPTION VALUE MIN: a usage error unless VALUE is an integer >= MIN.
-check_int() {
-  if ! [[ "$2" =~ ^[0-9]+$ ]] || ((10#$2 < $3)); then
-    die_usage "$1 must be an integer >= $3, got '$2'"
-  fi
-}
-
 NODES="${NODES:-2}"
 GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
 CPUS_PER_GPU="${CPUS_PER_GPU:-8}"
@@ -85,7 +65,6 @@ PROCS_PER=gpu
 CHAIN=1
 EXTRA=()
 
-need_value() { [[ $# -ge 2 && -n "$2" ]] || die_usage "option $1 needs a value"; }
 
 while [[ $# -gt 0 ]]; do
   if [[ "$1" == --*=* ]]; then  # --opt=value -> --opt value

@@ -2,6 +2,8 @@
 # Cloud TPU VMs and pod slices with gcloud: create, set up, train on every worker, logs, stop, delete.
 # Every worker runs the same `python -m marnet_jax.main ...`; see usage() for the details.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_lib.sh"  # quote, check_int, need_value
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "$SCRIPT_DIR/.." && pwd)"
@@ -85,21 +87,6 @@ die() {
   exit 1
 }
 
-# Prints a command as one shell-quoted line (copy-pasteable).
-quote() {
-  local out="" word
-  for word in "$@"; do
-    if [[ -n "$word" && "$word" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-      out+="$word "
-    elif [[ "$word" != *[\$\`\"\\!]* ]]; then
-      out+="\"$word\" "
-    else
-      out+="'${word//\'/\'\\\'\'}' "
-    fi
-  done
-  printf '%s' "${out% }"
-}
-
 # Prints a '+ ' line: on stdout in a dry run (that is its output), else on stderr (a trace).
 show() {
   if [[ "$DRY_RUN" == 1 ]]; then echo "+ $*"; else echo "+ $*" >&2; fi
@@ -145,7 +132,6 @@ case "$1" in
   *) die_usage "unknown command '$1'" ;;
 esac
 
-need_value() { [[ $# -ge 2 && -n "$2" ]] || die_usage "option $1 needs a value"; }
 
 while [[ $# -gt 0 ]]; do
   opt="$1"
