@@ -20,6 +20,13 @@ def get_model_config() -> ml_collections.ConfigDict:
     cfg.text_encoder = "mlp"  # build_text_encoder name: 'mlp' (bag of ingredients) | 'transformer'
     cfg.text_kwargs = ml_collections.ConfigDict()  # kwargs of the ingredient encoder
     cfg.dtype = "float32"  # compute dtype 'float32' | 'bfloat16'; params and logits stay float32
+    # --- pretrained backbone (models/pretrained.py); only the backbone is imported: the text encoder,
+    # EMA, CDR and classifiers always start fresh. Used when a run starts, never when it resumes.
+    cfg.init_from = ""  # local weights: .pth/.pt (needs torch), .safetensors, .npz; '' = random
+    cfg.init_format = "auto"  # 'auto' (from the key names) | 'torchvision' | 'timm' | 'big_vision'
+    cfg.init_reinit = ()  # regexes over 'params/...' backbone paths kept at init, e.g. ('layer4/',)
+    # resize of a ViT position embedding for another image size: 'bicubic' (timm) | 'bilinear'
+    cfg.init_posemb_interpolation = "bicubic"
     # --- variant: both off = visual-only baseline, one on = +EMA / +CDR, both on = full MARNet
     cfg.use_ema = True  # EMA: align g_v(x_v) with g_s(x_s) contrastively; fusion reads x_EMA
     cfg.use_cdr = True  # CDR: diffusion from the image to the text embedding; fusion reads x_CDR

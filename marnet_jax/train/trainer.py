@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from marnet_jax.data import datasets, pipeline
-from marnet_jax.models import build_model
+from marnet_jax.models import build_model, pretrained
 from marnet_jax.train import checkpoint, sharding
 from marnet_jax.train.metrics import MetricWriter, summary_table
 from marnet_jax.train.optim import make_optimizer
@@ -179,6 +179,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     start = manager.latest_step()
     if start is None:
         state = _compile_once(jax.jit(init_fn, out_shardings=shardings), rng)(rng)
+        if config.model.init_from:  # pretrained backbone weights, onto the same shardings
+            state = pretrained.load_into_state(state, config.model)
         start = 0
     else:
         target = checkpoint.abstract_with_shardings(abstract, shardings)
