@@ -13,7 +13,7 @@ import logging
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -290,3 +290,49 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if jax.process_index() == 0:
         (workdir / f"eval_step_{step}.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def read_config(workdir: str | epath.Path) -> ml_collections.ConfigDict:
+    """The resolved config a run wrote to `<workdir>/config.json` (tuples come back as lists)."""
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: {workdir} is not a training workdir.")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+class Trained(NamedTuple):
+    """A restored run, ready for image-only prediction (`model.apply(variables, images,
+    rngs={'diffusion': key}, method=MARNet.predict)`)."""
+
+    config: ml_collections.ConfigDict
+    model: Any  # MARNet
+    variables: dict[str, Any]  # {'params', 'batch_stats'?} placed on `mesh` (replicated or FSDP)
+    step: int
+    mesh: jax.sharding.Mesh
+    facts: datasets.DatasetFacts
+
+
+def load_trained(
+    workdir: str | epath.Path,
+    config: ml_collections.ConfigDict | None = None,
+    step: int | None = None,
+) -> Trained:
+    """Restores checkpoint `step` (default: the newest) of a training workdir.
+
+    `config` defaults to the run's own config.json; pass one to read the data from elsewhere or to use
+    another mesh (the model section must match the checkpoint).
+    """
+    workdir = epath.Path(workdir)
+    config = read_config(workdir) if config is None else config
+    if not (workdir / "checkpoints").exists():
+        raise FileNotFoundError(f"No checkpoint in {workdir / 'checkpoints'} to load.")
+    facts, mesh, model, _, _, _, _, abstract, shardings = _setup(config)
+    manager = checkpoint.make_manager(workdir, config.checkpoint)
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        manager.close()
+        raise FileNotFoundError(f"No checkpoint in {workdir / 'checkpoints'} to load.")
+    target = checkpoint.abstract_with_shardings(abstract, shardings)
+    state = checkpoint.restore(manager, step, target, None)
+    manager.close()
+    return Trained(config, model, state.variables(), int(step), mesh, facts)
