@@ -1,0 +1,470 @@
+"""Ablation: baseline / +EMA / +CDR / full MARNet (and extra variants) over several seeds.
+
+    python -m marnet_jax.evidence.ablation --config configs/default.py --workdir runs/evidence \
+        [--seeds 0,1,2] [--variants baseline,ema,cdr,full] [--extra_variant 'gated=full model.fusion=gated']
+
+Trains every (variant, seed) with `trainer.train_and_evaluate` in `<workdir>/ablation/runs/<variant>/
+seed_<s>/` (a normal training workdir), one after the other, and records the wall and CPU time of each.
+Rerunning the command skips finished runs and resumes an interrupted one from its checkpoint; a run
+directory trained with a different config is an error, not a silent mix. Writes to
+`<workdir>/ablation/`: ablation.json (every run, summaries, paired comparisons and their verdicts,
+provenance), ablation.csv (one row per variant), ablation.md (the fragment of docs/results.md).
+Any config field can be overridden as in marnet_jax.main (`--config.train.num_steps=300`).
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import json
+import logging
+import resource
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from marnet_jax.config import VARIANTS, apply_variant
+from marnet_jax.evidence import common
+
+log = logging.getLogger("marnet_jax")
+
+MARKER = "evidence_run.json"  # written into a run directory once its training and test are done
+HEADS = ("fused", "visual", "cdr")
+# (name, variant, reference): what each paired comparison tests (the paper's claims).
+COMPARISONS = (
+    ("EMA alone", "ema", "baseline"),
+    ("CDR alone", "cdr", "baseline"),
+    ("EMA + CDR (full MARNet)", "full", "baseline"),
+    ("CDR on top of EMA", "full", "ema"),
+    ("EMA on top of CDR", "full", "cdr"),
+)
+# Config fields that do not change what a run computes: they may differ when a run is resumed.
+_IGNORED = ("data.data_dir", "data.manual_dir", "data.read_threads", "data.prefetch_buffer_size")
+_IGNORED_PREFIXES = ("checkpoint.", "mesh.", "train.log_every", "train.stop_check_every")
+CSV_COLUMNS = [
+    "variant",
+    "base",
+    "overrides",
+    "use_ema",
+    "use_cdr",
+    "num_seeds",
+    "seeds",
+    *[f"{h}_{m}_{s}" for h in HEADS for m in ("top1", "top5") for s in ("mean", "std")],
+    "train_wall_s_mean",
+    "train_wall_s_std",
+    "train_cpu_s_mean",
+]
+
+
+class Preempted(RuntimeError):
+    """A run stopped on SIGTERM with a checkpoint; rerunning the command resumes it."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Variants.
+
+
+def parse_extra_variant(spec: str) -> tuple[str, str, dict[str, Any]]:
+    """'LABEL=BASE field=value ...' -> (label, base variant, {dotted field: value}).
+
+    Values are Python literals (numbers, True, 'quoted') or bare strings: 'gated=full model.fusion=gated'.
+    """
+    head, *assignments = spec.split()
+    label, sep, base = head.partition("=")
+    if not sep or not label or base not in VARIANTS:
+        raise common.UsageError(
+            f"--extra_variant {spec!r}: expected 'LABEL=BASE field=value ...' with BASE one of "
+            f"{sorted(VARIANTS)}."
+        )
+    if not label.replace("_", "").replace("-", "").isalnum() or label in VARIANTS:
+        raise common.UsageError(
+            f"--extra_variant {spec!r}: the label must be letters, digits, '_' or '-' and differ "
+            f"from {sorted(VARIANTS)}."
+        )
+    overrides = {}
+    for a in assignments:
+        field, sep, raw = a.partition("=")
+        if not sep:
+            raise common.UsageError(f"--extra_variant {spec!r}: {a!r} is not field=value.")
+        try:
+            overrides[field] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            overrides[field] = raw
+    return label, base, overrides
+
+
+def _set_field(config: ml_collections.ConfigDict, field: str, value: Any) -> None:
+    *path, last = field.split(".")
+    node = config
+    try:
+        for p in path:
+            node = node[p]
+        if last not in node:
+            raise KeyError(last)
+        node[last] = value
+    except (KeyError, AttributeError, TypeError) as e:
+        raise common.UsageError(f"Cannot set config field {field}={value!r}: {e}") from e
+
+
+def variant_config(
+    config: ml_collections.ConfigDict, base: str, overrides: Mapping[str, Any], seed: int
+) -> ml_collections.ConfigDict:
+    """A copy of `config` switched to variant `base` with `overrides` and `seed`."""
+    config = copy.deepcopy(config)
+    apply_variant(config, base)
+    for field, value in overrides.items():
+        _set_field(config, field, value)
+    config.seed = int(seed)
+    return config
+
+
+# --------------------------------------------------------------------------------------------------
+# One run.
+
+
+def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Fields (dotted) set in both configs whose values differ and matter for the result, as
+    'field: old -> new'. A field only one side has (added to or removed from the code since) is not
+    a difference: the code's defaults keep old behaviour."""
+    a, b = _flat(old), _flat(new)
+    out = []
+    for key in sorted(set(a) & set(b)):
+        if key in _IGNORED or key.startswith(_IGNORED_PREFIXES):
+            continue
+        if a[key] != b[key]:
+            out.append(f"{key}: {a[key]!r} -> {b[key]!r}")
+    return out
+
+
+def _latest_step(run_dir: Path) -> int:
+    ckpt = run_dir / "checkpoints"
+    steps = [int(p.name) for p in ckpt.iterdir() if p.name.isdigit()] if ckpt.exists() else []
+    return max(steps, default=0)
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def train_run(config: ml_collections.ConfigDict, run_dir: Path) -> dict[str, Any]:
+    """Trains and tests one (variant, seed) in `run_dir`, or returns its record if it is done.
+
+    The record (also written to `<run_dir>/evidence_run.json`): the trainer's validation and test
+    accuracies, wall and process CPU seconds of the call that finished it, and the step it started
+    from (> 0 when it resumed an interrupted run: then the times cover only the remaining steps).
+    """
+    from marnet_jax.train import trainer
+
+    wanted = json.loads(config.to_json_best_effort())
+    for path in (run_dir / MARKER, run_dir / "config.json"):
+        if path.exists():
+            old = json.loads(path.read_text())
+            old = old.get("config", old) if path.name == MARKER else old
+            diff = config_differences(old, wanted)
+            if diff:
+                raise common.UsageError(
+                    f"{run_dir} holds a run with another config ({'; '.join(diff[:6])}). Use "
+                    "another --workdir, or delete that run directory to retrain it."
+                )
+    if (run_dir / MARKER).exists():
+        record = json.loads((run_dir / MARKER).read_text())
+        log.info("%s: already done (%.0f s), skipped.", run_dir, record["train_wall_s"])
+        return record
+
+    start_step = _latest_step(run_dir)
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    results = trainer.train_and_evaluate(config, str(run_dir))
+    wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+    if "preempted_at_step" in results:
+        raise Preempted(
+            f"{run_dir} stopped at step {results['preempted_at_step']} (SIGTERM); run the same "
+            "command again to resume it."
+        )
+    record = {
+        "variant": config.variant,
+        "seed": int(config.seed),
+        "steps": int(config.train.num_steps),
+        "start_step": start_step,
+        "train_wall_s": round(wall, 1),
+        "train_cpu_s": round(cpu, 1),
+        "validation": results[config.data.eval_split],
+        "test": results[config.data.test_split],
+        "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": common.machine(),  # load averages: over the end of the training
+        "config": wanted,
+    }
+    common.write_json(run_dir / MARKER, record)
+    return record
+
+
+# --------------------------------------------------------------------------------------------------
+# Summaries.
+
+
+def summarise(runs: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Mean and sample std over seeds of every head's test accuracy, and of the training time."""
+    out: dict[str, float] = {}
+    for head in HEADS:
+        for m in ("top1", "top5"):
+            values = [r["test"][f"{head}_{m}"] for r in runs if f"{head}_{m}" in r["test"]]
+            if values:
+                out[f"{head}_{m}_mean"], out[f"{head}_{m}_std"] = common.mean_std(values)
+    out["train_wall_s_mean"], out["train_wall_s_std"] = common.mean_std(
+        [r["train_wall_s"] for r in runs]
+    )
+    out["train_cpu_s_mean"] = common.mean_std([r["train_cpu_s"] for r in runs])[0]
+    return out
+
+
+def compare(
+    name: str,
+    runs_a: Mapping[int, Mapping[str, Any]],
+    runs_b: Mapping[int, Mapping[str, Any]],
+    a: str,
+    b: str,
+    metric: str = "fused_top1",
+) -> dict[str, Any] | None:
+    """Paired (same seed) difference in test `metric` of variant a minus variant b, with a verdict."""
+    seeds = sorted(set(runs_a) & set(runs_b))
+    if not seeds:
+        return None
+    deltas = {s: runs_a[s]["test"][metric] - runs_b[s]["test"][metric] for s in seeds}
+    mean, std = common.mean_std(list(deltas.values()))
+    verdict = common.paired_verdict(list(deltas.values()), "helps", "does not help (hurts)")
+    return {
+        "name": name,
+        "variant": a,
+        "reference": b,
+        "metric": metric,
+        "seeds": seeds,
+        "per_seed_delta": deltas,
+        "delta_mean": mean,
+        "delta_std": std,
+        "variant_mean": common.mean_std([runs_a[s]["test"][metric] for s in seeds])[0],
+        "reference_mean": common.mean_std([runs_b[s]["test"][metric] for s in seeds])[0],
+        "verdict": verdict,
+    }
+
+
+def _sentence(c: Mapping[str, Any]) -> str:
+    return (
+        f"{c['name']} ({c['variant']} vs {c['reference']}): **{c['verdict']}**; fused test top-1 "
+        f"{common.pct(c['variant_mean'])} vs {common.pct(c['reference_mean'])} %, difference "
+        f"{common.pct_pm(c['delta_mean'], c['delta_std'])} points over seeds "
+        f"{', '.join(str(s) for s in c['seeds'])}."
+    )
+
+
+def markdown(report: Mapping[str, Any]) -> str:
+    """The ablation fragment of docs/results.md: table, then the paired verdicts."""
+    rows = []
+    slow = False
+    for label, v in report["variants"].items():
+        s = v["summary"]
+        resumed = any(r["start_step"] > 0 for r in v["runs"])
+        slow |= resumed
+        minutes = s["train_wall_s_mean"] / 60
+        rows.append(
+            [
+                label if not v["overrides"] else f"{label} ({v['base']}, {_overrides(v)})",
+                "yes" if v["use_ema"] else "no",
+                "yes" if v["use_cdr"] else "no",
+                len(v["runs"]),
+                common.pct_pm(s.get("fused_top1_mean"), s.get("fused_top1_std")),
+                common.pct_pm(s.get("fused_top5_mean"), s.get("fused_top5_std")),
+                common.pct_pm(s.get("visual_top1_mean"), s.get("visual_top1_std")),
+                common.pct_pm(s.get("cdr_top1_mean"), s.get("cdr_top1_std")),
+                f"{minutes:.1f}" + (" *" if resumed else ""),
+            ]
+        )
+    n_test = report["num_test_examples"]
+    text = [
+        f"Test accuracy (%) on {n_test} test images, mean ± sample std over seeds "
+        f"{', '.join(str(s) for s in report['provenance']['seeds'])}. `fused` is the model's "
+        "classifier; `visual probe` is the stop-gradient linear probe on the visual feature "
+        "(x_EMA with EMA, x_v without); `CDR head` classifies x_CDR from the image-only reverse chain.",
+        "",
+        common.md_table(
+            [
+                "variant",
+                "EMA",
+                "CDR",
+                "seeds",
+                "fused top-1",
+                "fused top-5",
+                "visual probe top-1",
+                "CDR head top-1",
+                "train wall (min/run)",
+            ],
+            rows,
+        ),
+    ]
+    if slow:
+        text.append(
+            "\n\\* resumed after an interruption: the time covers only the steps after the resume."
+        )
+    if report["comparisons"]:
+        text += ["", "Paired by seed (fused test top-1):", ""]
+        text += [f"- {_sentence(c)}" for c in report["comparisons"]]
+    return "\n".join(text) + "\n"
+
+
+def _overrides(v: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={val}" for k, val in v["overrides"].items())
+
+
+def csv_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for label, v in report["variants"].items():
+        rows.append(
+            {
+                "variant": label,
+                "base": v["base"],
+                "overrides": _overrides(v),
+                "use_ema": v["use_ema"],
+                "use_cdr": v["use_cdr"],
+                "num_seeds": len(v["runs"]),
+                "seeds": [r["seed"] for r in v["runs"]],
+                **v["summary"],
+            }
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# The study.
+
+
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    variants: Sequence[str] = ("baseline", "ema", "cdr", "full"),
+    seeds: Sequence[int] = (0, 1, 2),
+    extra_variants: Sequence[str] = (),
+    command: str = "",
+) -> dict[str, Any]:
+    """Trains what is missing, then writes ablation.json/.csv/.md; returns the JSON record."""
+    out_dir = Path(workdir) / common.ABLATION
+    if not seeds:
+        raise common.UsageError("--seeds is empty.")
+    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise common.UsageError(
+            f"--seeds must be distinct non-negative integers, got {list(seeds)}."
+        )
+    plan: dict[str, tuple[str, dict[str, Any]]] = {}
+    for v in variants:
+        if v not in VARIANTS:
+            raise common.UsageError(
+                f"Unknown variant {v!r} in --variants; expected one of {sorted(VARIANTS)}."
+            )
+        plan[v] = (v, {})
+    for spec in extra_variants:
+        label, base, overrides = parse_extra_variant(spec)
+        if label in plan:
+            raise common.UsageError(f"Variant label {label!r} given twice.")
+        plan[label] = (base, overrides)
+    if not plan:
+        raise common.UsageError("No variants to train.")
+    # Check every variant's config before the first (long) training starts.
+    configs = {
+        (label, s): variant_config(config, base, overrides, s)
+        for label, (base, overrides) in plan.items()
+        for s in seeds
+    }
+    prov = common.Provenance(command, config, seeds)
+    records: dict[str, dict[int, dict[str, Any]]] = {label: {} for label in plan}
+    total = len(configs)
+    for i, ((label, s), cfg) in enumerate(configs.items(), 1):
+        run_dir = out_dir / "runs" / label / f"seed_{s}"
+        log.info("Ablation run %d/%d: %s seed %d in %s", i, total, label, s, run_dir)
+        records[label][s] = train_run(cfg, run_dir) | {"dir": f"runs/{label}/seed_{s}"}
+
+    report: dict[str, Any] = {"study": "ablation", "variants": {}}
+    for label, (base, overrides) in plan.items():
+        runs = [records[label][s] for s in seeds]
+        report["variants"][label] = {
+            "base": base,
+            "overrides": overrides,
+            "use_ema": VARIANTS[base][0],
+            "use_cdr": VARIANTS[base][1],
+            "runs": [{k: v for k, v in r.items() if k != "config"} for r in runs],
+            "summary": summarise(runs),
+        }
+    pairs = list(COMPARISONS) + [
+        (f"{label} ({_overrides(report['variants'][label])})", label, base)
+        for label, (base, overrides) in plan.items()
+        if overrides and base in plan
+    ]
+    report["comparisons"] = [
+        c
+        for name, a, b in pairs
+        if a in plan and b in plan
+        for c in [compare(name, records[a], records[b], a, b)]
+        if c is not None
+    ]
+    first = next(iter(records.values()))[seeds[0]]
+    report["num_test_examples"] = int(first["test"]["num_examples"])
+    report["provenance"] = prov.finish()
+    common.write_json(out_dir / "ablation.json", report)
+    common.write_csv(out_dir / "ablation.csv", CSV_COLUMNS, csv_rows(report))
+    (out_dir / "ablation.md").write_text(markdown(report))
+    log.info("Wrote %s/ablation.{json,csv,md}", out_dir)
+    return report
+
+
+def _main(argv: Sequence[str]) -> None:
+    from absl import flags
+
+    if len(argv) > 1:
+        raise common.UsageError(f"Unexpected arguments {argv[1:]}.")
+    f = flags.FLAGS
+    logging.getLogger("marnet_jax").setLevel(logging.INFO)
+
+    def main() -> None:
+        run(
+            f.config,
+            f.workdir,
+            variants=f.variants,
+            seeds=common.parse_ints(f.seeds, "--seeds"),
+            extra_variants=f.extra_variant or (),
+            command=common.command_line(),
+        )
+        print((Path(f.workdir) / common.ABLATION / "ablation.md").read_text())
+
+    common.run_cli("marnet_jax.evidence.ablation", main)
+
+
+def cli() -> None:
+    from absl import app, flags
+    from absl import logging as absl_logging
+
+    common.define_common_flags()
+    flags.DEFINE_list("variants", ["baseline", "ema", "cdr", "full"], "Variants to train.")
+    flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (config.seed) of every variant.")
+    flags.DEFINE_multi_string(
+        "extra_variant",
+        None,
+        "Another variant: 'LABEL=BASE field=value ...', e.g. 'gated=full model.fusion=gated' or "
+        "'ddpm=full model.cdr.sampler=ddpm'. Repeatable.",
+    )
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    app.run(_main, flags_parser=common.flags_parser("marnet_jax.evidence.ablation"))
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,445 @@
+"""What the studies share: the command line, provenance, tables, the ablation's run index, prediction.
+
+Every study writes into its own folder of one evidence workdir (`<workdir>/<study>/`): a JSON with every
+number and its provenance (machine, config, seeds, exact command), a markdown fragment that
+`marnet_jax.evidence.results` puts into docs/results.md, and its tables and figures.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ABLATION = "ablation"  # the study folder whose ablation.json indexes the trained runs
+
+
+class UsageError(ValueError):
+    """A bad flag, config or workdir: the command line prints it in one line and exits."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line (absl flags are defined only when a study runs as a program: tests import the modules
+# side by side with marnet_jax.main, whose --config and --workdir would clash).
+
+
+def define_common_flags() -> None:
+    """--config (a config file with overrides, as in marnet_jax.main) and --workdir."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:arg]).")
+    flags.DEFINE_string("workdir", None, "Evidence workdir: every study reads and writes here.")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+
+def flags_parser(prog: str) -> Callable[[list[str]], list[str]]:
+    """absl flag parsing for `prog` with a mistyped config field reported in one line that names it
+    (the same message as marnet_jax.main)."""
+    from absl import flags
+
+    def parse(argv: list[str]) -> list[str]:
+        try:
+            return flags.FLAGS(argv)
+        except (AttributeError, KeyError) as e:
+            message = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\n", " ")
+            message = re.sub(r"[\\'\"]+", "'", message).strip("'")
+            key = re.match(r"[A-Za-z_]\w*", message)
+            overrides = [a[2:].split("=")[0] for a in argv if a.startswith("--config.")]
+            named = [o for o in overrides if key and key.group(0) in o.split(".")]
+            field = named[0] if named else "in a --config override"
+            hint = message.split("'", 1)[1].strip(" '") if "'" in message else message
+            sys.exit(f"{prog}: unknown config field {field}. {hint}")
+        except flags.Error as e:
+            sys.exit(f"{prog}: {e}")
+
+    return parse
+
+
+def run_cli(prog: str, main: Callable[[], None]) -> None:
+    """Runs a study's main; a UsageError or a missing file ends the program with one line."""
+    try:
+        main()
+    except (UsageError, FileNotFoundError) as e:
+        sys.exit(f"{prog}: {e}")
+
+
+def command_line() -> str:
+    """The command that started this process, as a user would type it."""
+    argv = list(getattr(sys, "orig_argv", sys.argv))
+    if argv and Path(argv[0]).name.startswith("python"):
+        argv[0] = "python"
+    return shlex.join(argv)
+
+
+def parse_ints(values: Sequence[str], what: str) -> list[int]:
+    """['0', '1'] -> [0, 1], with an error naming the flag."""
+    try:
+        return [int(v) for v in values]
+    except ValueError as e:
+        raise UsageError(f"{what} must be integers, got {list(values)}.") from e
+
+
+# --------------------------------------------------------------------------------------------------
+# Provenance.
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+uncommitted changes" if dirty else "")
+
+
+def machine() -> dict[str, Any]:
+    """The machine the numbers come from: CPU, cores this process may use, JAX devices, load."""
+    import jax
+
+    devices = jax.devices()
+    kinds = sorted({d.device_kind for d in devices})
+    return {
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "jax_backend": jax.default_backend(),
+        "jax_devices": f"{len(devices)} x {', '.join(kinds)}",
+        "jax_version": jax.__version__,
+        "python": platform.python_version(),
+        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def config_summary(config: Any) -> dict[str, Any]:
+    """The config facts a reader needs next to a number (the full config is saved alongside)."""
+    model = config.model
+    return {
+        "dataset": f"{config.data.name}/{config.data.builder_config}",
+        "image_size": config.data.image_size,
+        "backbone": model.backbone,
+        "backbone_kwargs": dict(model.backbone_kwargs),
+        "embed_dim": model.embed_dim,
+        "train_steps": config.train.num_steps,
+        "batch_size": config.train.batch_size,
+        "lr": config.optim.lr,
+        "cdr_test_chain": f"{model.cdr.sampler} {model.cdr.sample_steps} steps x "
+        f"{model.cdr.num_samples} samples (T={model.cdr.num_steps})",
+        "fusion": model.fusion,
+    }
+
+
+class Provenance:
+    """Collects what every number needs stated with it; `finish()` gives the JSON-able record."""
+
+    def __init__(self, command: str, config: Any, seeds: Sequence[int]):
+        self.command = command
+        self.config = config_summary(config)
+        self.seeds = [int(s) for s in seeds]
+        self.started = datetime.datetime.now(datetime.UTC)
+        self._t0 = time.perf_counter()
+        self._cpu0 = time.process_time()
+        self.machine = machine()
+
+    def finish(self) -> dict[str, Any]:
+        return {
+            "command": self.command,
+            "config": self.config,
+            "seeds": self.seeds,
+            "machine": self.machine,
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+            "git_commit": _git_commit(),
+            "started_utc": self.started.isoformat(timespec="seconds"),
+            "wall_s": round(time.perf_counter() - self._t0, 1),
+            "process_cpu_s": round(time.process_time() - self._cpu0, 1),
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# Files.
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-able copy: NumPy scalars/arrays to Python, NaN/Inf to None (strict JSON)."""
+    if isinstance(obj, Mapping):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _clean(obj.tolist())
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, float | np.floating):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_clean(obj), indent=2, allow_nan=False) + "\n")
+    tmp.replace(path)  # a killed study never leaves half a JSON
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: {what}")
+    return json.loads(path.read_text())
+
+
+def write_csv(path: Path, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _csv_cell(row.get(k)) for k in columns})
+
+
+def _csv_cell(v: Any) -> Any:
+    if isinstance(v, float | np.floating):
+        return "" if not math.isfinite(v) else f"{float(v):.6g}"
+    if isinstance(v, list | tuple):
+        return " ".join(str(x) for x in v)
+    return "" if v is None else v
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def pct(x: float | None, digits: int = 1) -> str:
+    """A fraction as a percentage, '-' when missing."""
+    if x is None or not math.isfinite(x):
+        return "-"
+    return f"{100 * x:.{digits}f}"
+
+
+def pct_pm(mean: float | None, std: float | None, digits: int = 1) -> str:
+    """'41.2 ± 1.3' (percent); the spread is left out when there is one seed."""
+    if std is None or not math.isfinite(std):
+        return pct(mean, digits)
+    return f"{pct(mean, digits)} ± {pct(std, digits)}"
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; NaN for a single value)."""
+    v = np.asarray(values, np.float64)
+    if v.size == 0:
+        return math.nan, math.nan
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else math.nan
+
+
+def paired_verdict(deltas: Sequence[float], better: str, worse: str) -> str:
+    """Plain words for paired per-seed differences: `better` when every seed improves, `worse` when
+    every seed gets worse, otherwise that the effect is not consistent (one seed: no verdict)."""
+    d = np.asarray(deltas, np.float64)
+    if d.size < 2:
+        return "one seed only: no verdict"
+    if np.all(d > 0):
+        return better
+    if np.all(d < 0):
+        return worse
+    return f"no consistent effect ({int(np.sum(d > 0))} of {d.size} seeds better)"
+
+
+# --------------------------------------------------------------------------------------------------
+# Trained runs.
+
+
+def run_index(workdir: Path) -> dict[str, dict[int, Path]]:
+    """{variant label: {seed: run directory}} of the finished runs in `<workdir>/ablation`."""
+    path = workdir / ABLATION / "ablation.json"
+    data = read_json(
+        path,
+        "run `python -m marnet_jax.evidence.ablation` with this --workdir first (it trains the runs "
+        "the other studies read).",
+    )
+    return {
+        label: {int(r["seed"]): workdir / ABLATION / r["dir"] for r in v["runs"]}
+        for label, v in data["variants"].items()
+    }
+
+
+def select_runs(
+    index: Mapping[str, Mapping[int, Path]], labels: Sequence[str], seeds: Sequence[int] | None
+) -> dict[str, dict[int, Path]]:
+    """The requested labels (and seeds; None = every seed) of a run index, with clear errors."""
+    out = {}
+    for label in labels:
+        if label not in index:
+            raise UsageError(
+                f"No ablation runs of variant {label!r}; the ablation has {sorted(index)}."
+            )
+        runs = index[label]
+        wanted = sorted(runs) if seeds is None else list(seeds)
+        missing = [s for s in wanted if s not in runs]
+        if missing:
+            raise UsageError(
+                f"Variant {label!r} has no run for seeds {missing} (has {sorted(runs)})."
+            )
+        out[label] = {s: runs[s] for s in wanted}
+    return out
+
+
+def run_config(run_dir: Path, study_config: Any) -> Any:
+    """The run's own config (its model is what the checkpoint holds) with the study's data section,
+    mesh and eval batch size (so a study can read the data from another place or use other devices).
+    The dataset and image geometry must be the run's: otherwise the error names both."""
+    from marnet_jax.train import trainer
+
+    config = trainer.read_config(run_dir)
+    ours, theirs = study_config.data, config.data
+    for key in ("name", "builder_config", "image_size"):
+        if ours[key] != theirs[key]:
+            raise UsageError(
+                f"{run_dir / 'config.json'} was trained on data.{key}={theirs[key]!r} but --config "
+                f"has data.{key}={ours[key]!r}: use the config the ablation was run with."
+            )
+    with config.unlocked():
+        config.data = study_config.data
+        config.mesh = study_config.mesh
+        config.train.eval_batch_size = study_config.train.eval_batch_size
+    return config
+
+
+# --------------------------------------------------------------------------------------------------
+# Prediction.
+
+
+def predict_fn(trained: Any, keys: Sequence[str]) -> Callable[..., dict[str, Any]]:
+    """Jitted image-only prediction of `trained` (trainer.Trained) returning the named outputs
+    ('logits', 'visual_logits', 'cdr_logits', 'x_v', 'x_ema', 'x_cdr'; those the variant has)."""
+    import jax
+
+    from marnet_jax.models.marnet import MARNet
+    from marnet_jax.train import sharding
+
+    keys = tuple(keys)
+
+    def apply(variables, images, rng):
+        out = trained.model.apply(
+            variables, images, train=False, rngs={"diffusion": rng}, method=MARNet.predict
+        )
+        return {k: out[k] for k in keys if k in out}
+
+    mesh = trained.mesh
+    return jax.jit(
+        apply, in_shardings=(None, sharding.batch_sharding(mesh), sharding.replicated(mesh))
+    )
+
+
+def iterate_predictions(
+    trained: Any,
+    fn: Callable[..., dict[str, Any]],
+    split: str,
+    *,
+    extra_transforms: Sequence[Any] = (),
+    transform_seed: int = 0,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Per batch of `split`: the outputs of `fn` and 'label', padding removed, as NumPy arrays.
+
+    The CDR chain's noise of batch i is fold_in(PRNGKey(run seed), i), as in the trainer's
+    evaluation, so clean accuracies reproduce the run's test accuracy exactly.
+    """
+    import jax
+
+    from marnet_jax.data import pipeline
+    from marnet_jax.train import sharding
+
+    if jax.process_count() != 1:
+        raise RuntimeError("The evidence studies run in a single process (any number of devices).")
+    config = trained.config
+    rng = jax.random.PRNGKey(config.seed)
+    batches = pipeline.eval_batches(
+        config.data,
+        split,
+        batch_size=config.train.eval_batch_size,
+        shard_index=0,
+        shard_count=1,
+        extra_transforms=extra_transforms,
+        seed=transform_seed,
+    )
+    for i, batch in enumerate(batches):
+        images = sharding.global_batch({"image": batch["image"]}, trained.mesh)["image"]
+        out = jax.device_get(fn(trained.variables, images, jax.random.fold_in(rng, i)))
+        keep = batch["mask"] > 0
+        yield {k: np.asarray(v)[keep] for k, v in out.items()} | {"label": batch["label"][keep]}
+
+
+def predict(trained: Any, fn: Callable[..., dict[str, Any]], split: str, **kwargs: Any):
+    """`iterate_predictions` concatenated over the split: {output: [N, ...], 'label': [N]}."""
+    parts = list(iterate_predictions(trained, fn, split, **kwargs))
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+HEADS = {"fused": "logits", "visual": "visual_logits", "cdr": "cdr_logits"}
+
+
+def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Fraction of rows whose label is among the k largest logits (k clipped to the class count)."""
+    k = min(k, logits.shape[-1])
+    top = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+    return float(np.mean(np.any(top == labels[:, None], axis=-1)))
+
+
+def head_accuracies(outputs: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """{'fused_top1', 'fused_top5', 'visual_top1', ...} for the heads present in `outputs`."""
+    out = {}
+    for head, key in HEADS.items():
+        if key in outputs:
+            out[f"{head}_top1"] = topk_accuracy(outputs[key], outputs["label"], 1)
+            out[f"{head}_top5"] = topk_accuracy(outputs[key], outputs["label"], 5)
+    return out
+
+
+def split_with_limit(split: str, num_examples: int) -> str:
+    """'test' -> 'test[:N]' when num_examples > 0 (tfds slicing)."""
+    if num_examples < 0:
+        raise UsageError(f"num_examples must be >= 0 (0 = the whole split), got {num_examples}.")
+    if num_examples == 0:
+        return split
+    if "[" in split:
+        raise UsageError(f"Give either a sliced split ({split!r}) or num_examples, not both.")
+    return f"{split}[:{num_examples}]"
