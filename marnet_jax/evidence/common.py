@@ -344,6 +344,13 @@ def run_config(run_dir: Path, study_config: Any) -> Any:
     return config
 
 
+def first_run_config(runs: Mapping[str, Mapping[int, Path]], study_config: Any) -> Any:
+    """The config of the first selected run: what a study's provenance states (training steps,
+    backbone, ...), since the runs, not the study's --config, were trained with it."""
+    run_dir = next(iter(next(iter(runs.values())).values()))
+    return run_config(run_dir, study_config)
+
+
 # --------------------------------------------------------------------------------------------------
 # Prediction.
 
