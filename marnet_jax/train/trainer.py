@@ -7,12 +7,14 @@ a global array sharded over the mesh, and the steps are jitted with donated stat
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import logging
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -68,9 +70,12 @@ class _StopFlag:
         return bool(np.any(flags))
 
 
-def _setup(config: ml_collections.ConfigDict):
-    """Dataset facts, mesh, model, optimizer and the abstract state with its shardings."""
-    facts = datasets.prepare(config.data)
+def _setup(config: ml_collections.ConfigDict, facts: datasets.DatasetFacts | None = None):
+    """Dataset facts, mesh, model, optimizer and the abstract state with its shardings.
+
+    `facts` given (benchmarks: only the shapes matter) skips preparing the dataset.
+    """
+    facts = datasets.prepare(config.data) if facts is None else facts
     mesh = sharding.make_mesh(config.mesh)
     model = build_model(config.model, facts.num_classes, facts.num_ingredients)
     tx, schedule = make_optimizer(config.optim, config.train.num_steps)
@@ -143,6 +148,115 @@ def _jit_eval(model, mesh):
     )
 
 
+def _jit_train(config, model, tx, schedule, mesh, shardings):
+    """The train step as training runs it: sharded state and batch, state buffers donated."""
+    return jax.jit(
+        functools.partial(
+            train_step,
+            model=model,
+            tx=tx,
+            loss_cfg=config.loss,
+            schedule=schedule,
+            grad_accum_steps=config.optim.grad_accum_steps,
+        ),
+        in_shardings=(shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(shardings, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+class _IteratorPosition:
+    """An input-iterator state as grain's checkpoint handler writes it (JSON bytes)."""
+
+    def __init__(self, state: bytes):
+        self._state = state
+
+    def get_state(self) -> bytes:
+        return self._state
+
+
+def _serialized_state(iterator: Any) -> bytes:
+    """The iterator's state now, as bytes (a copy: later batches cannot change it)."""
+    state = iterator.get_state()
+    return state if isinstance(state, bytes) else json.dumps(state, indent=4).encode()
+
+
+class DevicePrefetcher:
+    """Global device batches, `size` of them transferred ahead of the step that reads them.
+
+    The host copy of batch N+1 (and N+2) overlaps with step N on the device. `position()` is the
+    source iterator's state after the batches returned so far, not after the ones in flight: a
+    checkpoint written with it resumes with the first batch not yet given to a step.
+    """
+
+    def __init__(
+        self,
+        batches: Iterator[dict[str, np.ndarray]],
+        mesh: jax.sharding.Mesh,
+        keys: tuple[str, ...],
+        size: int = 2,
+    ):
+        if size < 1:
+            raise ValueError(f"prefetch size must be >= 1, got {size}.")
+        self._batches, self._mesh, self._keys = batches, mesh, keys
+        self._queue: collections.deque = collections.deque()
+        for _ in range(size):
+            self._enqueue()
+
+    def _enqueue(self) -> None:
+        state = _serialized_state(self._batches) if hasattr(self._batches, "get_state") else None
+        local = next(self._batches)
+        batch = sharding.global_batch({k: local[k] for k in self._keys}, self._mesh)
+        self._queue.append((state, batch))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, jax.Array]:
+        _, batch = self._queue.popleft()
+        self._enqueue()
+        return batch
+
+    def position(self) -> _IteratorPosition:
+        """The state to restore so that the next batch is the first one not yet returned."""
+        state = self._queue[0][0]
+        if state is None:
+            raise TypeError("the source iterator has no get_state(); its position is unknown.")
+        return _IteratorPosition(state)
+
+
+class _PendingMetrics:
+    """Train metrics still on the device, checked for NaN/Inf without stalling the loop.
+
+    Each step's metrics start copying to the host at once (`add`); they are checked once they
+    have arrived, or at the latest when more than `max_in_flight` steps are pending (which also
+    keeps the host from running ahead of the device), and all of them before a log line or a
+    checkpoint (`drain`): a non-finite step stops the run before its state can be saved.
+    """
+
+    def __init__(self, max_in_flight: int = 2):
+        self._queue: collections.deque = collections.deque()
+        self._max = max_in_flight
+
+    def add(self, step: int, metrics: dict[str, jax.Array], last_saved: int | None) -> None:
+        for x in jax.tree.leaves(metrics):
+            x.copy_to_host_async()
+        self._queue.append((step, metrics))
+        while self._queue and (
+            len(self._queue) > self._max
+            or all(x.is_ready() for x in jax.tree.leaves(self._queue[0][1]))
+        ):
+            self._check_oldest(last_saved)
+
+    def drain(self, last_saved: int | None) -> None:
+        while self._queue:
+            self._check_oldest(last_saved)
+
+    def _check_oldest(self, last_saved: int | None) -> None:
+        step, metrics = self._queue.popleft()
+        _check_finite(step, jax.device_get(metrics), last_saved)
+
+
 def _check_finite(step: int, metrics: dict[str, float], last_saved: int | None) -> None:
     if not all(np.isfinite(metrics[k]) for k in ("loss", "grad_norm", "update_norm")):
         where = f"step {last_saved}" if last_saved is not None else "none saved yet"
@@ -187,43 +301,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state = checkpoint.restore(manager, start, target, train_iter)
         log.info("Resumed from step %d in %s.", start, workdir)
 
-    p_train = jax.jit(
-        functools.partial(
-            train_step,
-            model=model,
-            tx=tx,
-            loss_cfg=config.loss,
-            schedule=schedule,
-            grad_accum_steps=config.optim.grad_accum_steps,
-        ),
-        in_shardings=(shardings, sharding.batch_sharding(mesh)),
-        out_shardings=(shardings, sharding.replicated(mesh)),
-        donate_argnums=(0,),
-    )
+    p_train = _jit_train(config, model, tx, schedule, mesh, shardings)
     p_eval = _jit_eval(model, mesh)
     writer = MetricWriter(workdir, enabled=is_main)
     last_saved = start if start else None
-    pending = None  # (step, device metrics) of the previous step: checked one step late, no stall
+    pending = _PendingMetrics()
+    batches = DevicePrefetcher(train_iter, mesh, ("image", "label", "ingredients"))
     window_start, window_steps = time.perf_counter(), 0
     bar = tqdm(total=num_steps, initial=start, disable=not is_main, mininterval=2.0, unit="step")
-    keys = ("image", "label", "ingredients")
 
     with _StopFlag() as stop:
         step = start
         while step < num_steps:
-            local = next(train_iter)
-            state, metrics = p_train(
-                state, sharding.global_batch({k: local[k] for k in keys}, mesh)
-            )
+            state, metrics = p_train(state, next(batches))
             step += 1
             window_steps += 1
-            if pending is not None:
-                _check_finite(pending[0], jax.device_get(pending[1]), last_saved)
-            pending = (step, metrics)
+            pending.add(step, metrics, last_saved)
 
             if step % config.train.log_every == 0 or step == num_steps:
+                pending.drain(last_saved)
                 host = jax.device_get(metrics)
-                _check_finite(step, host, last_saved)
                 elapsed = time.perf_counter() - window_start
                 host["step_time_s"] = elapsed / window_steps
                 host["examples_per_s"] = config.train.batch_size * window_steps / elapsed
@@ -235,8 +332,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             preempted = stop.should_stop(step, config.train.stop_check_every)
             every = config.checkpoint.every_steps
             if preempted or step == num_steps or (every and step % every == 0):
-                _check_finite(step, jax.device_get(metrics), last_saved)
-                checkpoint.save(manager, step, state, train_iter, force=True)
+                pending.drain(last_saved)
+                checkpoint.save(manager, step, state, batches.position(), force=True)
                 last_saved = step
             if preempted:
                 log.warning("SIGTERM: saved a checkpoint at step %d; exiting.", step)
