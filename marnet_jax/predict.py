@@ -1,0 +1,270 @@
+"""Classify photos with a trained MARNet: python -m marnet_jax.predict --workdir DIR IMAGE [IMAGE ...]
+
+Reads DIR/config.json (written by the trainer) and the newest checkpoint in DIR/checkpoints (or --step),
+prepares every image exactly as the evaluation pipeline does (decode, resize the shorter side and take
+the centre crop, normalise: the transforms of marnet_jax.data.pipeline), runs the image-only path
+(MARNet.predict: no ingredient text) and prints, per image, the top-k dishes of the fused classifier
+with their softmax probabilities; --json also writes them to a file.
+
+Class names come from the dataset's tfds metadata when the dataset is prepared under
+config.data.data_dir (or --data_dir); without it, classes are printed as indices, with a warning.
+An image that cannot be read gets a one-line error on stderr naming the file and the others are still
+classified; the exit status is then 1. A workdir without config or checkpoint exits with status 2.
+The CDR chain starts from noise drawn from config.seed: the same call gives the same output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging as absl_logging
+from etils import epath
+from PIL import Image
+
+from marnet_jax.data import datasets, pipeline
+from marnet_jax.models import build_model
+from marnet_jax.models.marnet import MARNet
+from marnet_jax.train import checkpoint
+
+log = logging.getLogger("marnet_jax")
+
+# What PIL raises for a missing, unreadable, truncated, corrupt or oversized image.
+_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class PredictError(Exception):
+    """A workdir that cannot be used for prediction (no config, no checkpoint)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """The top-k classes of one image, or why it could not be classified."""
+
+    image: str
+    classes: tuple[int, ...] = ()
+    names: tuple[str, ...] = ()
+    probabilities: tuple[float, ...] = ()
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        if self.error is not None:
+            return {"image": self.image, "error": self.error}
+        top = zip(self.classes, self.names, self.probabilities, strict=True)
+        return {
+            "image": self.image,
+            "top_k": [{"class": c, "name": n, "probability": p} for c, n, p in top],
+        }
+
+
+def load_config(workdir: str | epath.Path) -> ml_collections.ConfigDict:
+    """The run's config from WORKDIR/config.json."""
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists():
+        raise PredictError(f"{path} does not exist: --workdir must be a training run's workdir.")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def restore_variables(
+    workdir: str | epath.Path, config: ml_collections.ConfigDict, step: int | None = None
+) -> tuple[dict[str, Any], int]:
+    """The model variables ('params', 'batch_stats') of checkpoint `step` (default: the newest),
+    on this process's first device. The optimizer state is read but dropped."""
+    ckpt_dir = epath.Path(workdir) / "checkpoints"
+    if not ckpt_dir.exists():
+        raise PredictError(f"No checkpoints in {ckpt_dir}: train first (marnet_jax.main).")
+    manager = checkpoint.make_manager(workdir, config.checkpoint)
+    try:
+        steps = manager.all_steps()
+        if not steps:
+            raise PredictError(f"No checkpoint in {ckpt_dir}.")
+        step = max(steps) if step is None else step
+        if step not in steps:
+            raise PredictError(
+                f"No checkpoint for step {step} in {ckpt_dir}; have {sorted(steps)}."
+            )
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        saved = manager.item_metadata(step)["state"].tree
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved
+        )
+        state = checkpoint.restore(manager, step, target, None)
+    finally:
+        manager.close()
+    variables = {"params": state["params"]}
+    if state.get("batch_stats"):
+        variables["batch_stats"] = state["batch_stats"]
+    return variables, step
+
+
+def class_names(
+    data_cfg: ml_collections.ConfigDict, num_classes: int
+) -> tuple[tuple[str, ...], str | None]:
+    """(names, warning): the dataset's class names if it is prepared, else indices and why."""
+    indices = tuple(str(i) for i in range(num_classes))
+    try:
+        b = datasets.builder(data_cfg)
+        prepared = b.is_prepared()
+    except Exception as e:  # any failure to open the metadata only costs the names
+        return indices, f"cannot open dataset {data_cfg.name} in {data_cfg.data_dir} ({e})"
+    if not prepared:
+        where = f"{data_cfg.name}/{data_cfg.builder_config} in {data_cfg.data_dir}"
+        return indices, f"dataset {where} is not prepared"
+    names = datasets.facts_from_info(b.info, data_cfg.builder_config).class_names
+    if len(names) != num_classes:
+        return indices, f"the dataset has {len(names)} classes, the checkpoint {num_classes}"
+    return names, None
+
+
+def preprocess(data_cfg: ml_collections.ConfigDict, encoded: bytes) -> np.ndarray:
+    """An encoded image -> [S, S, 3] model input, with the evaluation pipeline's own transforms."""
+    element: dict[str, Any] = {"image": encoded, "label": 0, "ingredients": ()}
+    for transform in (
+        pipeline.DecodeImage(),
+        pipeline.ResizeCentreCrop(
+            data_cfg.image_size, data_cfg.eval_crop_ratio, data_cfg.interpolation
+        ),
+        pipeline.Normalize(data_cfg.mean, data_cfg.std, data_cfg.dtype),
+    ):
+        element = transform.map(element)
+    return element["image"]
+
+
+def _load_image(data_cfg: ml_collections.ConfigDict, path: str) -> np.ndarray:
+    with open(path, "rb") as f:
+        return preprocess(data_cfg, f.read())
+
+
+def _top_k(variables, images, rng, *, model: MARNet, k: int):
+    out = model.apply(
+        variables, images, train=False, rngs={"diffusion": rng}, method=MARNet.predict
+    )
+    probs = jax.nn.softmax(out["logits"].astype(jnp.float32), axis=-1)
+    return jax.lax.top_k(probs, k)
+
+
+def predict(
+    workdir: str,
+    images: Sequence[str],
+    *,
+    top_k: int = 5,
+    step: int | None = None,
+    batch_size: int = 32,
+    cdr_samples: int | None = None,
+    data_dir: str | None = None,
+) -> tuple[list[Prediction], int]:
+    """Top-k fused-head predictions for each image path (failures carry `error`); the step used."""
+    config = load_config(workdir)
+    if cdr_samples is not None:
+        config.model.cdr.num_samples = cdr_samples
+    if data_dir is not None:
+        config.data.data_dir = data_dir
+    variables, step = restore_variables(workdir, config, step)
+    num_classes = int(variables["params"]["fused_head"]["classifier"]["kernel"].shape[-1])
+    names, warning = class_names(config.data, num_classes)
+    if warning:
+        log.warning("Class names unavailable (%s): printing class indices.", warning)
+    # num_ingredients only checks the training path's text input; prediction never reads text.
+    model = build_model(config.model, num_classes, None)
+    k = min(top_k, num_classes)
+    run = jax.jit(functools.partial(_top_k, model=model, k=k))
+
+    results: dict[int, Prediction] = {}
+    loaded: list[tuple[int, np.ndarray]] = []
+    for i, path in enumerate(images):
+        try:
+            loaded.append((i, _load_image(config.data, path)))
+        except _IMAGE_ERRORS as e:
+            results[i] = Prediction(path, error=f"{type(e).__name__}: {e}")
+    size = config.data.image_size
+    batch = max(1, min(batch_size, len(loaded)))
+    rng = jax.random.PRNGKey(config.seed)
+    for b, start in enumerate(range(0, len(loaded), batch)):
+        chunk = loaded[start : start + batch]
+        x = np.zeros((batch, size, size, 3), chunk[0][1].dtype)
+        for j, (_, image) in enumerate(chunk):
+            x[j] = image
+        probs, idx = jax.device_get(run(variables, x, jax.random.fold_in(rng, b)))
+        chex.assert_shape((probs, idx), (batch, k))
+        for j, (i, _) in enumerate(chunk):
+            classes = tuple(int(c) for c in idx[j])
+            results[i] = Prediction(
+                images[i],
+                classes=classes,
+                names=tuple(names[c] for c in classes),
+                probabilities=tuple(float(p) for p in probs[j]),
+            )
+    return [results[i] for i in range(len(images))], step
+
+
+def format_prediction(p: Prediction) -> str:
+    lines = [p.image]
+    for rank, (name, prob) in enumerate(zip(p.names, p.probabilities, strict=True), 1):
+        lines.append(f"  {rank}. {name:<32} {prob:.4f}")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m marnet_jax.predict",
+        description="Top-k dishes of each image with a trained MARNet (image only, no text).",
+    )
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG/PNG/... files")
+    parser.add_argument("--workdir", required=True, help="the training run's workdir")
+    parser.add_argument("--top_k", type=int, default=5, help="classes shown per image (5)")
+    parser.add_argument("--json", metavar="PATH", help="also write the predictions as JSON")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    parser.add_argument("--batch_size", type=int, default=32, help="images per forward pass")
+    parser.add_argument(
+        "--cdr_samples", type=int, help="CDR chains averaged per image (default: the config's)"
+    )
+    parser.add_argument("--data_dir", help="where the dataset's tfds metadata is (class names)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    for name in ("top_k", "batch_size", "cdr_samples"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            _parser().error(f"--{name} must be >= 1, got {value}")
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
+    try:
+        predictions, step = predict(
+            args.workdir,
+            args.images,
+            top_k=args.top_k,
+            step=args.step,
+            batch_size=args.batch_size,
+            cdr_samples=args.cdr_samples,
+            data_dir=args.data_dir,
+        )
+    except PredictError as e:
+        print(f"predict: {e}", file=sys.stderr)
+        return 2
+    print(f"Checkpoint step {step} of {args.workdir}", file=sys.stderr)
+    for p in predictions:
+        if p.error is None:
+            print(format_prediction(p))
+        else:
+            print(f"predict: cannot classify {p.image}: {p.error}", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([p.to_json() for p in predictions], f, indent=2)
+    return 1 if any(p.error is not None for p in predictions) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
