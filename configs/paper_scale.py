@@ -13,7 +13,8 @@ from marnet_jax.data.config import get_data_config
 BACKBONES = {
     # name -> (backbone kwargs, peak lr, weight decay, global batch)
     "resnet50": ({"stem": "imagenet"}, 1e-3, 0.05, 256),
-    "vit_b16": ({"pool_type": "tok", "dropout": 0.0}, 3e-4, 0.05, 256),
+    # approximate_gelu: True for big_vision weights, False for timm weights (exact GELU)
+    "vit_b16": ({"pool_type": "tok", "dropout": 0.0, "approximate_gelu": True}, 3e-4, 0.05, 256),
 }
 
 

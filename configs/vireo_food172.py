@@ -7,8 +7,23 @@ Build the dataset once (see `python -m marnet_jax.data.build --help` and README)
     python -m marnet_jax.main --config configs/vireo_food172.py:vit_b16,baseline --workdir runs/vireo_vit_base
 
 Arg: 'BACKBONE[,VARIANT]', BACKBONE resnet50 (default) | vit_b16, VARIANT baseline | ema | cdr | full.
-Batch 256, 30 epochs of TR.txt's 66,071 images (7,742 steps), AdamW with warm-up + cosine, bf16 compute. From ImageNet weights
-set `--config.model.init_from=PATH` and `--config.optim.backbone_lr_mult=0.1`.
+Batch 256, 30 epochs of TR.txt's 66,071 images (7,742 steps), AdamW with warm-up + cosine, bf16 compute.
+
+From ImageNet weights (a local file; README "Starting from ImageNet weights"), with the backbone at a
+tenth of the heads' learning rate:
+
+    python -m marnet_jax.main --config configs/vireo_food172.py --workdir runs/vireo_r50_in1k \
+        --config.data.data_dir=DATA_DIR --config.model.init_from=/weights/resnet50.pth \
+        --config.optim.backbone_lr_mult=0.1
+    python -m marnet_jax.main --config configs/vireo_food172.py:vit_b16 --workdir runs/vireo_vit_in21k \
+        --config.data.data_dir=DATA_DIR --config.optim.backbone_lr_mult=0.1 \
+        --config.model.init_from=/weights/vit_base_patch16_224.safetensors \
+        --config.model.backbone_kwargs.approximate_gelu=False \
+        --config.data.mean='(0.5, 0.5, 0.5)' --config.data.std='(0.5, 0.5, 0.5)'
+
+(timm ViT: exact GELU; a big_vision .npz keeps approximate_gelu=True. AugReg/big_vision ViTs were trained
+on inputs scaled to [-1, 1], hence mean = std = 0.5; torchvision ResNets use the default ImageNet
+mean/std.)
 Result: not measured here (the release cannot be downloaded on the project's machines).
 """
 
