@@ -441,12 +441,17 @@ def head_accuracies(outputs: Mapping[str, np.ndarray]) -> dict[str, float]:
     return out
 
 
-def split_with_limit(split: str, num_examples: int) -> str:
-    """'test' -> 'test[:N]' when num_examples > 0 (tfds slicing)."""
+def split_with_limit(data_cfg: Any, split: str, num_examples: int) -> str:
+    """'test' -> 'test[:N]' (tfds slicing) when 0 < N < the size of the split, else 'test'."""
+    from marnet_jax.data import datasets
+
     if num_examples < 0:
         raise UsageError(f"num_examples must be >= 0 (0 = the whole split), got {num_examples}.")
     if num_examples == 0:
         return split
     if "[" in split:
         raise UsageError(f"Give either a sliced split ({split!r}) or num_examples, not both.")
-    return f"{split}[:{num_examples}]"
+    sizes = datasets.prepare(data_cfg).split_sizes
+    if split not in sizes:
+        raise UsageError(f"No split {split!r} in {data_cfg.name}; it has {sorted(sizes)}.")
+    return split if num_examples >= sizes[split] else f"{split}[:{num_examples}]"

@@ -461,7 +461,7 @@ def run(
             f"empty; got severities {list(severities)}, corruptions {list(names)}."
         )
     severities = sorted(set(severities))
-    split = common.split_with_limit(split or config.data.test_split, num_examples)
+    split = common.split_with_limit(config.data, split or config.data.test_split, num_examples)
     runs = common.select_runs(common.run_index(workdir), variants, seeds)
     all_seeds = sorted({s for r in runs.values() for s in r})
     prov = common.Provenance(command, common.first_run_config(runs, config), all_seeds)
