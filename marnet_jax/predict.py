@@ -36,7 +36,7 @@ from PIL import Image
 from marnet_jax.data import datasets, pipeline
 from marnet_jax.models import build_model
 from marnet_jax.models.marnet import MARNet
-from marnet_jax.train import checkpoint
+from marnet_jax.train import checkpoint, trainer
 
 log = logging.getLogger("marnet_jax")
 
@@ -45,7 +45,7 @@ _IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 class PredictError(Exception):
-    """A workdir that cannot be used for prediction (no config, no checkpoint)."""
+    """A workdir without the checkpoint to predict from."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,19 +68,15 @@ class Prediction:
         }
 
 
-def load_config(workdir: str | epath.Path) -> ml_collections.ConfigDict:
-    """The run's config from WORKDIR/config.json."""
-    path = epath.Path(workdir) / "config.json"
-    if not path.exists():
-        raise PredictError(f"{path} does not exist: --workdir must be a training run's workdir.")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
-
-
 def restore_variables(
     workdir: str | epath.Path, config: ml_collections.ConfigDict, step: int | None = None
 ) -> tuple[dict[str, Any], int]:
     """The model variables ('params', 'batch_stats') of checkpoint `step` (default: the newest),
-    on this process's first device. The optimizer state is read but dropped."""
+    on this process's first device. The optimizer state is read but dropped.
+
+    Unlike trainer.load_trained, this needs neither the dataset (the shapes come from the
+    checkpoint's own metadata) nor the run's mesh.
+    """
     ckpt_dir = epath.Path(workdir) / "checkpoints"
     if not ckpt_dir.exists():
         raise PredictError(f"No checkpoints in {ckpt_dir}: train first (marnet_jax.main).")
@@ -165,7 +161,7 @@ def predict(
     data_dir: str | None = None,
 ) -> tuple[list[Prediction], int]:
     """Top-k fused-head predictions for each image path (failures carry `error`); the step used."""
-    config = load_config(workdir)
+    config = trainer.read_config(workdir)
     if cdr_samples is not None:
         config.model.cdr.num_samples = cdr_samples
     if data_dir is not None:
@@ -251,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cdr_samples=args.cdr_samples,
             data_dir=args.data_dir,
         )
-    except PredictError as e:
+    except (PredictError, FileNotFoundError) as e:  # no config.json, no checkpoint
         print(f"predict: {e}", file=sys.stderr)
         return 2
     print(f"Checkpoint step {step} of {args.workdir}", file=sys.stderr)

@@ -135,7 +135,7 @@ def test_without_the_dataset_classes_are_indices(run, photos, tmp_path, caplog):
 def test_unusable_workdirs_exit_2(run, tmp_path, capsys):
     workdir, _, _ = run
     assert predict.main(["--workdir", str(tmp_path), "x.png"]) == 2
-    assert "config.json does not exist" in capsys.readouterr().err
+    assert "config.json not found" in capsys.readouterr().err
     (tmp_path / "config.json").write_text((workdir / "config.json").read_text())
     assert predict.main(["--workdir", str(tmp_path), "x.png"]) == 2
     assert "No checkpoints in" in capsys.readouterr().err
