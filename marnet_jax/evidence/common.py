@@ -415,6 +415,21 @@ def iterate_predictions(
         yield {k: np.asarray(v)[keep] for k, v in out.items()} | {"label": batch["label"][keep]}
 
 
+def first_batch(config: Any, split: str) -> dict[str, np.ndarray]:
+    """The first eval batch of `split` as the model sees it (normalised images), padding removed."""
+    from marnet_jax.data import pipeline
+
+    batches = pipeline.eval_batches(
+        config.data, split, batch_size=config.train.eval_batch_size, shard_index=0, shard_count=1
+    )
+    try:
+        batch = next(batches)
+    finally:
+        batches.close()
+    keep = batch["mask"] > 0
+    return {k: v[keep] for k, v in batch.items()}
+
+
 def predict(trained: Any, fn: Callable[..., dict[str, Any]], split: str, **kwargs: Any):
     """`iterate_predictions` concatenated over the split: {output: [N, ...], 'label': [N]}."""
     parts = list(iterate_predictions(trained, fn, split, **kwargs))
