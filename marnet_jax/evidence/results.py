@@ -1,0 +1,318 @@
+"""docs/results.md, assembled from what the studies wrote into an evidence workdir.
+
+    python -m marnet_jax.evidence.results --workdir runs/evidence --output docs/results.md
+
+Reads `<workdir>/<study>/<study>.json` and `<study>.md` of ablation, robustness, figures and
+cdr_inference (a study not run yet gets a line with its command), writes the page with a summary of
+the paper's claims and the verdict the numbers give on each (including when a module does not help),
+then one section per study with the machine, config, seeds and exact command of its numbers. The
+PNG figures are copied next to the page, into `<output stem>/` (docs/results/).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import shutil
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+STUDIES = {
+    "ablation": "1. Ablation: what EMA and CDR add",
+    "robustness": "2. Robustness to lighting, viewpoint and other corruptions",
+    "figures": "3. Feature clustering (Figure 3) and confidence (Figure 4)",
+    "cdr_inference": "4. CDR inference: accuracy and cost of the reverse chain",
+}
+COMMANDS = {
+    "ablation": "python -m marnet_jax.evidence.ablation --config configs/default.py --workdir W",
+    "robustness": "python -m marnet_jax.evidence.robustness --config configs/default.py --workdir W",
+    "figures": "python -m marnet_jax.evidence.figures --config configs/default.py --workdir W",
+    "cdr_inference": "python -m marnet_jax.evidence.cdr_inference --config configs/default.py "
+    "--workdir W",
+}
+
+
+def load_studies(workdir: Path) -> dict[str, dict[str, Any]]:
+    """{study: {'json': ..., 'md': fragment, 'dir': Path}} for the studies that wrote their files."""
+    out = {}
+    for study in STUDIES:
+        d = workdir / study
+        if (d / f"{study}.json").exists() and (d / f"{study}.md").exists():
+            out[study] = {
+                "json": json.loads((d / f"{study}.json").read_text()),
+                "md": (d / f"{study}.md").read_text(),
+                "dir": d,
+            }
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Provenance.
+
+
+def _machine_line(m: Mapping[str, Any]) -> str:
+    cores = m.get("usable_cores") or m.get("cpu_count")
+    return (
+        f"{m['cpu']} ({cores} usable of {m['cpu_count']} cores), {m['platform']}; JAX "
+        f"{m['jax_version']} on {m['jax_devices']} ({m['jax_backend']})"
+    )
+
+
+def _config_line(c: Mapping[str, Any]) -> str:
+    kwargs = ", ".join(f"{k}={v}" for k, v in c["backbone_kwargs"].items())
+    return (
+        f"{c['dataset']} ({c['image_size']} px); {c['backbone']}({kwargs}), embed {c['embed_dim']}, "
+        f"fusion {c['fusion']}; {c['train_steps']} steps of batch {c['batch_size']}, lr {c['lr']}; "
+        f"CDR test chain {c['cdr_test_chain']}"
+    )
+
+
+def provenance_block(p: Mapping[str, Any]) -> str:
+    load0 = ", ".join(str(x) for x in p["machine"]["load_average_1_5_15"])
+    load1 = ", ".join(str(x) for x in p["load_average_at_end"])
+    lines = [
+        f"- Command: `{p['command'] or '(called from Python)'}`",
+        f"- Config: {_config_line(p['config'])}",
+        f"- Seeds: {', '.join(str(s) for s in p['seeds'])}",
+        f"- Machine: {_machine_line(p['machine'])}; load average (1/5/15 min) {load0} at the start, "
+        f"{load1} at the end",
+        f"- This command: started {p['started_utc']} UTC, {p['wall_s'] / 60:.1f} min wall, "
+        f"{p['process_cpu_s'] / 60:.1f} min process CPU; code {p['git_commit'] or 'unknown'}",
+    ]
+    return "\n".join(lines)
+
+
+def training_machines(ablation: Mapping[str, Any]) -> str:
+    """Total training time, and where the runs were trained (each run records its machine when it
+    finishes)."""
+    seen: dict[str, list[float]] = {}
+    for v in ablation["variants"].values():
+        for r in v["runs"]:
+            m = r.get("machine")
+            if m:
+                seen.setdefault(_machine_line(m), []).append(m["load_average_1_5_15"][1])
+    runs = [r for v in ablation["variants"].values() for r in v["runs"]]
+    wall = sum(r["train_wall_s"] for r in runs) / 60
+    cpu = sum(r["train_cpu_s"] for r in runs) / 60
+    lines = [
+        f"- Training: {len(runs)} runs, {wall:.1f} min wall and {cpu:.1f} min process CPU in all "
+        "(per run in the table; a run finished by an earlier call keeps the time it took then)"
+    ]
+    if seen:
+        parts = [
+            f"{line} (5-min load average at the end of a run: {min(loads):.1f}-{max(loads):.1f})"
+            for line, loads in seen.items()
+        ]
+        lines.append("- Runs trained on: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Summary of the claims.
+
+
+def _plain(verdict: str) -> str:
+    """A verdict in words a reader cannot misread."""
+    if verdict == "helps":
+        return "helps"
+    if verdict.startswith("does not help"):
+        return "does not help: it lowers accuracy"
+    if verdict.startswith("no consistent effect"):
+        return "does not clearly help: " + verdict
+    return verdict
+
+
+def _claim_ablation(report: Mapping[str, Any], name: str) -> str | None:
+    for c in report["comparisons"]:
+        if c["name"] == name:
+            return (
+                f"**{_plain(c['verdict'])}** ({c['variant']} {_pct(c['variant_mean'])} vs "
+                f"{c['reference']} {_pct(c['reference_mean'])} % fused test top-1, difference "
+                f"{_pm(c['delta_mean'], c['delta_std'])} points, seeds "
+                f"{', '.join(str(s) for s in c['seeds'])})"
+            )
+    return None
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _pm(mean: float | None, std: float | None) -> str:
+    return _pct(mean) if std is None else f"{_pct(mean)} ± {_pct(std)}"
+
+
+def _fig(c: Mapping[str, Any], side: str) -> str:
+    mean, std = c[side]
+    if c["claim"].endswith("silhouette"):
+        return f"{mean:.3f}" + ("" if std is None else f" ± {std:.3f}")
+    return _pm(mean, std) + " %"
+
+
+def summary(studies: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """One bullet per claim of the paper with the verdict of the numbers (or that it is not run)."""
+    lines = []
+    ab = studies.get("ablation", {}).get("json")
+    for claim, name in (
+        ("Alignment (EMA) alone improves classification", "EMA alone"),
+        ("Diffusion reconstruction (CDR) alone improves classification", "CDR alone"),
+        ("CDR on top of EMA improves classification", "CDR on top of EMA"),
+        ("Full MARNet (EMA + CDR) beats the visual-only baseline", "EMA + CDR (full MARNet)"),
+    ):
+        text = _claim_ablation(ab, name) if ab else None
+        lines.append(f"- {claim}: {text or 'not measured (run the ablation with both variants)'}.")
+    rb = studies.get("robustness", {}).get("json")
+    found = False
+    for c in rb["comparisons"] if rb else []:
+        if c["group"] in ("lighting", "viewpoint", "all"):
+            found = True
+            model = "MARNet (full)" if c["model"] == "full" else c["model"]
+            lines.append(
+                f"- {model} resists {c['group']} corruptions better than the baseline: "
+                f"**{c['drop_verdict']}** (relative drop {_pm(*c['relative_drop'])} % vs "
+                f"{_pm(*c['reference_relative_drop'])} %); **{c['mca_verdict']}** (mean corruption "
+                f"accuracy {_pm(*c['mca'])} vs {_pm(*c['reference_mca'])} %)."
+            )
+    if not found:
+        lines.append(
+            "- Robustness to lighting and viewpoint: not measured (run the robustness study)."
+        )
+    fg = studies.get("figures", {}).get("json")
+    claims = fg["claims"] if fg else []
+    if claims:
+        for c in claims:
+            lines.append(
+                f"- {c['claim']}: **{c['verdict']}** ({_fig(c, 'a')} vs {_fig(c, 'b')}, seeds "
+                f"{', '.join(str(s) for s in c['seeds'])})."
+            )
+    else:
+        lines.append("- x_CDR better clustered / more confident than x_v: not measured.")
+    ci = studies.get("cdr_inference", {}).get("json")
+    for r in ci["recommendations"] if ci else []:
+        lines.append(
+            f"- Cheapest reverse chain within {r['tolerance_points']} points of the best {r['head']} "
+            f"top-1: {r['setting']} ({r['ms_per_image']:.3g} ms/image at batch {r['batch']})."
+        )
+    return lines
+
+
+# --------------------------------------------------------------------------------------------------
+# The page.
+
+
+_PNG = re.compile(r"\]\(([\w.-]+\.png)\)")
+
+
+def _with_figures(fragment: str, study_dir: Path, out_dir: Path, rel: str) -> str:
+    """Copies the PNGs a fragment links to into `out_dir` and points the links there."""
+
+    def repl(m: re.Match) -> str:
+        src = study_dir / m.group(1)
+        name = f"{study_dir.name}_{m.group(1)}"
+        if src.exists():
+            out_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, out_dir / name)
+        return f"]({rel}/{name})"
+
+    return _PNG.sub(repl, fragment)
+
+
+def corruption_table() -> str:
+    from marnet_jax.evidence import corruptions
+
+    rows = []
+    for name, values in corruptions.SEVERITIES.items():
+        doc = (getattr(corruptions, name).__doc__ or "").split(":")[0].strip()
+        rows.append(
+            f"| {name} | {corruptions.GROUPS[name]} | {doc} | {', '.join(f'{v:g}' for v in values)} |"
+        )
+    return "\n".join(
+        [
+            "| corruption | group | simulates | parameter at severities 1-5 |",
+            "|---|---|---|---|",
+            *rows,
+        ]
+    )
+
+
+def page(workdir: Path, output: Path, command: str) -> str:
+    studies = load_studies(workdir)
+    figures_dir = output.parent / output.stem
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")
+    text = [
+        "# Results",
+        "",
+        f"<!-- Generated by `{command}`; do not edit by hand: rerun the study commands, then this one. -->",
+        "",
+        "What the paper claims and what the numbers of this reimplementation say. Every section names "
+        "the machine, config, seeds and exact command its numbers come from; the figures are the "
+        f"PNGs those commands wrote. Generated {now} UTC from `{workdir}`.",
+        "",
+        "## Summary",
+        "",
+        *summary(studies),
+        "",
+        "A verdict is paired by seed: *helps* / *hurts* only when every seed agrees, otherwise "
+        "*no consistent effect*; one seed gives no verdict.",
+    ]
+    for study, title in STUDIES.items():
+        text += ["", f"## {title}", ""]
+        if study not in studies:
+            text.append(f"Not run yet: `{COMMANDS[study]}`.")
+            continue
+        s = studies[study]
+        text.append(provenance_block(s["json"]["provenance"]))
+        if study == "ablation":
+            machines = training_machines(s["json"])
+            if machines:
+                text.append(machines)
+        text.append("")
+        if study == "robustness":
+            text += [corruption_table(), ""]
+        text.append(_with_figures(s["md"].rstrip(), s["dir"], figures_dir, figures_dir.name))
+    return "\n".join(text) + "\n"
+
+
+def run(workdir: str | Path, output: str | Path, command: str = "") -> Path:
+    """Writes the results page; returns its path."""
+    workdir, output = Path(workdir), Path(output)
+    if not workdir.is_dir():
+        raise FileNotFoundError(f"{workdir} is not a directory (the evidence --workdir).")
+    if not load_studies(workdir):
+        raise FileNotFoundError(
+            f"No study results in {workdir} (expected {', '.join(f'{s}/{s}.json' for s in STUDIES)}); "
+            "run the studies first."
+        )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(page(workdir, output, command))
+    return output
+
+
+def _main(argv: Sequence[str]) -> None:
+    from absl import flags
+
+    from marnet_jax.evidence import common
+
+    if len(argv) > 1:
+        sys.exit(f"marnet_jax.evidence.results: unexpected arguments {argv[1:]}.")
+    f = flags.FLAGS
+    common.run_cli(
+        "marnet_jax.evidence.results",
+        lambda: print(f"Wrote {run(f.workdir, f.output, common.command_line())}"),
+    )
+
+
+def cli() -> None:
+    from absl import app, flags
+
+    flags.DEFINE_string("workdir", None, "Evidence workdir the studies wrote into.")
+    flags.DEFINE_string("output", "docs/results.md", "The page to write (figures go next to it).")
+    flags.mark_flags_as_required(["workdir"])
+    app.run(_main)
+
+
+if __name__ == "__main__":
+    cli()
