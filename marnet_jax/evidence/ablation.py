@@ -149,12 +149,6 @@ def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[s
     return out
 
 
-def _latest_step(run_dir: Path) -> int:
-    ckpt = run_dir / "checkpoints"
-    steps = [int(p.name) for p in ckpt.iterdir() if p.name.isdigit()] if ckpt.exists() else []
-    return max(steps, default=0)
-
-
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -185,7 +179,7 @@ def train_run(config: ml_collections.ConfigDict, run_dir: Path) -> dict[str, Any
         log.info("%s: already done (%.0f s), skipped.", run_dir, record["train_wall_s"])
         return record
 
-    start_step = _latest_step(run_dir)
+    start_step = common.latest_step(run_dir) or 0
     t0, c0 = time.perf_counter(), _cpu_seconds()
     results = trainer.train_and_evaluate(config, str(run_dir))
     wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0

@@ -263,6 +263,7 @@ def run(
     ddpm: bool = True,
     num_examples: int = 0,
     repeats: int = 20,
+    latency_batch_sizes: Sequence[int] | None = None,
     tolerance: float = 0.005,
     command: str = "",
 ) -> dict[str, Any]:
@@ -295,7 +296,14 @@ def run(
         feats_out = common.predict(trained, common.predict_fn(trained, FEATURES), split)
         labels = feats_out.pop("label")
         feats = {k: v for k, v in feats_out.items() if k in ("x_v", "x_ema")}
-        batch_sizes = sorted({1, min(cfg.train.eval_batch_size, len(labels))})
+        batch_sizes = sorted(
+            set(latency_batch_sizes or (1, min(cfg.train.eval_batch_size, len(labels))))
+        )
+        if batch_sizes[0] < 1 or batch_sizes[-1] > len(labels):
+            raise common.UsageError(
+                f"--latency_batch_sizes must be in 1..{len(labels)} (the test images), got "
+                f"{batch_sizes}."
+            )
         first_images = common.first_batch(trained.config, split)["image"]
         result: dict[str, Any] = {
             "settings": [],
@@ -406,6 +414,8 @@ def _main(argv: Sequence[str]) -> None:
             ddpm=f.ddpm,
             num_examples=f.num_examples,
             repeats=f.repeats,
+            latency_batch_sizes=common.parse_ints(f.latency_batch_sizes, "--latency_batch_sizes")
+            or None,
             tolerance=f.tolerance / 100,
             command=common.command_line(),
         )
@@ -426,6 +436,9 @@ def cli() -> None:
     flags.DEFINE_boolean("ddpm", True, "Also the ancestral DDPM chain over all T steps.")
     flags.DEFINE_integer("num_examples", 0, "First N test images (0: the whole split).")
     flags.DEFINE_integer("repeats", 20, "Timed calls per latency (median reported).")
+    flags.DEFINE_list(
+        "latency_batch_sizes", [], "Batch sizes of the latency (default: 1 and the eval batch)."
+    )
     flags.DEFINE_float("tolerance", 0.5, "Accuracy (points) a cheaper setting may lose.")
     absl_logging.set_verbosity(absl_logging.WARNING)
     app.run(_main, flags_parser=common.flags_parser("marnet_jax.evidence.cdr_inference"))

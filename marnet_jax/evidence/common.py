@@ -344,6 +344,13 @@ def run_config(run_dir: Path, study_config: Any) -> Any:
     return config
 
 
+def latest_step(run_dir: Path) -> int | None:
+    """The newest checkpoint step in `<run_dir>/checkpoints` (None: none), without restoring it."""
+    ckpt = Path(run_dir) / "checkpoints"
+    steps = [int(p.name) for p in ckpt.iterdir() if p.name.isdigit()] if ckpt.exists() else []
+    return max(steps, default=None)
+
+
 def first_run_config(runs: Mapping[str, Mapping[int, Path]], study_config: Any) -> Any:
     """The config of the first selected run: what a study's provenance states (training steps,
     backbone, ...), since the runs, not the study's --config, were trained with it."""

@@ -78,11 +78,9 @@ def evaluate_run(
     from `cache` when it holds the same settings and checkpoint."""
     from marnet_jax.train import trainer
 
-    cfg = common.run_config(run_dir, config)
-    trained = trainer.load_trained(run_dir, cfg)
     settings = {
         "run_dir": str(run_dir.resolve()),
-        "step": trained.step,
+        "step": common.latest_step(run_dir),
         "split": split,
         "corruptions": list(names),
         "severities": list(severities),
@@ -93,6 +91,11 @@ def evaluate_run(
         if cached.get("settings") == settings:
             log.info("%s: cached results reused.", run_dir)
             return cached
+    trained = trainer.load_trained(run_dir, common.run_config(run_dir, config))
+    if trained.step != settings["step"]:
+        raise RuntimeError(
+            f"{run_dir}: restored step {trained.step}, newest is {settings['step']}."
+        )
     fn = common.predict_fn(trained, OUTPUTS)
     result: dict[str, Any] = {"settings": settings, "corrupted": {}}
     clean = common.predict(trained, fn, split)

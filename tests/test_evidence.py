@@ -1,0 +1,404 @@
+"""Evidence studies on the tiny config: corruptions, ablation, robustness, figures, CDR inference,
+results page. One tiny ablation (baseline and full, one seed, 2 steps) is shared by the study tests."""
+
+import csv
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from configs import tiny
+from marnet_jax.data import pipeline
+from marnet_jax.evidence import (
+    ablation,
+    cdr_inference,
+    common,
+    corruptions,
+    figures,
+    results,
+    robustness,
+)
+from marnet_jax.train import trainer
+
+REPO = Path(__file__).resolve().parents[1]
+COMMAND = "python -m marnet_jax.evidence.ablation --config configs/tiny.py --workdir W"
+
+
+def _config(data_dir):
+    config = tiny.get_config()
+    config.data.data_dir = str(data_dir)
+    config.mesh.num_devices = 1
+    config.train.num_steps = 2
+    return config
+
+
+def _csv_header(path):
+    with path.open() as f:
+        return next(csv.reader(f))
+
+
+def _png_ok(path):
+    assert path.exists() and path.stat().st_size > 10_000, path
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# Corruptions (pure).
+
+
+def _images(n=4, size=32):
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    out = []
+    for _ in range(n):
+        base = np.stack([yy, xx, 1 - yy * xx], -1) * rng.uniform(80, 200, 3)
+        base[size // 4 : size // 2, size // 3 : 2 * size // 3] = rng.uniform(0, 255, 3)
+        out.append(np.clip(base + 20, 0, 255).astype(np.uint8))
+    return out
+
+
+@pytest.mark.parametrize("name", corruptions.NAMES)
+def test_corruption_identity_shape_monotone_deterministic(name):
+    images = _images()
+    for image in images:
+        assert corruptions.corrupt(image, name, 0, np.random.default_rng(0)) is image
+    distances = []
+    for s in range(1, corruptions.MAX_SEVERITY + 1):
+        d = []
+        for i, image in enumerate(images):
+            out = corruptions.corrupt(image, name, s, np.random.default_rng(i))
+            assert out.shape == image.shape and out.dtype == np.uint8
+            again = corruptions.corrupt(image, name, s, np.random.default_rng(i))
+            np.testing.assert_array_equal(out, again)
+            d.append(np.abs(out.astype(float) - image).mean())
+        distances.append(np.mean(d))
+    assert distances[0] > 0, name
+    assert all(b > a for a, b in itertools.pairwise(distances)), (name, distances)
+
+
+def test_corruption_randomness_follows_the_seed():
+    image = _images(1)[0]
+    for name in ("colour_cast", "rotation", "crop_scale", "gaussian_noise", "occlusion"):
+        outs = [corruptions.corrupt(image, name, 3, np.random.default_rng(k)) for k in range(8)]
+        assert any(not np.array_equal(outs[0], o) for o in outs[1:]), name
+
+
+def test_corruption_bad_input_is_a_clear_error():
+    image = _images(1)[0]
+    with pytest.raises(ValueError, match="Unknown corruption 'fog'"):
+        corruptions.Corrupt("fog", 1)
+    with pytest.raises(ValueError, match=r"severity must be an int in 0\.\.5"):
+        corruptions.corrupt(image, "blur", 6, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="uint8"):
+        corruptions.corrupt(image.astype(np.float32), "blur", 1, np.random.default_rng(0))
+
+
+def test_corruptions_in_the_eval_pipeline_are_seeded(tiny_data_dir):
+    data = _config(tiny_data_dir).data
+
+    def images(transforms, seed):
+        batches = pipeline.eval_batches(
+            data, "test", batch_size=32, shard_index=0, shard_count=1,
+            extra_transforms=transforms, seed=seed,
+        )  # fmt: skip
+        return np.concatenate([b["image"] for b in batches])
+
+    clean = images([], 0)
+    noisy = images([corruptions.Corrupt("gaussian_noise", 3)], 0)
+    np.testing.assert_array_equal(noisy, images([corruptions.Corrupt("gaussian_noise", 3)], 0))
+    assert not np.array_equal(noisy, images([corruptions.Corrupt("gaussian_noise", 3)], 1))
+    assert not np.allclose(noisy, clean)
+    np.testing.assert_array_equal(images([corruptions.Corrupt("gaussian_noise", 0)], 0), clean)
+
+
+# --------------------------------------------------------------------------------------------------
+# Ablation helpers (pure).
+
+
+def _record(seed, fused, wall=10.0):
+    test = {"fused_top1": fused, "fused_top5": 0.9, "visual_top1": fused - 0.01, "visual_top5": 0.9}
+    return {"seed": seed, "test": test, "train_wall_s": wall, "train_cpu_s": 2 * wall}
+
+
+def test_ablation_summary_and_paired_verdicts():
+    base = {s: _record(s, f) for s, f in zip((0, 1, 2), (0.40, 0.42, 0.44))}
+    better = {s: _record(s, f) for s, f in zip((0, 1, 2), (0.45, 0.43, 0.50))}
+    worse = {s: _record(s, f) for s, f in zip((0, 1, 2), (0.30, 0.31, 0.32))}
+    mixed = {s: _record(s, f) for s, f in zip((0, 1, 2), (0.45, 0.40, 0.46))}
+    summary = ablation.summarise(list(base.values()))
+    assert summary["fused_top1_mean"] == pytest.approx(0.42)
+    assert summary["fused_top1_std"] == pytest.approx(0.02)
+    assert summary["train_wall_s_mean"] == pytest.approx(10.0)
+    assert "cdr_top1_mean" not in summary
+    c = ablation.compare("x", better, base, "a", "b")
+    assert c["verdict"] == "helps" and c["delta_mean"] == pytest.approx(0.04)
+    assert ablation.compare("x", worse, base, "a", "b")["verdict"].startswith("does not help")
+    assert "no consistent effect (2 of 3" in ablation.compare("x", mixed, base, "a", "b")["verdict"]
+    one = ablation.compare("x", {0: better[0]}, {0: base[0]}, "a", "b")
+    assert one["verdict"] == "one seed only: no verdict"
+
+
+def test_extra_variant_specs():
+    assert ablation.parse_extra_variant("gated=full model.fusion=gated cdr_w=1.5") == (
+        "gated",
+        "full",
+        {"model.fusion": "gated", "cdr_w": 1.5},
+    )
+    for bad in ("gated", "gated=nope", "full=full", "x=full model.fusion"):
+        with pytest.raises(ValueError, match="--extra_variant"):
+            ablation.parse_extra_variant(bad)
+    config = tiny.get_config()
+    with pytest.raises(ValueError, match=r"model\.fusionn"):
+        ablation.variant_config(config, "full", {"model.fusionn": "sum"}, 0)
+    cfg = ablation.variant_config(config, "cdr", {"model.fusion": "sum"}, 3)
+    assert (cfg.model.use_ema, cfg.model.use_cdr, cfg.model.fusion, cfg.seed) == (
+        False,
+        True,
+        "sum",
+        3,
+    )
+    assert config.model.fusion == "concat"  # the base config is left alone
+
+
+def test_cdr_settings_grid():
+    grid, skipped = cdr_inference.settings(20, (1, 5, 50), (1, 4), True, ("ddim", 4, 1))
+    assert grid[:2] == [("ddpm", 20, 1), ("ddpm", 20, 4)]
+    assert ("ddim", 5, 4) in grid and grid[-1] == ("ddim", 4, 1) and skipped == [50]
+    with pytest.raises(ValueError, match="positive"):
+        cdr_inference.settings(20, (0,), (1,), True)
+
+
+def test_cluster_scores_separate_clustered_from_random_features():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 25)
+    centres = rng.normal(size=(4, 16)) * 5
+    clustered = centres[labels] + rng.normal(size=(100, 16))
+    good = figures.cluster_scores(clustered, labels, 5)
+    bad = figures.cluster_scores(rng.normal(size=(100, 16)), labels, 5)
+    assert good["knn_accuracy"] == 1.0 and good["silhouette"] > 0.5
+    assert bad["knn_accuracy"] < 0.6 and bad["silhouette"] < 0.1
+    conf = figures.confidence(np.array([[5.0, 0.0], [0.0, 1.0], [2.0, 0.0]]), np.array([0, 1, 1]))
+    assert conf["accuracy"] == pytest.approx(2 / 3) and conf["num_correct"] == 2
+    sigmoid = lambda x: 1 / (1 + np.exp(-x))
+    assert conf["mean_confidence_correct"] == pytest.approx((sigmoid(5) + sigmoid(1)) / 2)
+    assert conf["mean_confidence_wrong"] == pytest.approx(sigmoid(2))
+    assert conf["mean_true_class_probability"] == pytest.approx(
+        (sigmoid(5) + sigmoid(1) + sigmoid(-2)) / 3
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The studies on one tiny ablation.
+
+
+@pytest.fixture(scope="module")
+def evidence(tiny_data_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("evidence")
+    config = _config(tiny_data_dir)
+    report = ablation.run(
+        config, workdir, variants=("baseline", "full"), seeds=(0,), command=COMMAND
+    )
+    return workdir, config, report
+
+
+def test_ablation_writes_its_tables(evidence):
+    workdir, _, _ = evidence
+    out = workdir / "ablation"
+    assert _csv_header(out / "ablation.csv") == ablation.CSV_COLUMNS
+    data = json.loads((out / "ablation.json").read_text())
+    assert set(data["variants"]) == {"baseline", "full"}
+    assert {"command", "config", "seeds", "machine", "wall_s"} <= set(data["provenance"])
+    assert data["provenance"]["config"]["train_steps"] == 2
+    full = data["variants"]["full"]
+    assert full["use_ema"] and full["use_cdr"] and full["summary"]["cdr_top1_mean"] >= 0
+    run = full["runs"][0]
+    assert run["train_wall_s"] > 0 and run["test"]["num_examples"] == 64
+    assert (out / run["dir"] / ablation.MARKER).exists()
+    assert [c["name"] for c in data["comparisons"]] == ["EMA + CDR (full MARNet)"]
+    md = (out / "ablation.md").read_text()
+    assert "| baseline | no | no | 1 |" in md and "one seed only" in md
+
+
+def test_ablation_rerun_skips_finished_runs_and_refuses_a_changed_config(evidence, monkeypatch):
+    workdir, config, report = evidence
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(trainer, "train_and_evaluate", no_training)
+    again = ablation.run(config, workdir, variants=("baseline", "full"), seeds=(0,))
+    assert again["variants"]["full"]["runs"] == report["variants"]["full"]["runs"]
+    changed = _config(config.data.data_dir)
+    changed.train.num_steps = 3
+    with pytest.raises(common.UsageError, match=r"train.num_steps: 2 -> 3"):
+        ablation.run(changed, workdir, variants=("baseline",), seeds=(0,))
+
+
+@pytest.fixture(scope="module")
+def robustness_report(evidence):
+    workdir, config, _ = evidence
+    return robustness.run(
+        config,
+        workdir,
+        names=("brightness", "occlusion"),
+        severities=(1, 5),
+        command="python -m marnet_jax.evidence.robustness --config configs/tiny.py --workdir W",
+    )
+
+
+def test_robustness_writes_tables_and_plot(evidence, robustness_report):
+    workdir, _, ablation_report = evidence
+    out = workdir / "robustness"
+    assert _csv_header(out / "robustness.csv") == robustness.CSV_COLUMNS
+    rows = list(csv.DictReader((out / "robustness.csv").open()))
+    assert {(r["model"], r["head"]) for r in rows} == {
+        ("baseline", "fused"),
+        ("baseline", "visual"),
+        ("full", "fused"),
+        ("full", "visual"),
+        ("full", "cdr"),
+    }
+    assert {r["severity"] for r in rows} == {"0", "1", "5"}
+    data = json.loads((out / "robustness.json").read_text())
+    fused = data["models"]["full"]["heads"]["fused"]
+    assert set(fused["groups"]) == {"all", "lighting", "clutter"}
+    assert set(fused["curves"]) == {"brightness", "occlusion"}
+    # Clean accuracy is the trainer's test accuracy of the same checkpoint, exactly.
+    for label in ("baseline", "full"):
+        trained_test = ablation_report["variants"][label]["runs"][0]["test"]
+        clean = data["per_seed"][label]["0"]["clean"]
+        for key, value in clean.items():
+            assert value == pytest.approx(trained_test[key]), (label, key)
+    assert {c["group"] for c in data["comparisons"]} == {"all", "lighting", "clutter"}
+    _png_ok(out / "robustness.png")
+    _png_ok(out / "corruptions.png")
+    assert (
+        "![fused top-1 against corruption severity](robustness.png)"
+        in (out / "robustness.md").read_text()
+    )
+
+
+def test_robustness_reuses_cached_runs(evidence, robustness_report, monkeypatch):
+    workdir, config, _ = evidence
+
+    def no_prediction(*args, **kwargs):
+        raise AssertionError("cached results were recomputed")
+
+    monkeypatch.setattr(common, "predict", no_prediction)
+    again = robustness.run(config, workdir, names=("brightness", "occlusion"), severities=(1, 5))
+    assert again["per_seed"] == robustness_report["per_seed"]
+    with pytest.raises(common.UsageError, match="Unknown corruption 'fog'"):
+        robustness.run(config, workdir, names=("fog",))
+
+
+@pytest.fixture(scope="module")
+def figures_report(evidence):
+    workdir, config, _ = evidence
+    return figures.run(config, workdir, grid=4, tsne_max_iter=250, knn_k=5)
+
+
+def test_figures_writes_scores_and_pngs(evidence, figures_report):
+    workdir, _, _ = evidence
+    out = workdir / "figures"
+    data = json.loads((out / "figures.json").read_text())
+    cluster = data["per_seed"]["full"]["0"]["cluster"]
+    assert set(cluster) == {"x_v", "x_ema", "x_cdr"}
+    assert set(data["per_seed"]["baseline"]["0"]["cluster"]) == {"x_v"}
+    for scores in cluster.values():
+        assert -1 <= scores["silhouette"] <= 1 and 0 <= scores["knn_accuracy"] <= 1
+    confidence = data["per_seed"]["full"]["0"]["confidence"]
+    assert set(confidence) == {"fused", "visual", "cdr"}
+    assert {"accuracy", "mean_confidence_correct", "mean_confidence_wrong"} <= set(
+        confidence["cdr"]
+    )
+    claims = {c["claim"] for c in data["claims"]}
+    assert "x_CDR vs x_v, silhouette" in claims
+    assert "CDR head vs visual probe, mean_confidence_correct" in claims
+    assert len(data["case_study"]["indices"]) == 4 and data["num_examples"] == 64
+    _png_ok(out / "tsne.png")
+    _png_ok(out / "case_study.png")
+
+
+@pytest.fixture(scope="module")
+def cdr_report(evidence):
+    workdir, config, _ = evidence
+    return cdr_inference.run(
+        config,
+        workdir,
+        ddim_steps=(1,),
+        num_samples=(2,),
+        ddpm=False,
+        repeats=2,
+        latency_batch_sizes=(8,),
+    )
+
+
+def test_cdr_inference_table_and_trained_setting_reproduces_the_run(evidence, cdr_report):
+    workdir, _, ablation_report = evidence
+    out = workdir / "cdr_inference"
+    header = _csv_header(out / "cdr_inference.csv")
+    assert header[: len(cdr_inference.CSV_COLUMNS)] == cdr_inference.CSV_COLUMNS
+    assert header[len(cdr_inference.CSV_COLUMNS) :] == ["ms_per_image_batch_8"]
+    rows = cdr_report["rows"]
+    assert [(r["sampler"], r["steps"], r["num_samples"]) for r in rows] == [
+        ("ddim", 1, 2),
+        ("ddim", 4, 1),  # the tiny config's own chain, added to the grid
+    ]
+    own = rows[-1]
+    assert own["is_trained_setting"]
+    trained_test = ablation_report["variants"]["full"]["runs"][0]["test"]
+    for key in ("cdr_top1", "cdr_top5", "fused_top1", "fused_top5"):
+        assert own[key][0] == pytest.approx(trained_test[key]), key
+    for r in rows:
+        assert all(v > 0 for v in r["latency_s"].values())
+    assert {r["head"] for r in cdr_report["recommendations"]} == {"fused", "cdr"}
+    assert "(trained)" in (out / "cdr_inference.md").read_text()
+
+
+def test_results_page_from_every_study(
+    evidence, robustness_report, figures_report, cdr_report, tmp_path
+):
+    workdir, _, _ = evidence
+    out = tmp_path / "docs" / "results.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "marnet_jax.evidence.results", f"--workdir={workdir}",
+         f"--output={out}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    page = out.read_text()
+    for title in results.STUDIES.values():
+        assert f"## {title}" in page
+    assert page.count("- Command: `") == 4 and page.count("- Machine: ") == 4
+    assert "EMA + CDR" in page and "one seed only" in page
+    for png in ("robustness_robustness.png", "figures_tsne.png", "figures_case_study.png"):
+        assert f"](results/{png})" in page
+        _png_ok(out.parent / "results" / png)
+
+
+def test_results_without_studies_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No study results"):
+        results.run(tmp_path, tmp_path / "results.md")
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "marnet_jax.evidence.robustness", "--config",
+         str(REPO / "configs/tiny.py"), f"--workdir={tmp_path}", "--config.train.num_stepz=3"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    lines = [x for x in proc.stderr.strip().splitlines() if x]
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr
+    assert "marnet_jax.evidence.robustness" in lines[0] and "config.train.num_stepz" in lines[0]
+
+
+def test_studies_without_an_ablation_say_so(tiny_data_dir, tmp_path):
+    def study():
+        figures.run(_config(tiny_data_dir), tmp_path)
+
+    with pytest.raises(SystemExit, match=r"prog: .*ablation\.json not found: run `python -m"):
+        common.run_cli("prog", study)
