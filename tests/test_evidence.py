@@ -315,9 +315,15 @@ def test_figures_writes_scores_and_pngs(evidence, figures_report):
     assert {"accuracy", "mean_confidence_correct", "mean_confidence_wrong"} <= set(
         confidence["cdr"]
     )
-    claims = {c["claim"] for c in data["claims"]}
-    assert "x_CDR vs x_v, silhouette" in claims
-    assert "CDR head vs visual probe, mean_confidence_correct" in claims
+    claims = {(c["subject"], c["reference"], c["metric"]) for c in data["claims"]}
+    assert claims == {
+        ("x_cdr", "x_v", "silhouette"),
+        ("x_cdr", "x_v", "knn_accuracy"),
+        ("cdr", "visual", "mean_confidence_correct"),
+        ("cdr", "visual", "accuracy"),
+        ("full", "baseline", "silhouette"),
+        ("full", "baseline", "knn_accuracy"),
+    }
     assert len(data["case_study"]["indices"]) == 4 and data["num_examples"] == 64
     _png_ok(out / "tsne.png")
     _png_ok(out / "case_study.png")

@@ -308,6 +308,7 @@ def load_images(config: ml_collections.ConfigDict, split: str, indices: Sequence
 
 
 def _paired(per_seed: Mapping[int, Mapping[str, Any]], get_a, get_b, better, worse):
+    """'a' and 'b': mean and std over seeds of get_a and get_b; the verdict on a - b per seed."""
     seeds = sorted(per_seed)
     a = [get_a(per_seed[s]) for s in seeds]
     b = [get_b(per_seed[s]) for s in seeds]
@@ -319,9 +320,17 @@ def _paired(per_seed: Mapping[int, Mapping[str, Any]], get_a, get_b, better, wor
     }
 
 
+METRIC_NAMES = {
+    "silhouette": "silhouette",
+    "knn_accuracy": "k-NN accuracy",
+    "mean_confidence_correct": "confidence when correct",
+    "accuracy": "top-1",
+}
+
+
 def claims(report: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The paper's two claims about x_CDR, per metric, paired over seeds; plus x_v vs the
-    comparison variant's x_v."""
+    """The paper's two claims about x_CDR (Figures 3 and 4), per metric, paired over seeds; plus the
+    variant's x_v against the comparison variant's x_v."""
     per_seed = report["per_seed"][report["variant"]]
     out = []
     first = per_seed[min(per_seed)]
@@ -331,20 +340,29 @@ def claims(report: Mapping[str, Any]) -> list[dict[str, Any]]:
                 per_seed,
                 lambda r, m=metric: r["cluster"]["x_cdr"][m],
                 lambda r, m=metric: r["cluster"]["x_v"][m],
-                "x_CDR better clustered than x_v",
-                "x_CDR less well clustered than x_v",
+                "x_CDR better clustered",
+                "x_CDR less well clustered",
             )
-            out.append({"claim": f"x_CDR vs x_v, {metric}", "a": "x_cdr", "b": "x_v", **c})
+            claim = f"x_CDR is better clustered by class than x_v ({METRIC_NAMES[metric]})"
+            out.append(
+                {"claim": claim, "metric": metric, "subject": "x_cdr", "reference": "x_v", **c}
+            )
         for metric in ("mean_confidence_correct", "accuracy"):
             c = _paired(
                 per_seed,
                 lambda r, m=metric: r["confidence"]["cdr"][m],
                 lambda r, m=metric: r["confidence"]["visual"][m],
-                f"CDR head higher {metric.replace('_', ' ')}",
-                f"CDR head lower {metric.replace('_', ' ')}",
+                f"CDR head higher {METRIC_NAMES[metric]}",
+                f"CDR head lower {METRIC_NAMES[metric]}",
             )
+            claim = (
+                "the CDR head is more confident in its correct predictions than the visual probe"
+                if metric == "mean_confidence_correct"
+                else "the CDR head is more accurate than the visual probe"
+            )
+            claim += f" ({METRIC_NAMES[metric]})"
             out.append(
-                {"claim": f"CDR head vs visual probe, {metric}", "a": "cdr", "b": "visual", **c}
+                {"claim": claim, "metric": metric, "subject": "cdr", "reference": "visual", **c}
             )
     compare = report.get("compare")
     if compare and compare in report["per_seed"]:
@@ -360,11 +378,16 @@ def claims(report: Mapping[str, Any]) -> list[dict[str, Any]]:
                     f"{report['variant']} x_v better clustered",
                     f"{report['variant']} x_v less well clustered",
                 )
+                claim = (
+                    f"x_v of {report['variant']} is better clustered by class than x_v of "
+                    f"{compare} ({METRIC_NAMES[metric]})"
+                )
                 out.append(
                     {
-                        "claim": f"x_v of {report['variant']} vs x_v of {compare}, {metric}",
-                        "a": report["variant"],
-                        "b": compare,
+                        "claim": claim,
+                        "metric": metric,
+                        "subject": report["variant"],
+                        "reference": compare,
                         **c,
                     }
                 )
@@ -374,7 +397,7 @@ def claims(report: Mapping[str, Any]) -> list[dict[str, Any]]:
 def _fmt(metric: str, ms: Sequence[float]) -> str:
     mean, std = ms
     if metric == "silhouette":
-        return f"{mean:.3f}" + (f" ± {std:.3f}" if math.isfinite(std) else "")
+        return f"{mean:.3f}" + (f" ± {std:.3f}" if std is not None and math.isfinite(std) else "")
     return common.pct_pm(mean, std)
 
 
@@ -422,7 +445,7 @@ def markdown(report: Mapping[str, Any]) -> str:
     if report["claims"]:
         lines += ["Paired by seed:", ""]
         for c in report["claims"]:
-            metric = c["claim"].rsplit(", ", 1)[1]
+            metric = c["metric"]
             lines.append(
                 f"- {c['claim']}: {_fmt(metric, c['a'])} vs {_fmt(metric, c['b'])}: "
                 f"**{c['verdict']}**."

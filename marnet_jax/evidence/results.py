@@ -145,9 +145,12 @@ def _pm(mean: float | None, std: float | None) -> str:
     return _pct(mean) if std is None else f"{_pct(mean)} ± {_pct(std)}"
 
 
+_HEADS = {"fused": "fused classifier", "cdr": "CDR head", "visual": "visual probe"}
+
+
 def _fig(c: Mapping[str, Any], side: str) -> str:
     mean, std = c[side]
-    if c["claim"].endswith("silhouette"):
+    if c["metric"] == "silhouette":
         return f"{mean:.3f}" + ("" if std is None else f" ± {std:.3f}")
     return _pm(mean, std) + " %"
 
@@ -163,7 +166,9 @@ def summary(studies: Mapping[str, Mapping[str, Any]]) -> list[str]:
         ("Full MARNet (EMA + CDR) beats the visual-only baseline", "EMA + CDR (full MARNet)"),
     ):
         text = _claim_ablation(ab, name) if ab else None
-        lines.append(f"- {claim}: {text or 'not measured (run the ablation with both variants)'}.")
+        lines.append(
+            f"- Claim: {claim}: {text or 'not measured (run the ablation with both variants)'}."
+        )
     rb = studies.get("robustness", {}).get("json")
     found = False
     for c in rb["comparisons"] if rb else []:
@@ -171,7 +176,7 @@ def summary(studies: Mapping[str, Mapping[str, Any]]) -> list[str]:
             found = True
             model = "MARNet (full)" if c["model"] == "full" else c["model"]
             lines.append(
-                f"- {model} resists {c['group']} corruptions better than the baseline: "
+                f"- Claim: {model} resists {c['group']} corruptions better than the baseline: "
                 f"**{c['drop_verdict']}** (relative drop {_pm(*c['relative_drop'])} % vs "
                 f"{_pm(*c['reference_relative_drop'])} %); **{c['mca_verdict']}** (mean corruption "
                 f"accuracy {_pm(*c['mca'])} vs {_pm(*c['reference_mca'])} %)."
@@ -185,7 +190,8 @@ def summary(studies: Mapping[str, Mapping[str, Any]]) -> list[str]:
     if claims:
         for c in claims:
             lines.append(
-                f"- {c['claim']}: **{c['verdict']}** ({_fig(c, 'a')} vs {_fig(c, 'b')}, seeds "
+                f"- Claim: {c['claim']}: **{c['verdict']}** ({_fig(c, 'a')} vs "
+                f"{_fig(c, 'b')}, seeds "
                 f"{', '.join(str(s) for s in c['seeds'])})."
             )
     else:
@@ -193,8 +199,9 @@ def summary(studies: Mapping[str, Mapping[str, Any]]) -> list[str]:
     ci = studies.get("cdr_inference", {}).get("json")
     for r in ci["recommendations"] if ci else []:
         lines.append(
-            f"- Cheapest reverse chain within {r['tolerance_points']} points of the best {r['head']} "
-            f"top-1: {r['setting']} ({r['ms_per_image']:.3g} ms/image at batch {r['batch']})."
+            f"- Cheapest reverse chain within {r['tolerance_points']} points of the best "
+            f"{_HEADS[r['head']]} top-1: {r['setting']} ({r['ms_per_image']:.3g} ms/image of the "
+            f"chain at batch {r['batch']})."
         )
     return lines
 

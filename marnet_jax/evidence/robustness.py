@@ -1,7 +1,7 @@
 """Robustness: accuracy of trained models under test-time corruptions at 5 severities.
 
     python -m marnet_jax.evidence.robustness --config configs/default.py --workdir runs/evidence \
-        [--variants baseline,full] [--seeds 0,1,2] [--num_examples 1000]
+        [--variants baseline,full] [--seeds 0,1,2] [--num_examples 1000 (0: the whole split)]
 
 Reads the runs of `marnet_jax.evidence.ablation` (same --config and --workdir) and evaluates every
 head (fused, visual probe, CDR) of each on the test split, clean and under each corruption of
@@ -275,7 +275,7 @@ def plot(report: Mapping[str, Any], path: Path) -> None:
     cols = 3 if len(panels) > 4 else len(panels)
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(
-        rows, cols, figsize=(4.2 * cols, 3.2 * rows + 0.8), squeeze=False, sharey=True
+        rows, cols, figsize=(4.2 * cols, 3.2 * rows + 0.9), squeeze=False, sharey=True
     )
     for ax, panel in zip(axes.flat, panels):
         for i, (label, summary) in enumerate(summaries.items()):
@@ -306,7 +306,7 @@ def plot(report: Mapping[str, Any], path: Path) -> None:
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    top = 1 - 0.95 / fig.get_figheight()
+    top = 1 - 0.4 / fig.get_figheight()
     fig.legend(
         handles,
         labels,
@@ -320,10 +320,11 @@ def plot(report: Mapping[str, Any], path: Path) -> None:
     fig.suptitle(
         f"Robustness to test-time corruptions: {config_name(prov['command'])} "
         f"({prov['config']['dataset']}, {prov['config']['train_steps']} steps), seeds {seeds}, "
-        f"{report['num_examples']} test images",
+        f"{report['num_examples']} test images"
+        + ("; bands: ±1 std over seeds" if len(prov["seeds"]) > 1 else ""),
         fontsize=11,
     )
-    fig.tight_layout(rect=(0, 0, 1, 1 - 1.2 / fig.get_figheight()))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.8 / fig.get_figheight()))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -445,7 +446,7 @@ def run(
     names: Sequence[str] = corruptions.NAMES,
     severities: Sequence[int] = (1, 2, 3, 4, 5),
     split: str | None = None,
-    num_examples: int = 0,
+    num_examples: int = 1000,
     corruption_seed: int = 0,
     command: str = "",
 ) -> dict[str, Any]:
@@ -543,7 +544,9 @@ def cli() -> None:
     flags.DEFINE_list("corruptions", list(corruptions.NAMES), "Corruptions to apply.")
     flags.DEFINE_list("severities", ["1", "2", "3", "4", "5"], "Severities (1..5).")
     flags.DEFINE_string("split", None, "Split to corrupt (default: config.data.test_split).")
-    flags.DEFINE_integer("num_examples", 0, "Use the first N examples of the split (0: all).")
+    flags.DEFINE_integer(
+        "num_examples", 1000, "Use the first N examples of the split (0: all; 41 passes over them)."
+    )
     flags.DEFINE_integer("corruption_seed", 0, "Seed of the random parts of the corruptions.")
     absl_logging.set_verbosity(absl_logging.WARNING)
     app.run(_main, flags_parser=common.flags_parser("marnet_jax.evidence.robustness"))
