@@ -408,3 +408,36 @@ def test_studies_without_an_ablation_say_so(tiny_data_dir, tmp_path):
 
     with pytest.raises(SystemExit, match=r"prog: .*ablation\.json not found: run `python -m"):
         common.run_cli("prog", study)
+
+
+@pytest.mark.slow
+def test_every_command_line_end_to_end(tiny_data_dir, tmp_path):
+    """The five commands as a user types them, on the tiny config (4.5 min on 2 shared cores)."""
+    common_args = [
+        "--config",
+        str(REPO / "configs/tiny.py"),
+        f"--workdir={tmp_path / 'w'}",
+        f"--config.data.data_dir={tiny_data_dir}",
+        "--config.mesh.num_devices=1",
+    ]
+    commands = [
+        ["ablation", *common_args, "--config.train.num_steps=2", "--seeds=0,1"],
+        ["robustness", *common_args, "--corruptions=contrast,rotation", "--severities=2,4"],
+        ["figures", *common_args, "--grid=3", "--tsne_max_iter=250"],
+        ["cdr_inference", *common_args, "--ddim_steps=2", "--num_samples=1", "--repeats=2"],
+        ["results", f"--workdir={tmp_path / 'w'}", f"--output={tmp_path / 'docs/results.md'}"],
+    ]
+    for study, *args in commands:
+        proc = subprocess.run(
+            [sys.executable, "-m", f"marnet_jax.evidence.{study}", *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert proc.returncode == 0, (study, proc.stderr[-3000:])
+    page = (tmp_path / "docs/results.md").read_text()
+    assert (
+        "Not run yet" not in page and page.count("- Command: `python -m marnet_jax.evidence.") == 4
+    )
+    assert "seeds 0, 1" in page
