@@ -238,6 +238,15 @@ def test_ablation_rerun_skips_finished_runs_and_refuses_a_changed_config(evidenc
         ablation.run(changed, workdir, variants=("baseline",), seeds=(0,))
 
 
+def test_ablation_stops_on_preemption_without_marking_the_run_done(
+    tiny_data_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(trainer, "train_and_evaluate", lambda config, wd: {"preempted_at_step": 1})
+    with pytest.raises(ablation.Preempted, match="run the same command again"):
+        ablation.run(_config(tiny_data_dir), tmp_path, variants=("baseline",), seeds=(0,))
+    assert not list(tmp_path.rglob(ablation.MARKER))
+
+
 @pytest.fixture(scope="module")
 def robustness_report(evidence):
     workdir, config, _ = evidence

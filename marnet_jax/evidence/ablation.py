@@ -430,14 +430,18 @@ def _main(argv: Sequence[str]) -> None:
     logging.getLogger("marnet_jax").setLevel(logging.INFO)
 
     def main() -> None:
-        run(
-            f.config,
-            f.workdir,
-            variants=f.variants,
-            seeds=common.parse_ints(f.seeds, "--seeds"),
-            extra_variants=f.extra_variant or (),
-            command=common.command_line(),
-        )
+        try:
+            run(
+                f.config,
+                f.workdir,
+                variants=f.variants,
+                seeds=common.parse_ints(f.seeds, "--seeds"),
+                extra_variants=f.extra_variant or (),
+                command=common.command_line(),
+            )
+        except Preempted as e:  # like marnet_jax.main: a checkpoint was saved, exit 0
+            log.warning("%s", e)
+            return
         print((Path(f.workdir) / common.ABLATION / "ablation.md").read_text())
 
     common.run_cli("marnet_jax.evidence.ablation", main)
