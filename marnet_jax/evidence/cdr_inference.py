@@ -119,7 +119,7 @@ def evaluate_setting(trained: Any, model: Any, feats: Mapping[str, np.ndarray], 
 
 def median_latency_s(fn: Callable[[], Any], repeats: int, budget_s: float = 10.0) -> float:
     """Median wall time of `fn()` (which must block until its result is ready) after one warm-up
-    call: `repeats` timed calls, fewer (but at least 3) once they have taken `budget_s`."""
+    call: `repeats` timed calls, fewer (but at least min(3, repeats)) once they took `budget_s`."""
     fn()
     times: list[float] = []
     while len(times) < repeats and (len(times) < 3 or sum(times) < budget_s):
