@@ -246,7 +246,10 @@ def build_model(
 
     cfg = model_cfg
     dtype = compute_dtype(cfg.dtype)
-    backbone = build_backbone(cfg.backbone, dtype, **cfg.backbone_kwargs.to_dict())
+    backbone_kwargs = cfg.backbone_kwargs.to_dict()
+    if cfg.get("remat", False):
+        backbone_kwargs["remat"] = True
+    backbone = build_backbone(cfg.backbone, dtype, **backbone_kwargs)
     text_encoder = None
     if cfg.use_ema or cfg.use_cdr:
         text_encoder = build_text_encoder(cfg.text_encoder, dtype, **cfg.text_kwargs.to_dict())

@@ -15,6 +15,8 @@ Options:
     64/32/16/8 instead of 16/8/4/2. stem_stride=2 makes it 3x3/2 (32/16/8/4 at 64 px, 4x cheaper).
   width: multiplier of the base width 64 (width=0.125 gives 8/16/32/64 channels: cheap test models).
   zero_init_residual: the last BN scale of every block starts at 0, so each block starts as identity.
+  remat: recompute each residual block's activations in the backward pass instead of keeping them
+    (nn.remat): less memory for big batches, about one more forward pass of compute.
   dtype: compute dtype (e.g. jnp.bfloat16); param_dtype: parameter dtype (float32 by default). BatchNorm
     statistics are computed in float32 whatever the compute dtype.
   conv_impl: 'xla' (lax.conv_general_dilated and XLA's autodiff: GPU/TPU), 'cpu' (same forward, but
@@ -249,6 +251,7 @@ class ResNet(nn.Module):
     )
     zero_init_residual: bool = False
     conv_impl: str = "auto"
+    remat: bool = False  # nn.remat on every residual block (memory for compute)
     bn_axis_name: str | None = None  # only for pmap/shard_map; jit + sharding needs none
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -291,9 +294,10 @@ class ResNet(nn.Module):
         else:
             x = conv(self.base_width, 3, self.stem_stride, name="conv_init")(x)
             x = nn.relu(norm(name="bn_init")(x))
+        block = nn.remat(self.block) if self.remat else self.block
         for i, num_blocks in enumerate(self.stage_sizes):
             x = ResNetStage(
-                block=self.block,
+                block=block,
                 num_blocks=num_blocks,
                 features=self.base_width * 2**i,
                 strides=1 if i == 0 else 2,
