@@ -1,0 +1,222 @@
+"""Shared pieces of the benchmarks: timing, machine facts, FLOPs, synthetic batches, tables, JSON.
+
+Every benchmark prints a markdown table and writes the same rows as JSON with the machine and the
+load average next to them (on a shared machine wall-clock times depend on the load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from marnet_jax.data import datasets
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Seconds per call after warm-up: median and spread, plus this process's CPU seconds."""
+
+    median_s: float
+    p25_s: float
+    p75_s: float
+    min_s: float
+    max_s: float
+    cpu_s: float  # median CPU seconds of this process (all its threads) per call
+    iters: int
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 6) if isinstance(v, float) else v for k, v in vars(self).items()}
+
+
+def time_calls(fn: Callable[[], Any], warmup: int, iters: int) -> Timing:
+    """Times `fn()` (which must block until its work is done) `iters` times after `warmup` calls."""
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}.")
+    for _ in range(warmup):
+        fn()
+    wall, cpu = [], []
+    for _ in range(iters):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    w = np.asarray(wall)
+    return Timing(
+        median_s=float(np.median(w)),
+        p25_s=float(np.percentile(w, 25)),
+        p75_s=float(np.percentile(w, 75)),
+        min_s=float(w.min()),
+        max_s=float(w.max()),
+        cpu_s=float(np.median(cpu)),
+        iters=iters,
+    )
+
+
+def load_average() -> tuple[float, float, float]:
+    return tuple(round(x, 2) for x in os.getloadavg())
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    devices = jax.devices()
+    return {
+        "backend": jax.default_backend(),
+        "device_kind": devices[0].device_kind,
+        "device_count": len(devices),
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "jax": jax.__version__,
+        "load_average": load_average(),
+    }
+
+
+def machine_line(info: dict[str, Any]) -> str:
+    return (
+        f"{info['backend']} ({info['device_count']} x {info['device_kind']}), {info['cpus']} CPUs "
+        f"({info['processor']}), jax {info['jax']}, 1/5/15-min load average "
+        f"{'/'.join(f'{x:.1f}' for x in info['load_average'])}"
+    )
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def fmt(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def parser(doc: str, presets: Sequence[str], default_preset: str, name: str):
+    """argparse with the options every benchmark shares: --preset, --json, --compile_cache."""
+    p = argparse.ArgumentParser(
+        description=doc.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--preset", choices=sorted(presets), default=default_preset)
+    p.add_argument(
+        "--json",
+        default=os.path.join(tempfile.gettempdir(), "marnet_benchmarks", f"{name}.json"),
+        help="where to write the results",
+    )
+    p.add_argument(
+        "--compile_cache",
+        action="store_true",
+        help="keep JAX's persistent compilation cache (compile times are then not cold)",
+    )
+    return p
+
+
+def setup_jax(args: argparse.Namespace) -> None:
+    """Cold compiles unless --compile_cache (a cache hit would make compile times meaningless)."""
+    if not args.compile_cache:
+        jax.config.update("jax_enable_compilation_cache", False)
+
+
+def write_json(path: str, payload: dict[str, Any]) -> None:
+    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(path).write_text(json.dumps(payload, indent=2))
+    print(f"wrote {path}")
+
+
+def shape_facts(data_cfg: ml_collections.ConfigDict) -> datasets.DatasetFacts:
+    """Class and ingredient counts of a dataset from its builder's features, without building it
+    (the step benchmarks feed synthetic batches of the right shapes)."""
+    features = datasets.builder(data_cfg).info.features
+    num_ingredients = int(features["ingredients"].shape[-1])
+    return datasets.DatasetFacts(
+        name=data_cfg.name,
+        builder_config=data_cfg.builder_config,
+        num_classes=int(features["label"].num_classes),
+        num_ingredients=num_ingredients,
+        class_names=tuple(features["label"].names),
+        ingredient_names=tuple(f"ingredient_{i}" for i in range(num_ingredients)),
+        split_sizes={},
+        image_shape=None,
+    )
+
+
+def synthetic_batch(
+    batch_size: int,
+    image_size: int,
+    num_classes: int,
+    num_ingredients: int,
+    dtype: str = "float32",
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """A host batch shaped like the input pipeline's: normalised images, labels, multi-hot."""
+    rng = np.random.default_rng(seed)
+    image = rng.standard_normal((batch_size, image_size, image_size, 3), np.float32)
+    ingredients = (rng.random((batch_size, num_ingredients)) < 0.1).astype(np.float32)
+    ingredients[np.arange(batch_size), rng.integers(0, num_ingredients, batch_size)] = 1.0
+    return {
+        "image": image.astype(jnp.dtype(dtype)),
+        "label": rng.integers(0, num_classes, batch_size).astype(np.int32),
+        "ingredients": ingredients,
+    }
+
+
+@contextlib.contextmanager
+def unrolled_scans() -> Iterator[None]:
+    """Traces every lax.scan fully unrolled (same values): XLA's cost analysis counts a loop body
+    once, so the FLOPs of a 10-step reverse chain would otherwise be counted as one step."""
+    original = jax.lax.scan
+
+    @functools.wraps(original)
+    def scan(*args, **kwargs):
+        kwargs["unroll"] = True
+        return original(*args, **kwargs)
+
+    jax.lax.scan = scan
+    try:
+        yield
+    finally:
+        jax.lax.scan = original
+
+
+def _cost_flops(cost: Any) -> float | None:
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        return None
+    return float(cost["flops"])
+
+
+def xla_flops(fn: Callable[..., Any], *args: Any) -> float | None:
+    """FLOPs of one call of `fn(*args)` by XLA's cost analysis of its HLO, loops unrolled."""
+    with unrolled_scans():
+        lowered = jax.jit(fn).lower(*args)
+    return _cost_flops(lowered.cost_analysis())
+
+
+def compiled_flops(compiled: Any) -> float | None:
+    """FLOPs from the compiled program's cost analysis (loop bodies counted once)."""
+    return _cost_flops(compiled.cost_analysis())
+
+
+def matmul_rate(dtype: str, n: int | None = None, iters: int = 10) -> dict[str, Any]:
+    """Measured dense matmul rate (FLOP/s) of the default device: the peak that MFU is taken
+    against. n: matrix size (default 8192 on accelerators, 1024 on the CPU)."""
+    if n is None:
+        n = 1024 if jax.default_backend() == "cpu" else 8192
+    k1, k2 = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(k1, (n, n), jnp.dtype(dtype))
+    b = jax.random.normal(k2, (n, n), jnp.dtype(dtype))
+    mm = jax.jit(lambda a, b: a @ b)
+    t = time_calls(lambda: mm(a, b).block_until_ready(), warmup=2, iters=iters)
+    return {"dtype": dtype, "n": n, "flops_per_s": 2.0 * n**3 / t.median_s}

@@ -1,0 +1,205 @@
+"""Input pipeline + train step together, as the trainer runs them: is the data or the model the limit?
+
+  python -m benchmarks.end_to_end                     # configs/default.py on 1,024 synthetic images
+  python -m benchmarks.end_to_end --preset full       # on the default config's dataset (builds it)
+  python -m benchmarks.end_to_end --preset tiny       # seconds (tests)
+
+For each data worker count three rates are measured, in images/s over the same number of steps
+after warm-up:
+  data:  the grain input pipeline alone (decode, augment, normalise, batch), as trainer reads it;
+  model: the jitted train step alone on one device-resident batch, steps dispatched back to back;
+  both:  the trainer's loop: grain batches through trainer.DevicePrefetcher (2 batches in flight on
+         the device) into the train step, metrics checked asynchronously (trainer._PendingMetrics).
+The bottleneck is the slower of data and model; 'both / min' near 100% means they overlap. On a
+machine whose cores are shared by the pipeline and the step (the CPU backend), both compete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pathlib
+import tempfile
+import time
+from typing import Any
+
+import jax
+import tensorflow_datasets as tfds
+from absl import flags
+
+from benchmarks import _common, train_step
+from marnet_jax.data import datasets, pipeline, synthetic_food
+from marnet_jax.train import sharding, trainer
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    config: str  # module in configs/
+    arg: str
+    source: str | None  # synthetic_food builder config of a small train split; None: the config's
+    num_train: int
+    workers: tuple[int, ...]
+    warmup: int
+    steps: int
+
+
+PRESETS = {
+    "tiny": Preset("tiny", "full", "tiny", 64, (0,), 1, 3),
+    "small": Preset("default", "full", "default", 1024, (0, 1, 2), 3, 12),
+    "full": Preset("default", "full", None, 0, (0, 1, 2), 5, 30),
+}
+
+
+def small_source(base: str, num_train: int, data_dir: str):
+    """A synthetic_food train split of `num_train` examples, built in `data_dir`."""
+    cfg = synthetic_food.make_config(base, num_train=num_train, num_validation=32, num_test=32)
+    builder = synthetic_food.SyntheticFood(config=cfg, data_dir=data_dir)
+    if not builder.is_prepared():
+        builder.download_and_prepare(file_format="array_record")
+        builder = synthetic_food.SyntheticFood(config=cfg, data_dir=data_dir)
+    return builder.as_data_source(split="train", decoders={"image": tfds.decode.SkipDecoding()})
+
+
+def _rate(images: int, seconds: float) -> float:
+    return round(images / seconds, 1)
+
+
+def measure(config, src, p_train, state, mesh, preset: Preset) -> tuple[dict[str, Any], Any]:
+    """Data-only, model-only and combined rates for `config.data.worker_count`; the new state."""
+    b = config.train.batch_size
+
+    def iterator():
+        return pipeline.train_iterator(
+            config.data, batch_size=b, seed=0, shard_index=0, shard_count=1, data_source=src
+        )
+
+    it = iterator()
+    for _ in range(preset.warmup):
+        next(it)
+    t0 = time.perf_counter()
+    for _ in range(preset.steps):
+        next(it)
+    data = _rate(b * preset.steps, time.perf_counter() - t0)
+
+    host = next(it)
+    batch = sharding.global_batch({k: host[k] for k in ("image", "label", "ingredients")}, mesh)
+    for _ in range(preset.warmup):
+        state, metrics = p_train(state, batch)
+    jax.block_until_ready(metrics)
+    t0 = time.perf_counter()
+    for _ in range(preset.steps):
+        state, metrics = p_train(state, batch)
+    jax.block_until_ready((state, metrics))
+    model = _rate(b * preset.steps, time.perf_counter() - t0)
+    if hasattr(it, "close"):
+        it.close()
+
+    batches = trainer.DevicePrefetcher(iterator(), mesh, ("image", "label", "ingredients"))
+    pending = trainer._PendingMetrics()
+    for i in range(preset.warmup):
+        state, metrics = p_train(state, next(batches))
+        pending.add(i, metrics, None)
+    pending.drain(None)
+    t0 = time.perf_counter()
+    for i in range(preset.steps):
+        state, metrics = p_train(state, next(batches))
+        pending.add(i, metrics, None)
+    pending.drain(None)
+    jax.block_until_ready(state)
+    both = _rate(b * preset.steps, time.perf_counter() - t0)
+    row = dict(
+        workers=config.data.worker_count,
+        read_threads=config.data.read_threads,
+        batch=b,
+        image_size=config.data.image_size,
+        data_images_per_s=data,
+        model_images_per_s=model,
+        both_images_per_s=both,
+        bottleneck="data" if data < model else "model",
+        both_over_min=round(both / min(data, model), 3),
+    )
+    return row, state
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = _common.parser(__doc__, PRESETS, "small", "end_to_end")
+    p.add_argument("--data_dir", default=None, help="tfds data_dir (default: a temp dir)")
+    p.add_argument("--devices", type=int, default=-1, help="devices to use (-1: all)")
+    args = p.parse_args(argv)
+    _common.setup_jax(args)
+    flags.FLAGS.mark_as_parsed()  # grain worker processes read absl flags.
+    preset = PRESETS[args.preset]
+    config = importlib.import_module(f"configs.{preset.config}").get_config(preset.arg)
+    config.mesh.num_devices = args.devices
+    load_before = _common.load_average()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = args.data_dir or str(pathlib.Path(tmp) / "tfds")
+        if preset.source is None:
+            if args.data_dir:
+                config.data.data_dir = args.data_dir
+            facts = datasets.prepare(config.data)
+            src = datasets.source(config.data, config.data.train_split)
+        else:
+            facts = _common.shape_facts(config.data)
+            src = small_source(preset.source, preset.num_train, data_dir)
+        t0 = time.perf_counter()
+        p_train, state, mesh = train_step.setup_step(config, facts)
+        host = _common.synthetic_batch(
+            config.train.batch_size,
+            config.data.image_size,
+            facts.num_classes,
+            facts.num_ingredients,
+            config.data.dtype,
+        )
+        state, _ = p_train(state, sharding.global_batch(host, mesh))  # compiles
+        jax.block_until_ready(state)
+        print(f"set-up and compile: {time.perf_counter() - t0:.1f} s", flush=True)
+        for workers in preset.workers:
+            config.data.worker_count = workers
+            row, state = measure(config, src, p_train, state, mesh, preset)
+            rows.append(row)
+            print(
+                f"workers={workers}: data {row['data_images_per_s']} model "
+                f"{row['model_images_per_s']} both {row['both_images_per_s']} images/s",
+                flush=True,
+            )
+    info = _common.machine_info()
+    info["load_average_before"] = load_before
+    print(
+        f"\nconfigs/{preset.config}.py:{preset.arg}, {args.preset} preset, batch "
+        f"{config.train.batch_size}, on {_common.machine_line(info)}"
+    )
+    headers = ["workers", "read threads", "px", "data images/s", "model images/s"]
+    headers += ["both images/s", "bottleneck", "both / min"]
+    print(
+        _common.markdown_table(
+            headers,
+            [
+                [
+                    r["workers"],
+                    r["read_threads"],
+                    r["image_size"],
+                    _common.fmt(r["data_images_per_s"]),
+                    _common.fmt(r["model_images_per_s"]),
+                    _common.fmt(r["both_images_per_s"]),
+                    r["bottleneck"],
+                    f"{100 * r['both_over_min']:.0f}%",
+                ]
+                for r in rows
+            ],
+        )
+    )
+    out = dict(
+        benchmark="end_to_end",
+        preset=args.preset,
+        config=f"configs/{preset.config}.py:{preset.arg}",
+        machine=info,
+        rows=rows,
+    )
+    _common.write_json(args.json, out)
+    return out
+
+
+if __name__ == "__main__":
+    main()
