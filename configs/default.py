@@ -33,6 +33,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         {"stem": "small", "stem_stride": 2, "width": 0.25}
     )
     config.model.embed_dim = 128
+    # A denoiser as wide as the embedding: the fused classifier trains on the 10-step reverse chain, and
+    # at width 256 that chain took half of each step on 2 CPU cores (1.3 s/step against 0.55 s for the
+    # visual-only model).
+    config.model.cdr.hidden_dim = 128
     config.train.batch_size = 64
     config.train.eval_batch_size = 500
     config.train.num_steps = 450
