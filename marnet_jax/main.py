@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-import sys
 from collections.abc import Mapping
 
 import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from marnet_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
@@ -146,21 +146,7 @@ def main(argv) -> None:
         trainer.evaluate(_CONFIG.value, _WORKDIR.value)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl parsing, with a mistyped config field reported in one line that names it."""
-    try:
-        return flags.FLAGS(argv)
-    except (AttributeError, KeyError) as e:
-        message = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\n", " ")
-        message = re.sub(r"[\\'\"]+", "'", message).strip("'")
-        key = re.match(r"[A-Za-z_]\w*", message)
-        overrides = [a[2:].split("=")[0] for a in argv if a.startswith("--config.")]
-        named = [o for o in overrides if key and key.group(0) in o.split(".")]
-        field = named[0] if named else "in a --config override"
-        hint = message.split("'", 1)[1].strip(" '") if "'" in message else message
-        sys.exit(f"marnet_jax.main: unknown config field {field}. {hint}")
-    except flags.Error as e:
-        sys.exit(f"marnet_jax.main: {e}")
+parse_flags = cli.flags_parser("marnet_jax.main")
 
 
 def run() -> None:

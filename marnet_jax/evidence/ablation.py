@@ -26,6 +26,7 @@ from typing import Any
 
 import ml_collections
 
+from marnet_jax.cli import flags_parser
 from marnet_jax.config import VARIANTS, apply_variant
 from marnet_jax.evidence import common
 
@@ -461,7 +462,7 @@ def cli() -> None:
         "'ddpm=full model.cdr.sampler=ddpm'. Repeatable.",
     )
     absl_logging.set_verbosity(absl_logging.WARNING)
-    app.run(_main, flags_parser=common.flags_parser("marnet_jax.evidence.ablation"))
+    app.run(_main, flags_parser=flags_parser("marnet_jax.evidence.ablation"))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from marnet_jax.cli import flags_parser
 from marnet_jax.evidence import common
 
 log = logging.getLogger("marnet_jax")
@@ -447,7 +448,7 @@ def cli() -> None:
     )
     flags.DEFINE_float("tolerance", 0.5, "Accuracy (points) a cheaper setting may lose.")
     absl_logging.set_verbosity(absl_logging.WARNING)
-    app.run(_main, flags_parser=common.flags_parser("marnet_jax.evidence.cdr_inference"))
+    app.run(_main, flags_parser=flags_parser("marnet_jax.evidence.cdr_inference"))
 
 
 if __name__ == "__main__":

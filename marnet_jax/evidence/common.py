@@ -13,7 +13,6 @@ import json
 import math
 import os
 import platform
-import re
 import shlex
 import subprocess
 import sys
@@ -44,29 +43,6 @@ def define_common_flags() -> None:
     config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:arg]).")
     flags.DEFINE_string("workdir", None, "Evidence workdir: every study reads and writes here.")
     flags.mark_flags_as_required(["config", "workdir"])
-
-
-def flags_parser(prog: str) -> Callable[[list[str]], list[str]]:
-    """absl flag parsing for `prog` with a mistyped config field reported in one line that names it
-    (the same message as marnet_jax.main)."""
-    from absl import flags
-
-    def parse(argv: list[str]) -> list[str]:
-        try:
-            return flags.FLAGS(argv)
-        except (AttributeError, KeyError) as e:
-            message = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\n", " ")
-            message = re.sub(r"[\\'\"]+", "'", message).strip("'")
-            key = re.match(r"[A-Za-z_]\w*", message)
-            overrides = [a[2:].split("=")[0] for a in argv if a.startswith("--config.")]
-            named = [o for o in overrides if key and key.group(0) in o.split(".")]
-            field = named[0] if named else "in a --config override"
-            hint = message.split("'", 1)[1].strip(" '") if "'" in message else message
-            sys.exit(f"{prog}: unknown config field {field}. {hint}")
-        except flags.Error as e:
-            sys.exit(f"{prog}: {e}")
-
-    return parse
 
 
 def run_cli(prog: str, main: Callable[[], None]) -> None:

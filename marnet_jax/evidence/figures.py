@@ -30,6 +30,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from marnet_jax.cli import flags_parser
 from marnet_jax.evidence import common
 from marnet_jax.evidence.robustness import config_name
 
@@ -631,7 +632,7 @@ def cli() -> None:
     flags.DEFINE_integer("tsne_max_iter", 1000, "t-SNE optimisation steps (>= 250).")
     flags.DEFINE_integer("knn_k", 10, "k of the k-NN accuracy.")
     absl_logging.set_verbosity(absl_logging.WARNING)
-    app.run(_main, flags_parser=common.flags_parser("marnet_jax.evidence.figures"))
+    app.run(_main, flags_parser=flags_parser("marnet_jax.evidence.figures"))
 
 
 if __name__ == "__main__":

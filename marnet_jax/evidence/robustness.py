@@ -29,6 +29,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from marnet_jax.cli import flags_parser
 from marnet_jax.evidence import common, corruptions
 
 log = logging.getLogger("marnet_jax")
@@ -549,7 +550,7 @@ def cli() -> None:
     )
     flags.DEFINE_integer("corruption_seed", 0, "Seed of the random parts of the corruptions.")
     absl_logging.set_verbosity(absl_logging.WARNING)
-    app.run(_main, flags_parser=common.flags_parser("marnet_jax.evidence.robustness"))
+    app.run(_main, flags_parser=flags_parser("marnet_jax.evidence.robustness"))
 
 
 if __name__ == "__main__":
