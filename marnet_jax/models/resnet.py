@@ -19,11 +19,12 @@ Options:
     (nn.remat): less memory for big batches, about one more forward pass of compute.
   dtype: compute dtype (e.g. jnp.bfloat16); param_dtype: parameter dtype (float32 by default). BatchNorm
     statistics are computed in float32 whatever the compute dtype.
-  conv_impl: 'xla' (lax.conv_general_dilated and XLA's autodiff: GPU/TPU), 'cpu' (same forward, but
-    kernel gradients as patch matmuls, 1x1 convs as matmuls, and maps smaller than the kernel fully as
-    patches + matmul: XLA's CPU kernel-gradient conv and its convs on 2x2 maps are several to 75 times
-    slower), or 'auto' (default: 'cpu' on the CPU backend, else 'xla'). Same parameters, same results up
-    to float rounding.
+  conv_impl: 'xla' (lax.conv_general_dilated and XLA's autodiff), 'auto' (default: the same, except
+    that on the CPU backend maps smaller than the kernel, e.g. 2x2 under a 3x3, run as patches +
+    matmul: XLA's CPU conv is up to 75 times slower there), or 'cpu' (XLA forward and input gradient,
+    kernel gradients as patch matmuls, 1x1 convs as matmuls, tiny maps as in 'auto'; it was the faster
+    CPU path while XLA ran convolutions through YNNPACK, see marnet_jax/__init__.py, and is kept for
+    the benchmarks' comparison). Same parameters, same results up to float rounding.
 
 Parameter naming (collections 'params' and 'batch_stats'), torchvision name -> this module:
   conv1.weight                      -> conv_init/kernel            (OIHW -> HWIO: transpose(2, 3, 1, 0))
@@ -123,10 +124,11 @@ _conv_matmul_dk.defvjp(_conv_matmul_dk_fwd, _conv_matmul_dk_bwd)
 
 
 def _resolve_conv_impl(impl: str) -> str:
+    """'auto' -> 'auto_cpu' on the CPU backend (XLA conv, patches on tiny maps), else 'xla'."""
     if impl not in CONV_IMPLS:
         raise ValueError(f"unknown conv_impl {impl!r}; expected one of {CONV_IMPLS}")
     if impl == "auto":
-        return "cpu" if jax.default_backend() == "cpu" else "xla"
+        return "auto_cpu" if jax.default_backend() == "cpu" else "xla"
     return impl
 
 
@@ -134,8 +136,9 @@ class Conv2D(nn.Module):
     """Square bias-free conv with torch-style symmetric padding k // 2; param 'kernel' [k, k, in, out].
 
     Same parameter layout as nn.Conv(use_bias=False). impl='xla': lax.conv_general_dilated and its
-    autodiff. impl='cpu': the same forward and input gradient, the kernel gradient as a patch matmul,
-    and maps smaller than the kernel (e.g. 2x2 under a 3x3) run entirely as patches + matmul.
+    autodiff. impl='auto': the same, but on the CPU backend maps smaller than the kernel (e.g. 2x2
+    under a 3x3) run as patches + matmul. impl='cpu': as 'auto' on the CPU, plus kernel gradients as
+    patch matmuls and 1x1 convs as matmuls.
     """
 
     features: int
@@ -156,9 +159,10 @@ class Conv2D(nn.Module):
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
         pad = k // 2
         impl = _resolve_conv_impl(self.impl)
-        if impl == "xla":
+        tiny_map = min(x.shape[1], x.shape[2]) < k
+        if impl == "xla" or (impl == "auto_cpu" and not tiny_map):
             return _xla_conv(x, kernel, self.strides, pad)
-        if k == 1 or min(x.shape[1], x.shape[2]) < k:
+        if tiny_map or k == 1:
             return _im2col_conv(x, kernel, self.strides, pad)
         return _conv_matmul_dk(x, kernel, self.strides, pad)
 
@@ -269,11 +273,12 @@ class ResNet(nn.Module):
     def __call__(self, x: Array, train: bool) -> Array:
         if self.stem not in STEMS:
             raise ValueError(f"unknown stem {self.stem!r}; expected one of {STEMS}")
+        _resolve_conv_impl(self.conv_impl)  # a bad value fails here, before any layer is built
         chex.assert_rank(x, 4)
         batch = x.shape[0]
         conv = functools.partial(
             Conv2D,
-            impl=_resolve_conv_impl(self.conv_impl),
+            impl=self.conv_impl,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
