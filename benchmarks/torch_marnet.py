@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     p.add_argument(
         "--jax_conv_impls",
-        default="auto,xla",
+        default="auto,cpu",
         help="ResNet conv_impl values of the JAX rows ('auto' is what the config trains with)",
     )
     args = p.parse_args(argv)

@@ -63,16 +63,16 @@ PRESETS: dict[str, list[Case]] = {
     "small": [
         Case("default full", "default", "full", 64),
         Case("default baseline", "default", "baseline", 64),
-        # The ResNet's other convolution path on the CPU (XLA's own kernel gradients).
+        # The ResNet's other CPU convolution path (kernel gradients as patch matmuls).
         Case(
-            "default full xla-conv", "default", "full", 64, backbone_kwargs=(("conv_impl", "xla"),)
+            "default full cpu-conv", "default", "full", 64, backbone_kwargs=(("conv_impl", "cpu"),)
         ),
         Case(
-            "default baseline xla-conv",
+            "default baseline cpu-conv",
             "default",
             "baseline",
             64,
-            backbone_kwargs=(("conv_impl", "xla"),),
+            backbone_kwargs=(("conv_impl", "cpu"),),
         ),
     ],
     "cpu-smoke": [
