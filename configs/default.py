@@ -7,19 +7,20 @@ Arg: the variant, baseline (visual only) | ema | cdr | full (default).
 The first run builds synthetic_food/default into ~/tensorflow_datasets (about a minute).
 
 Result: 450 steps, seeds 0/1/2, test split (3,000 images, 30 dishes, chance 3.3%), top-1 / top-5 in %,
-on the project's 2-core CPU machine (no GPU), from `python -m marnet_jax.evidence.ablation
---config configs/default.py --workdir W --seeds 0,1,2 --variants full,baseline`:
+on the project's 2-core CPU machine (no GPU, no other job), from `python -m marnet_jax.evidence.ablation
+--config configs/default.py --workdir W` (all four variants, 44 min in all; docs/results.md):
 
-    variant   fused top-1         fused top-5         visual probe top-1  CDR head top-1
-    full      36.5 / 32.5 / 29.7  88.0 / 85.2 / 81.5  38.0 / 34.8 / 30.0  13.4 / 10.6 / 10.8
-    baseline  37.5 / 39.8 / 35.3  85.7 / 89.1 / 84.7  33.5 / 36.6 / 32.0  -
+    variant   fused top-1         fused top-5         visual probe top-1  CDR head top-1  train wall
+    baseline  27.2 / 40.3 / 31.3  74.8 / 88.5 / 80.8  23.9 / 38.0 / 29.9  -               186-203 s
+    ema       32.8 / 31.8 / 31.5  83.5 / 81.4 / 83.0  31.3 / 30.1 / 31.7  -               200-219 s
+    cdr       22.0 / 35.0 / 32.3  67.6 / 87.8 / 80.7  22.6 / 35.0 / 32.0  7.1 / 9.6 / 10.6   230-239 s
+    full      34.9 / 32.4 / 33.6  86.3 / 85.4 / 84.3  36.0 / 35.1 / 33.7  13.3 / 10.4 / 11.3 238-264 s
 
-Mean +- std of fused top-1: full 32.9 +- 3.4, baseline 37.6 +- 2.3; paired by seed, full MARNet is
-4.7 +- 3.2 points below the visual-only model on this budget (it is ahead on top-5 for seed 0 only).
-Train + evaluation wall per run: full 447-764 s, baseline 309-706 s, with other jobs on the 2 cores;
-a full step took 0.6-0.7 s and a baseline step 0.55-0.6 s when the machine was nearly free.
-The CDR head reads x_CDR from the image-only DDIM-10 chain but is trained on the one-step estimate
-s0_hat (near the text embedding); that mismatch keeps it at 11-13%.
+Mean +- std of fused top-1: full 33.6 +- 1.2, baseline 32.9 +- 6.7: level on average (full ahead on
+seeds 0 and 2), with full MARNet far steadier over seeds; its top-5 (85.4 +- 1.0 against 81.4 +- 6.9)
+and visual probe (34.9 against 30.6) are higher. The CDR head reads x_CDR from the image-only DDIM-10
+chain but is trained on the one-step estimate s0_hat (near the text embedding); that mismatch keeps it
+at 7-13%. (Train wall includes compilation and the validation/test passes.)
 """
 
 import ml_collections
@@ -39,8 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     config.model.embed_dim = 128
     # A denoiser as wide as the embedding: the fused classifier trains on the 10-step reverse chain, and
-    # at width 256 that chain took half of each step on 2 CPU cores (1.3 s/step against 0.55 s for the
-    # visual-only model).
+    # at width 256 that chain took half of each step on 2 CPU cores.
     config.model.cdr.hidden_dim = 128
     config.train.batch_size = 64
     config.train.eval_batch_size = 500
