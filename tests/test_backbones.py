@@ -246,13 +246,13 @@ def test_zero_init_residual():
 
 # (map size, in, out, kernel, stride): the cases a ResNet meets, incl. maps smaller than the kernel.
 CONV_CASES = [(9, 3, 4, 7, 2), (8, 3, 5, 3, 1), (8, 4, 6, 3, 2), (9, 4, 6, 1, 2), (2, 5, 3, 3, 1)]
-CONV_CASES += [(1, 5, 3, 3, 1), (3, 4, 4, 3, 2)]
+CONV_CASES += [(1, 5, 3, 3, 1), (3, 4, 4, 3, 2), (6, 4, 5, 1, 1), (9, 3, 4, 7, 1)]
 
 
 def test_conv_impls_agree_with_flax_conv():
-    """Conv2D with impl 'xla', 'auto' (im2col for maps under the kernel size on the CPU) and 'cpu'
-    (also matmul kernel grads) match nn.Conv with torch padding k // 2 on both sides (flax 'SAME' would pad stride-2 convs
-    0/1): values and gradients."""
+    """Conv2D with impl 'xla', 'auto' and 'cpu' (im2col for maps under the kernel size, kernel
+    gradients of stride-1 convs with the output gradient as the image) match nn.Conv with torch
+    padding k // 2 on both sides (flax 'SAME' would pad stride-2 convs 0/1): values and gradients."""
     for i, (size, cin, cout, k, stride) in enumerate(CONV_CASES):
         rng = np.random.default_rng(i)
         x = jnp.asarray(rng.standard_normal((2, size, size, cin)), jnp.float32)

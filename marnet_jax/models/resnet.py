@@ -19,12 +19,12 @@ Options:
     (nn.remat): less memory for big batches, about one more forward pass of compute.
   dtype: compute dtype (e.g. jnp.bfloat16); param_dtype: parameter dtype (float32 by default). BatchNorm
     statistics are computed in float32 whatever the compute dtype.
-  conv_impl: 'xla' (lax.conv_general_dilated and XLA's autodiff), 'auto' (default: the same, except
-    that on the CPU backend maps smaller than the kernel, e.g. 2x2 under a 3x3, run as patches +
-    matmul: XLA's CPU conv is up to 75 times slower there), or 'cpu' (XLA forward and input gradient,
-    kernel gradients as patch matmuls, 1x1 convs as matmuls, tiny maps as in 'auto'; it was the faster
-    CPU path while XLA ran convolutions through YNNPACK, see marnet_jax/__init__.py, and is kept for
-    the benchmarks' comparison). Same parameters, same results up to float rounding.
+  conv_impl: 'xla' (lax.conv_general_dilated and XLA's autodiff), 'cpu' or 'auto' (the default: 'cpu'
+    on the CPU backend, 'xla' elsewhere). 'cpu' computes the same with two changes that XLA's CPU
+    backend needs: maps smaller than the kernel (2x2 under a 3x3) run as patches + matmul (XLA's
+    CPU conv is up to 75 times slower there), and the kernel gradient of a stride-1 conv is computed
+    with the output gradient as the convolution's image (`_kernel_grad_stride1`). Same parameters,
+    same results up to float rounding.
 
 Parameter naming (collections 'params' and 'batch_stats'), torchvision name -> this module:
   conv1.weight                      -> conv_init/kernel            (OIHW -> HWIO: transpose(2, 3, 1, 0))
@@ -75,8 +75,6 @@ def _xla_conv(x: Array, kernel: Array, stride: int, pad: int) -> Array:
 
 def _patches(x: Array, kh: int, kw: int, stride: int, pad: int) -> Array:
     """[B, H, W, C] -> [B, Ho, Wo, kh * kw * C] by strided slices; ordered (kh, kw, C) like HWIO."""
-    if kh == 1 and kw == 1 and pad == 0:
-        return x[:, ::stride, ::stride, :]
     b, h, w, c = x.shape
     xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
     ho = (h + 2 * pad - kh) // stride + 1
@@ -101,44 +99,66 @@ def _im2col_conv(x: Array, kernel: Array, stride: int, pad: int) -> Array:
     return jnp.einsum("bhwk,ko->bhwo", patches, kernel.reshape(kh * kw * cin, cout))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_matmul_dk(x: Array, kernel: Array, stride: int, pad: int) -> Array:
-    """XLA conv whose kernel gradient is a patch matmul (XLA CPU's own is several times slower)."""
-    return _xla_conv(x, kernel, stride, pad)
+def _kernel_grad_stride1(x: Array, g: Array, k: int, pad: int) -> Array:
+    """Kernel gradient [k, k, Cin, Cout] of a stride-1 conv, from its input x and output gradient g.
+
+    XLA differentiates a conv's kernel with a convolution that needs x with the batch as its minor
+    dimension. On the CPU that transpose is fused with the elementwise ops that produced x (BatchNorm,
+    ReLU, the residual sums of up to three blocks) and runs several times slower than a plain
+    transpose. Here g is the convolution's image instead (batch = Cout, features = the batch) and x
+    its kernel: x needs only a cheap transpose (batch to third place), and g, which the input
+    gradient has already materialised, takes the batch-minor one. The result comes out flipped.
+    (Strided convs keep XLA's gradient: rewritten this way, through space-to-depth, they were slower.)
+    """
+    lo = k - 1 - pad
+    # Padded here, not as conv padding: XLA swaps the operands back when the kernel is the larger.
+    g = jnp.pad(
+        g,
+        ((0, 0), (lo, pad + x.shape[1] - g.shape[1]), (lo, pad + x.shape[2] - g.shape[2]), (0, 0)),
+    )
+    flipped = lax.conv_general_dilated(
+        g,
+        x,
+        window_strides=(1, 1),
+        padding="VALID",
+        dimension_numbers=("CHWN", "IHWO", "NHWC"),
+        preferred_element_type=jnp.float32,
+    )  # [Cout, k, k, Cin]
+    return jnp.transpose(flipped[:, ::-1, ::-1, :], (1, 2, 3, 0))
 
 
-def _conv_matmul_dk_fwd(x: Array, kernel: Array, stride: int, pad: int):
-    return _xla_conv(x, kernel, stride, pad), (x, kernel)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_stride1_cpu(x: Array, kernel: Array, pad: int) -> Array:
+    """XLA's stride-1 conv; its kernel gradient from `_kernel_grad_stride1`."""
+    return _xla_conv(x, kernel, 1, pad)
 
 
-def _conv_matmul_dk_bwd(stride: int, pad: int, res: tuple[Array, Array], g: Array):
+def _conv_stride1_cpu_fwd(x: Array, kernel: Array, pad: int):
+    return _xla_conv(x, kernel, 1, pad), (x, kernel)
+
+
+def _conv_stride1_cpu_bwd(pad: int, res: tuple[Array, Array], g: Array):
     x, kernel = res
-    kh, kw, cin, cout = kernel.shape
-    (dx,) = jax.linear_transpose(lambda x_: _xla_conv(x_, kernel, stride, pad), x)(g)
-    patches = _patches(x, kh, kw, stride, pad)
-    dk = jnp.einsum("bhwk,bhwo->ko", patches, g, preferred_element_type=jnp.float32)
-    return dx, dk.reshape(kh, kw, cin, cout).astype(kernel.dtype)
+    (dx,) = jax.linear_transpose(lambda x_: _xla_conv(x_, kernel, 1, pad), x)(g)
+    return dx, _kernel_grad_stride1(x, g, kernel.shape[0], pad).astype(kernel.dtype)
 
 
-_conv_matmul_dk.defvjp(_conv_matmul_dk_fwd, _conv_matmul_dk_bwd)
+_conv_stride1_cpu.defvjp(_conv_stride1_cpu_fwd, _conv_stride1_cpu_bwd)
 
 
 def _resolve_conv_impl(impl: str) -> str:
-    """'auto' -> 'auto_cpu' on the CPU backend (XLA conv, patches on tiny maps), else 'xla'."""
+    """'auto' -> 'cpu' on the CPU backend, else 'xla'."""
     if impl not in CONV_IMPLS:
         raise ValueError(f"unknown conv_impl {impl!r}; expected one of {CONV_IMPLS}")
     if impl == "auto":
-        return "auto_cpu" if jax.default_backend() == "cpu" else "xla"
+        return "cpu" if jax.default_backend() == "cpu" else "xla"
     return impl
 
 
 class Conv2D(nn.Module):
     """Square bias-free conv with torch-style symmetric padding k // 2; param 'kernel' [k, k, in, out].
 
-    Same parameter layout as nn.Conv(use_bias=False). impl='xla': lax.conv_general_dilated and its
-    autodiff. impl='auto': the same, but on the CPU backend maps smaller than the kernel (e.g. 2x2
-    under a 3x3) run as patches + matmul. impl='cpu': as 'auto' on the CPU, plus kernel gradients as
-    patch matmuls and 1x1 convs as matmuls.
+    Same parameter layout as nn.Conv(use_bias=False). impl: 'xla', 'cpu' or 'auto' (module docstring).
     """
 
     features: int
@@ -158,13 +178,13 @@ class Conv2D(nn.Module):
         )
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
         pad = k // 2
-        impl = _resolve_conv_impl(self.impl)
-        tiny_map = min(x.shape[1], x.shape[2]) < k
-        if impl == "xla" or (impl == "auto_cpu" and not tiny_map):
+        if _resolve_conv_impl(self.impl) == "xla":
             return _xla_conv(x, kernel, self.strides, pad)
-        if tiny_map or k == 1:
+        if min(x.shape[1], x.shape[2]) < k:
             return _im2col_conv(x, kernel, self.strides, pad)
-        return _conv_matmul_dk(x, kernel, self.strides, pad)
+        if self.strides == 1:
+            return _conv_stride1_cpu(x, kernel, pad)
+        return _xla_conv(x, kernel, self.strides, pad)
 
 
 class BasicBlock(nn.Module):
