@@ -357,8 +357,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     p.add_argument(
         "--jax_conv_impls",
-        default="auto,cpu",
-        help="ResNet conv_impl values of the JAX rows ('auto' is what the config trains with)",
+        default="auto,xla",
+        help="ResNet conv_impl values of the JAX rows ('auto' is what the config trains with; "
+        "'xla' is XLA's own conv gradients)",
     )
     args = p.parse_args(argv)
     _common.setup_jax(args)

@@ -63,16 +63,16 @@ PRESETS: dict[str, list[Case]] = {
     "small": [
         Case("default full", "default", "full", 64),
         Case("default baseline", "default", "baseline", 64),
-        # The ResNet's other CPU convolution path (kernel gradients as patch matmuls).
+        # XLA's own conv gradients (conv_impl 'xla'), for what the CPU path ('auto') saves.
         Case(
-            "default full cpu-conv", "default", "full", 64, backbone_kwargs=(("conv_impl", "cpu"),)
+            "default full xla-conv", "default", "full", 64, backbone_kwargs=(("conv_impl", "xla"),)
         ),
         Case(
-            "default baseline cpu-conv",
+            "default baseline xla-conv",
             "default",
             "baseline",
             64,
-            backbone_kwargs=(("conv_impl", "cpu"),),
+            backbone_kwargs=(("conv_impl", "xla"),),
         ),
     ],
     "cpu-smoke": [
