@@ -8,19 +8,23 @@ The first run builds synthetic_food/default into ~/tensorflow_datasets (about a 
 
 Result: 450 steps, seeds 0/1/2, test split (3,000 images, 30 dishes, chance 3.3%), top-1 / top-5 in %,
 on the project's 2-core CPU machine (no GPU, no other job), from `python -m marnet_jax.evidence.ablation
---config configs/default.py --workdir W` (all four variants, 44 min in all; docs/results.md):
+--config configs/default.py --workdir W` (all four variants, 25 min in all; docs/results.md):
 
-    variant   fused top-1         fused top-5         visual probe top-1  CDR head top-1  train wall
-    baseline  27.2 / 40.3 / 31.3  74.8 / 88.5 / 80.8  23.9 / 38.0 / 29.9  -               186-203 s
-    ema       32.8 / 31.8 / 31.5  83.5 / 81.4 / 83.0  31.3 / 30.1 / 31.7  -               200-219 s
-    cdr       22.0 / 35.0 / 32.3  67.6 / 87.8 / 80.7  22.6 / 35.0 / 32.0  7.1 / 9.6 / 10.6   230-239 s
-    full      34.9 / 32.4 / 33.6  86.3 / 85.4 / 84.3  36.0 / 35.1 / 33.7  13.3 / 10.4 / 11.3 238-264 s
+    variant   fused top-1         fused top-5         visual probe top-1  CDR head top-1     train wall
+    baseline  28.0 / 36.6 / 32.6  75.4 / 85.8 / 82.6  25.1 / 33.5 / 31.3  -                  108-112 s
+    ema       26.3 / 30.1 / 31.8  76.0 / 77.6 / 81.8  25.7 / 27.4 / 31.0  -                  117-129 s
+    cdr       29.2 / 36.5 / 30.9  79.2 / 88.3 / 81.0  29.3 / 36.4 / 30.7  8.7 / 11.7 / 10.4  129-139 s
+    full      23.0 / 29.2 / 35.0  72.8 / 81.9 / 86.1  24.3 / 29.5 / 36.0  8.5 / 8.3 / 13.4   136-146 s
 
-Mean +- std of fused top-1: full 33.6 +- 1.2, baseline 32.9 +- 6.7: level on average (full ahead on
-seeds 0 and 2), with full MARNet far steadier over seeds; its top-5 (85.4 +- 1.0 against 81.4 +- 6.9)
-and visual probe (34.9 against 30.6) are higher. The CDR head reads x_CDR from the image-only DDIM-10
-chain but is trained on the one-step estimate s0_hat (near the text embedding); that mismatch keeps it
-at 7-13%. (Train wall includes compilation and the validation/test passes.)
+Mean +- std of fused top-1: full 29.0 +- 6.0, baseline 32.4 +- 4.3: at this budget neither EMA nor
+CDR helps consistently (EMA alone is behind the baseline on every seed). The spread is mostly chance
+in the optimisation: runs of the same seed whose gradients differ only by float rounding (XLA's own
+conv gradients, conv_impl='xla', against the default CPU path, identical after step 1 and 3e-4 apart
+after step 3) ended at 37.2 / 35.7 / 31.0 fused top-1 for full MARNet against the 23.0 / 29.2 / 35.0
+above, and an earlier code version measured 34.9 / 32.4 / 33.6. Differences of a few points between
+variants are within that noise. The CDR head reads x_CDR from the image-only DDIM-10 chain but is
+trained on the one-step estimate s0_hat (near the text embedding); that mismatch keeps it at 8-13%.
+(Train wall includes compilation and the validation/test passes.)
 """
 
 import ml_collections
