@@ -43,18 +43,10 @@ class Timing:
         return {k: round(v, 6) if isinstance(v, float) else v for k, v in vars(self).items()}
 
 
-def time_calls(fn: Callable[[], Any], warmup: int, iters: int) -> Timing:
-    """Times `fn()` (which must block until its work is done) `iters` times after `warmup` calls."""
-    if iters < 1:
-        raise ValueError(f"iters must be >= 1, got {iters}.")
-    for _ in range(warmup):
-        fn()
-    wall, cpu = [], []
-    for _ in range(iters):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
+def timing_of(wall: Sequence[float], cpu: Sequence[float]) -> Timing:
+    """Timing of measured calls: wall and process-CPU seconds per call."""
+    if not wall:
+        raise ValueError("no timed calls.")
     w = np.asarray(wall)
     return Timing(
         median_s=float(np.median(w)),
@@ -63,8 +55,54 @@ def time_calls(fn: Callable[[], Any], warmup: int, iters: int) -> Timing:
         min_s=float(w.min()),
         max_s=float(w.max()),
         cpu_s=float(np.median(cpu)),
-        iters=iters,
+        iters=len(w),
     )
+
+
+def timed_calls(fn: Callable[[], Any], iters: int) -> tuple[list[float], list[float]]:
+    """Wall and process-CPU seconds of `iters` calls of `fn()` (which must block until done)."""
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}.")
+    wall, cpu = [], []
+    for _ in range(iters):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return wall, cpu
+
+
+def time_calls(fn: Callable[[], Any], warmup: int, iters: int) -> Timing:
+    """Times `fn()` (which must block until its work is done) `iters` times after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    return timing_of(*timed_calls(fn, iters))
+
+
+def time_in_turns(
+    fns: Sequence[Callable[[], Any]], warmup: int, rounds: int, per_round: int, pause_s: float = 0.2
+) -> tuple[list[Timing], np.ndarray]:
+    """Times several blocking functions taking turns; (their Timings, round medians [rounds, n]).
+
+    In each round every function runs `per_round` timed calls, the order rotating from round to
+    round, so a machine whose speed drifts during the run slows all of them alike; `pause_s` before
+    each turn lets the previous one's worker threads go idle.
+    """
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    n = len(fns)
+    wall, cpu = [[] for _ in range(n)], [[] for _ in range(n)]
+    round_medians = np.zeros((rounds, n))
+    for r in range(rounds):
+        for k in range(n):
+            i = (r + k) % n
+            time.sleep(pause_s)
+            w, c = timed_calls(fns[i], per_round)
+            wall[i] += w
+            cpu[i] += c
+            round_medians[r, i] = np.median(w)
+    return [timing_of(w, c) for w, c in zip(wall, cpu, strict=True)], round_medians
 
 
 def load_average() -> tuple[float, float, float]:

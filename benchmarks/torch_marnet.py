@@ -11,16 +11,21 @@ v-prediction MSE, the straight-through s0_hat read by the CDR head, the DDIM rev
 fused classifier trains on with gradients through it, LayerNorm + Linear heads, the visual probe on
 detached features, AdamW with decay on matrices only and global-norm clipping. Same batch, image size
 and float32. A config option this file does not implement is a clear error, not a silent difference.
-Timing is the same for both frameworks: median (and interquartile range) of single, waited-for steps
-after warm-up on one fixed synthetic batch. The JAX rows come from benchmarks.train_step.
+Timing is the same for both frameworks: single, waited-for steps after warm-up on one fixed synthetic
+batch. The frameworks take turns: in each round every one runs a few steps (the order rotates from
+round to round), so a machine whose speed drifts during the run slows all of them alike. Reported: the
+median and interquartile range of all timed steps, and the speed relative to torch as the median over
+rounds of torch's round median over the row's round median (with its range over rounds). The JAX
+steps are built and compiled by benchmarks.train_step.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import importlib
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -31,9 +36,9 @@ from benchmarks import _common
 from marnet_jax.models import diffusion
 
 PRESETS = {
-    # config module, variants, warm-up steps, timed steps
-    "tiny": ("tiny", ("full", "baseline"), 1, 2),
-    "small": ("default", ("full", "baseline"), 3, 10),
+    # config module, variants, warm-up steps, rounds, timed steps per round
+    "tiny": ("tiny", ("full", "baseline"), 1, 2, 1),
+    "small": ("default", ("full", "baseline"), 3, 8, 3),
 }
 
 # What this torch port implements; anything else in the config is refused.
@@ -343,6 +348,35 @@ def torch_step_fn(config: ml_collections.ConfigDict, num_classes: int, num_ingre
     return step, model
 
 
+def _race(
+    contenders: list[tuple[dict[str, Any], Callable[[], None]]],
+    warmup: int,
+    rounds: int,
+    per_round: int,
+) -> list[dict[str, Any]]:
+    """Times the contenders' steps in turns; returns their rows with timings and speed vs torch."""
+    timings, round_medians = _common.time_in_turns(
+        [step for _, step in contenders], warmup, rounds, per_round
+    )
+    torch_i = next(
+        (i for i, (row, _) in enumerate(contenders) if row["framework"].startswith("torch")), None
+    )
+    rows = []
+    for i, ((row, _), t) in enumerate(zip(contenders, timings, strict=True)):
+        row = row | dict(
+            step=t.as_dict(), images_per_s=round(row["batch"] / t.median_s, 1), rounds=rounds
+        )
+        if torch_i is not None:
+            ratios = round_medians[:, torch_i] / round_medians[:, i]
+            row["speed_vs_torch"] = dict(
+                median=round(float(np.median(ratios)), 3),
+                min=round(float(ratios.min()), 3),
+                max=round(float(ratios.max()), 3),
+            )
+        rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = _common.parser(__doc__, PRESETS, "small", "torch_marnet")
     p.add_argument("--frameworks", default="torch,jax", help="torch and/or jax")
@@ -367,7 +401,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    module, variants, warmup, iters = PRESETS[args.preset]
+    module, variants, warmup, rounds, per_round = PRESETS[args.preset]
     frameworks = args.frameworks.split(",")
     if args.variants:
         variants = tuple(v for v in variants if v in args.variants.split(","))
@@ -378,21 +412,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         facts = _common.shape_facts(config.data)
         b, px = config.train.batch_size, config.data.image_size
         base = dict(variant=variant, batch=b, image_size=px, dtype="float32")
+        contenders = []  # (row without timings, one waited-for step)
         if "torch" in frameworks:
             torch.manual_seed(0)
             step, model = torch_step_fn(config, facts.num_classes, facts.num_ingredients)
-            t = _common.time_calls(step, warmup, iters)
+            framework = f"torch {torch.__version__} eager ({torch.get_num_threads()} threads)"
             n_params = sum(p.numel() for p in model.parameters())
-            rows.append(
-                base
-                | dict(
-                    framework=f"torch {torch.__version__} eager ({torch.get_num_threads()} threads)",
-                    params=n_params,
-                    step=t.as_dict(),
-                    images_per_s=round(b / t.median_s, 1),
-                )
-            )
-            print(f"torch {variant}: {t.median_s * 1e3:.0f} ms", flush=True)
+            contenders.append((base | dict(framework=framework, params=n_params), step))
         if "jax" in frameworks:
             from benchmarks import train_step
 
@@ -401,19 +427,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 case = train_step.Case(
                     f"{module} {variant}", module, variant, b, backbone_kwargs=kwargs
                 )
-                case = dataclasses.replace(case, warmup=warmup, iters=iters)
-                r = train_step.run_case(case, args.devices, flops=False)
-                rows.append(
-                    base
-                    | dict(
-                        framework=f"jax {jax.__version__} jit"
-                        + ("" if impl == "auto" else f" (conv_impl={impl})"),
-                        step=r["step"],
-                        images_per_s=r["images_per_s"],
-                        compile_s=round(r["lower_s"] + r["compile_s"], 2),
+                c = train_step.compile_case(case, args.devices, flops=False)
+                framework = f"jax {jax.__version__} jit" + (
+                    "" if impl == "auto" else f" (conv_impl={impl})"
+                )
+                compile_s = round(c.lower_s + c.compile_s, 2)
+                contenders.append(
+                    (
+                        base | dict(framework=framework, compile_s=compile_s),
+                        functools.partial(c.run, 1),
                     )
                 )
-                print(f"jax {variant} {impl}: {r['step']['median_s'] * 1e3:.0f} ms", flush=True)
+        rows += _race(contenders, warmup, rounds, per_round)
+        for r in rows[-len(contenders) :]:
+            print(f"{r['framework']} {variant}: {r['step']['median_s'] * 1e3:.0f} ms", flush=True)
     info = _common.machine_info()
     info["load_average_before"] = load_before
     info["torch_threads"] = torch.get_num_threads()
@@ -421,15 +448,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     table = []
     for r in rows:
         s = r["step"]
-        ref = next(
-            (
-                x
-                for x in rows
-                if x["variant"] == r["variant"] and x["framework"].startswith("torch")
-            ),
-            None,
-        )
-        ratio = "-" if ref is None else f"{ref['step']['median_s'] / s['median_s']:.2f}x"
+        vs = r.get("speed_vs_torch")
+        ratio = "-" if vs is None else f"{vs['median']:.2f}x ({vs['min']:.2f}-{vs['max']:.2f})"
         table.append(
             [
                 r["variant"],
@@ -444,7 +464,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ]
         )
     headers = ["variant", "framework", "batch", "px", "step ms (median)", "IQR ms"]
-    headers += ["CPU s/step", "images/s", "speed vs torch"]
+    headers += ["CPU s/step", "images/s", "speed vs torch (range over rounds)"]
     print(_common.markdown_table(headers, table))
     out = dict(
         benchmark="torch_marnet",

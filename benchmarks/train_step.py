@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -119,10 +120,21 @@ def setup_step(
     return p_train, state, mesh
 
 
-def run_case(
-    case: Case, devices: int = -1, flops: bool = True, peak: dict[str, float] | None = None
-) -> dict[str, Any]:
-    """Compiles and times one case; returns its JSON row."""
+@dataclasses.dataclass
+class CompiledCase:
+    """One case's compiled step on its synthetic device batch, ready to run."""
+
+    config: ml_collections.ConfigDict
+    devices: int
+    lower_s: float
+    compile_s: float
+    gflop: float | None  # XLA cost analysis, diffusion chain unrolled
+    compiled_gflop: float | None  # the compiled program's own analysis
+    run: Callable[[int], None]  # n steps dispatched back to back, then waited for
+
+
+def compile_case(case: Case, devices: int = -1, flops: bool = True) -> CompiledCase:
+    """Builds the state and the jitted step of one case with the trainer's code and compiles it."""
     config = make_config(case, devices)
     facts = _common.shape_facts(config.data)
     p_train, state, mesh = setup_step(config, facts)
@@ -145,40 +157,49 @@ def run_case(
         gflop = _common.xla_flops(setup_step(config, facts, False)[0], state, batch)
         gflop = None if gflop is None else gflop / 1e9
     compiled_gflop = _common.compiled_flops(step)
-
     holder = {"state": state}
 
-    def one_step() -> None:
-        holder["state"], metrics = step(holder["state"], batch)
+    def run(n: int) -> None:
+        for _ in range(n):
+            holder["state"], metrics = step(holder["state"], batch)
         jax.block_until_ready((holder["state"], metrics))
 
-    timing = _common.time_calls(one_step, case.warmup, case.iters)
+    return CompiledCase(
+        config, mesh.size, lower_s, compile_s, gflop,
+        None if compiled_gflop is None else compiled_gflop / 1e9, run,
+    )  # fmt: skip
+
+
+def run_case(
+    case: Case, devices: int = -1, flops: bool = True, peak: dict[str, float] | None = None
+) -> dict[str, Any]:
+    """Compiles and times one case; returns its JSON row."""
+    c = compile_case(case, devices, flops)
+    timing = _common.time_calls(lambda: c.run(1), case.warmup, case.iters)
     t0 = time.perf_counter()
-    for _ in range(case.iters):  # back to back, as the train loop dispatches them
-        holder["state"], metrics = step(holder["state"], batch)
-    jax.block_until_ready((holder["state"], metrics))
+    c.run(case.iters)  # back to back, as the train loop dispatches them
     pipelined = case.batch * case.iters / (time.perf_counter() - t0)
 
-    achieved = None if gflop is None else gflop * 1e9 / timing.median_s
+    achieved = None if c.gflop is None else c.gflop * 1e9 / timing.median_s
     rate = (peak or {}).get(case.dtype)
     return dict(
         name=case.name,
         config=f"configs/{case.config}.py:{case.arg}",
-        backbone=config.model.backbone,
-        backbone_kwargs=config.model.backbone_kwargs.to_dict(),
-        image_size=config.data.image_size,
+        backbone=c.config.model.backbone,
+        backbone_kwargs=c.config.model.backbone_kwargs.to_dict(),
+        image_size=c.config.data.image_size,
         batch=case.batch,
         dtype=case.dtype,
         remat=case.remat,
-        devices=mesh.size,
+        devices=c.devices,
         status="measured",
-        lower_s=round(lower_s, 2),
-        compile_s=round(compile_s, 2),
+        lower_s=round(c.lower_s, 2),
+        compile_s=round(c.compile_s, 2),
         step=timing.as_dict(),
         images_per_s=round(case.batch / timing.median_s, 1),
         pipelined_images_per_s=round(pipelined, 1),
-        gflop_per_step=None if gflop is None else round(gflop, 3),
-        compiled_gflop_per_step=None if compiled_gflop is None else round(compiled_gflop / 1e9, 3),
+        gflop_per_step=None if c.gflop is None else round(c.gflop, 3),
+        compiled_gflop_per_step=None if c.compiled_gflop is None else round(c.compiled_gflop, 3),
         achieved_tflop_per_s=None if achieved is None else round(achieved / 1e12, 4),
         mfu=None if (achieved is None or not rate) else round(achieved / rate, 4),
     )
