@@ -95,6 +95,84 @@ def test_torch_side_by_side_tiny_preset(tmp_path):
     assert row["step"]["median_s"] > 0 and row["images_per_s"] > 0
 
 
+def test_side_by_side_takes_turns_and_pairs_rounds():
+    import time
+
+    from benchmarks import torch_marnet
+
+    calls = []
+
+    def sleeper(name, seconds):
+        def step():
+            calls.append(name)
+            time.sleep(seconds)
+
+        return step
+
+    contenders = [
+        (dict(framework="torch x", batch=8), sleeper("torch", 0.004)),
+        (dict(framework="jax y", batch=8), sleeper("jax", 0.008)),
+    ]
+    rows = torch_marnet._race(contenders, warmup=1, rounds=3, per_round=2)
+    # Warm-up, then turns of two steps whose order rotates from round to round.
+    assert calls == ["torch", "jax"] + ["torch"] * 2 + ["jax"] * 4 + ["torch"] * 4 + ["jax"] * 2
+    assert [r["step"]["iters"] for r in rows] == [6, 6]
+    assert rows[0]["speed_vs_torch"]["median"] == 1.0
+    assert 0.3 < rows[1]["speed_vs_torch"]["median"] < 0.7  # half torch's speed
+    assert rows[1]["step"]["median_s"] > rows[0]["step"]["median_s"]
+
+
+def test_conv_layers_tiny_preset(tmp_path):
+    pytest.importorskip("torch")
+    from benchmarks import conv_layers
+
+    out = conv_layers.main(
+        ["--preset", "tiny", "--torch_threads", "1", "--json", str(tmp_path / "c.json")]
+    )
+    data = _json(tmp_path / "c.json")
+    assert data["rows"] == json.loads(json.dumps(out["rows"]))
+    assert sum(r["count"] for r in data["rows"]) == 20  # configs/tiny.py: a ResNet-18
+    assert set(data["per_step_ms"]) == {
+        f"{f} {p}" for f in ("jax", "torch") for p in ("fwd", "dk", "dx")
+    }
+    assert all(v > 0 for v in data["per_step_ms"].values())
+
+
+def test_conv_layers_reads_every_convolution_of_the_default_resnet():
+    from benchmarks import conv_layers
+
+    convs = conv_layers.backbone_convs(default.get_config())
+    # ResNet-18: stem, 8 blocks of two 3x3 convs, 3 downsampling 1x1 convs; 64 px, stem /2.
+    assert sum(convs.values()) == 20
+    stem = next(iter(convs))
+    assert (stem.stem, stem.size, stem.cin, stem.k, stem.stride) == (True, 64, 3, 3, 2)
+    assert [c for c in convs if c.stem] == [stem]
+    widths = default.get_config().model.backbone_kwargs.width * np.array([64, 64, 128, 256, 512])
+    assert convs[conv_layers.ConvLayer(32, int(widths[1]), int(widths[1]), 3, 1, False)] == 4
+    assert sum(n for c, n in convs.items() if c.k == 1) == 3
+
+
+def test_conv_layers_jax_and_torch_calls_compute_the_same_convolution():
+    pytest.importorskip("torch")
+    from benchmarks import conv_layers
+
+    # The benchmark times these calls against each other: they must be the same math.
+    for layer in [
+        conv_layers.ConvLayer(8, 4, 6, 3, 2, False),
+        conv_layers.ConvLayer(8, 4, 6, 3, 1, False),
+    ]:
+        x, w = conv_layers.layer_data(layer, 2)
+        jx = {k: np.asarray(f()) for k, f in conv_layers.jax_fns(layer, x, w, "auto").items()}
+        tc = {k: f().detach().numpy() for k, f in conv_layers.torch_fns(layer, x, w).items()}
+        np.testing.assert_allclose(jx["fwd"], tc["fwd"].transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(jx["dk"], tc["dk"].transpose(2, 3, 1, 0), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(jx["dx"], tc["dx"].transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-5)
+    stem = conv_layers.ConvLayer(8, 3, 4, 3, 2, True)
+    x, w = conv_layers.layer_data(stem, 2)
+    assert "dx" not in conv_layers.jax_fns(stem, x, w, "auto")
+    assert "dx" not in conv_layers.torch_fns(stem, x, w)
+
+
 def test_torch_port_refuses_what_it_does_not_mirror():
     pytest.importorskip("torch")
     from benchmarks import torch_marnet

@@ -155,6 +155,17 @@ def _resolve_conv_impl(impl: str) -> str:
     return impl
 
 
+def conv2d(x: Array, kernel: Array, stride: int, pad: int, impl: str = "auto") -> Array:
+    """NHWC x HWIO convolution with symmetric padding `pad`, computed the way `impl` says."""
+    if _resolve_conv_impl(impl) == "xla":
+        return _xla_conv(x, kernel, stride, pad)
+    if min(x.shape[1], x.shape[2]) < kernel.shape[0]:
+        return _im2col_conv(x, kernel, stride, pad)
+    if stride == 1:
+        return _conv_stride1_cpu(x, kernel, pad)
+    return _xla_conv(x, kernel, stride, pad)
+
+
 class Conv2D(nn.Module):
     """Square bias-free conv with torch-style symmetric padding k // 2; param 'kernel' [k, k, in, out].
 
@@ -177,14 +188,7 @@ class Conv2D(nn.Module):
             "kernel", self.kernel_init, (k, k, x.shape[-1], self.features), self.param_dtype
         )
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        pad = k // 2
-        if _resolve_conv_impl(self.impl) == "xla":
-            return _xla_conv(x, kernel, self.strides, pad)
-        if min(x.shape[1], x.shape[2]) < k:
-            return _im2col_conv(x, kernel, self.strides, pad)
-        if self.strides == 1:
-            return _conv_stride1_cpu(x, kernel, pad)
-        return _xla_conv(x, kernel, self.strides, pad)
+        return conv2d(x, kernel, self.strides, k // 2, self.impl)
 
 
 class BasicBlock(nn.Module):
