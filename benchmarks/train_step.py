@@ -53,6 +53,10 @@ class Case:
     iters: int = 10
     gpu_only: bool = False
 
+    def key(self) -> str:
+        """Name, batch and dtype: one row (--cases takes names, which may cover several, or keys)."""
+        return f"{self.name} b{self.batch} {self.dtype}" + (" remat" if self.remat else "")
+
 
 def _paper(backbone: str, batch: int, dtype: str, **kw: Any) -> Case:
     name = f"{backbone} 224px full"
@@ -268,12 +272,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = _common.parser(__doc__, PRESETS, default_preset, "train_step")
     p.add_argument("--devices", type=int, default=-1, help="devices to use (-1: all)")
     p.add_argument("--no_flops", action="store_true", help="skip the FLOPs count (one trace)")
-    p.add_argument("--cases", default="", help="comma-separated case names to keep")
+    p.add_argument(
+        "--cases",
+        default="",
+        help="comma-separated case names (all their batches and dtypes) or keys such as "
+        "'resnet50 224px full b256 bfloat16' to keep",
+    )
     args = p.parse_args(argv)
     _common.setup_jax(args)
     cases = PRESETS[args.preset]
     if args.cases:
-        cases = [c for c in cases if c.name in args.cases.split(",")]
+        wanted = set(args.cases.split(","))
+        cases = [c for c in cases if c.name in wanted or c.key() in wanted]
+        if not cases:
+            keys = ", ".join(c.key() for c in PRESETS[args.preset])
+            raise SystemExit(
+                f"--cases {args.cases!r} matches no case of --preset {args.preset}: {keys}"
+            )
     on_cpu = jax.default_backend() == "cpu"
     measured_cases = [c for c in cases if not (c.gpu_only and on_cpu)]
     peak = {}

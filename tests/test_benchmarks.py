@@ -48,6 +48,12 @@ def test_train_step_gpu_preset_is_pending_on_cpu(tmp_path):
     cases = {(r["name"], r["batch"], r["dtype"]) for r in pending}
     assert ("resnet50 224px full", 256, "bfloat16") in cases
     assert ("vit_b16 224px full", 128, "bfloat16") in cases
+    # One row by its key, for a GPU session with little device time.
+    one = train_step.main(["--preset", "gpu", "--cases", "resnet50 224px full b256 bfloat16 remat",
+                           "--no_flops", "--json", str(tmp_path / "one.json"), *FAST])  # fmt: skip
+    assert [(r["batch"], r["remat"]) for r in one["rows"]] == [(256, True)]
+    with pytest.raises(SystemExit, match="matches no case"):
+        train_step.main(["--preset", "gpu", "--cases", "resnet50 b7", *FAST])
 
 
 def test_cdr_sampler_tiny_preset(tmp_path):
