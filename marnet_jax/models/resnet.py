@@ -157,12 +157,11 @@ def _resolve_conv_impl(impl: str) -> str:
 
 def conv2d(x: Array, kernel: Array, stride: int, pad: int, impl: str = "auto") -> Array:
     """NHWC x HWIO convolution with symmetric padding `pad`, computed the way `impl` says."""
-    if _resolve_conv_impl(impl) == "xla":
-        return _xla_conv(x, kernel, stride, pad)
-    if min(x.shape[1], x.shape[2]) < kernel.shape[0]:
-        return _im2col_conv(x, kernel, stride, pad)
-    if stride == 1:
-        return _conv_stride1_cpu(x, kernel, pad)
+    if _resolve_conv_impl(impl) == "cpu":
+        if min(x.shape[1], x.shape[2]) < kernel.shape[0]:
+            return _im2col_conv(x, kernel, stride, pad)
+        if stride == 1:
+            return _conv_stride1_cpu(x, kernel, pad)
     return _xla_conv(x, kernel, stride, pad)
 
 
