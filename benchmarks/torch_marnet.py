@@ -57,7 +57,7 @@ _SUPPORTED = {
     "model.cdr.target_norm": "sqrt_dim",
     "model.cdr.target_grad": "straight_through",
     "model.cdr.train_estimate": "chain",
-    "model.cdr.chain_grad": True,
+    "model.cdr.chain_grad": "all",
     "model.cdr.condition_on": "x_v",
     "model.cdr.init_from": "noise",
     "model.cdr.conditioning": "film",

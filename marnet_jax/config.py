@@ -69,27 +69,32 @@ def checkpoint_config() -> ml_collections.ConfigDict:
     )
 
 
-VARIANTS = {  # name -> (use_ema, use_cdr): the paper's ablation grid from one code path
-    "baseline": (False, False),
-    "ema": (True, False),
-    "cdr": (False, True),
-    "full": (True, True),
+# name -> (use_ema, use_cdr, use_aux): the paper's ablation grid from one code path, plus 'aux', the
+# visual-only model with an ingredient-prediction head (the simplest use of the same text).
+VARIANTS = {
+    "baseline": (False, False, False),
+    "ema": (True, False, False),
+    "cdr": (False, True, False),
+    "full": (True, True, False),
+    "aux": (False, False, True),
 }
 
 
 def apply_variant(config: ml_collections.ConfigDict, name: str | None) -> ml_collections.ConfigDict:
-    """Switches EMA and CDR on or off: 'baseline' (visual only), 'ema', 'cdr' or 'full'."""
+    """Sets the variant: 'baseline' (visual only), 'ema', 'cdr', 'full' or 'aux'."""
     name = name or "full"
     if name not in VARIANTS:
         raise ValueError(f"Unknown variant {name!r}; expected one of {sorted(VARIANTS)}.")
-    config.model.use_ema, config.model.use_cdr = VARIANTS[name]
+    config.model.use_ema, config.model.use_cdr, config.model.use_aux = VARIANTS[name]
     config.variant = name
     return config
 
 
 def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.variant = "full"  # informational: set by apply_variant (baseline | ema | cdr | full)
+    config.variant = (
+        "full"  # informational: set by apply_variant (baseline | ema | cdr | full | aux)
+    )
     config.seed = 0  # one seed for initialisation, data order, augmentation and diffusion noise
     config.data = get_data_config()
     config.model = get_model_config()

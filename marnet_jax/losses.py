@@ -1,6 +1,7 @@
 """The MARNet training loss.
 
-L = CE(fused) + w_ema * L_EMA + w_mse * L_MSE + w_cdr * CE(cdr head) + w_visual * CE(visual probe).
+L = CE(fused) + w_ema * L_EMA + w_mse * L_MSE + w_cdr * CE(cdr head) + w_visual * CE(visual probe)
+    + w_aux * BCE(ingredient head) (the `aux` reference only).
 
 The visual probe reads stop-gradient features, so its term only trains the probe and never changes
 the method. A module that is off contributes 0.0 and its key is still in `parts`.
@@ -20,7 +21,7 @@ from marnet_jax.models.alignment import ema_loss
 from marnet_jax.models.diffusion import mse_loss
 
 Array = jax.Array
-PART_KEYS = ("ce", "ema", "mse", "ce_cdr", "ce_visual")
+PART_KEYS = ("ce", "ema", "mse", "ce_cdr", "ce_visual", "aux")
 
 
 def cross_entropy(
@@ -39,16 +40,30 @@ def cross_entropy(
     return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def multilabel_bce(logits: Array, targets: Array, mask: Array | None = None) -> Array:
+    """Sigmoid binary cross-entropy averaged over labels and (masked) examples, float32 scalar."""
+    chex.assert_equal_shape([logits, targets])
+    bce = jnp.mean(
+        optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), targets.astype(jnp.float32)),
+        axis=-1,
+    )
+    if mask is None:
+        return jnp.mean(bce)
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(bce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
 def marnet_loss(
     outputs: Mapping[str, Array],
     labels: Array,
     loss_cfg: ml_collections.ConfigDict,
     mask: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
-    """Total loss and its unweighted parts ('ce', 'ema', 'mse', 'ce_cdr', 'ce_visual').
+    """Total loss and its unweighted parts ('ce', 'ema', 'mse', 'ce_cdr', 'ce_visual', 'aux').
 
     Which terms are on is read from `outputs` (the keys MARNet's train call returns): 'ema_z_v' /
-    'ema_z_s' / 'ema_logit_scale' for EMA, 'cdr_pred' / 'cdr_target' / 'cdr_logits' for CDR. `mask`
+    'ema_z_s' / 'ema_logit_scale' for EMA, 'cdr_pred' / 'cdr_target' / 'cdr_logits' for CDR,
+    'aux_logits' / 'aux_targets' for the ingredient head. `mask`
     (float [B], optional) drops padded examples from every term, including the contrastive
     negatives.
     """
@@ -70,11 +85,14 @@ def marnet_loss(
     if "cdr_pred" in outputs:
         parts["mse"] = mse_loss(outputs["cdr_pred"], outputs["cdr_target"], mask)
         parts["ce_cdr"] = cross_entropy(outputs["cdr_logits"], labels, ls, mask)
+    if "aux_logits" in outputs:
+        parts["aux"] = multilabel_bce(outputs["aux_logits"], outputs["aux_targets"], mask)
     total = (
         parts["ce"]
         + loss_cfg.w_ema * parts["ema"]
         + loss_cfg.w_mse * parts["mse"]
         + loss_cfg.w_cdr * parts["ce_cdr"]
         + loss_cfg.w_visual * parts["ce_visual"]
+        + loss_cfg.w_aux * parts["aux"]
     )
     return total.astype(jnp.float32), parts

@@ -308,6 +308,45 @@ def test_cdr_target_gradient_modes():
     np.testing.assert_allclose(v_stop, v_st, rtol=1e-6)
 
 
+@pytest.mark.parametrize("sampler", D.SAMPLERS)
+def test_chain_gradient_modes(sampler):
+    """CDR.sample(grad=...): the same x_CDR in every mode; 'none' passes no gradient; 'last_step'
+    passes the last denoiser pass's (all of it when the chain has one pass), 'all' every pass's."""
+    cond = jax.random.normal(jax.random.key(0), (4, 12))
+    w = jax.random.normal(jax.random.key(1), (4, 8))
+
+    def grads(steps):
+        cdr = _cdr(sampler=sampler, sample_steps=steps, num_steps=20 if sampler == "ddim" else 4)
+        shapes = jax.eval_shape(
+            lambda r: cdr.init(r, cond, method=D.CDR.sample),
+            {"params": jax.random.key(2), "diffusion": jax.random.key(3)},
+        )
+        variables = _host_values(shapes)
+
+        def f(v, c, mode):
+            x = cdr.apply(v, c, grad=mode, rngs={"diffusion": jax.random.key(4)}, method="sample")
+            return jnp.sum(x * w)
+
+        return {
+            m: (f(variables, cond, m), jax.grad(f, argnums=(0, 1))(variables, cond, m))
+            for m in D.CHAIN_GRADS
+        }
+
+    out = jax.jit(lambda: grads(5))()
+    norm = lambda g: float(optax.global_norm(g))
+    for m in ("last_step", "none"):
+        np.testing.assert_allclose(out[m][0], out["all"][0], rtol=1e-6)
+    assert norm(out["none"][1]) == 0.0
+    assert norm(out["last_step"][1]) > 0.0 and norm(out["all"][1]) > 0.0
+    diff = jax.tree.map(lambda a, b: a - b, out["last_step"][1], out["all"][1])
+    assert norm(diff) > 1e-3 * norm(out["all"][1])
+    if sampler == "ddim":  # one pass: the last step is the whole chain
+        one = jax.jit(lambda: grads(1))()
+        chex.assert_trees_all_close(one["last_step"][1], one["all"][1], rtol=1e-6)
+    with pytest.raises(ValueError, match="chain grad"):
+        _cdr().bind({}).sample(cond, grad="x")
+
+
 # --- learning: a toy conditional 2-D mixture
 
 

@@ -202,6 +202,72 @@ def test_one_step_training_estimate_feeds_s0_hat_to_the_fused_head():
     assert "x_cdr" not in out and "s0_hat" in out
 
 
+def _cdr_head_inputs(model, variables, train: bool):
+    """What the CDR head reads, with the outputs of CDR.sample and CDR.estimate in the same call."""
+    seen = {"head": [], "sample": [], "estimate": []}
+
+    def record(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        m = context.module
+        if m.name == "cdr_head" and context.method_name == "__call__":
+            seen["head"].append(args[0][0])
+        elif isinstance(m, CDR) and context.method_name == "sample":
+            seen["sample"].append(out)
+        elif isinstance(m, CDR) and context.method_name == "estimate":
+            seen["estimate"].append(out.x0_hat)
+        return out
+
+    with nn.intercept_methods(record):
+        if train:
+            train_apply(model, variables, IMAGES, INGREDIENTS)
+        else:
+            predict(model, variables, IMAGES, jax.random.key(3))
+    return seen
+
+
+@pytest.mark.parametrize("head_input", ["chain", "one_step"])
+def test_cdr_head_reads_in_training_what_it_reads_at_test(head_input):
+    """head_input='chain' (default): in training the CDR head reads the image-only reverse chain's
+    output, the same function of the image it reads at test. 'one_step' (the paper's literal form)
+    trains it on s0_hat instead."""
+    model = make_model(cdr_head_input=head_input)
+    variables = init(model, IMAGES, INGREDIENTS)
+    test = _cdr_head_inputs(model, variables, train=False)
+    assert len(test["head"]) == 1 and len(test["sample"]) == 1
+    np.testing.assert_array_equal(test["head"][0], test["sample"][0])
+    train = _cdr_head_inputs(model, variables, train=True)
+    assert len(train["head"]) == 1
+    source = train["sample"] if head_input == "chain" else train["estimate"]
+    assert len(source) == 1
+    np.testing.assert_array_equal(train["head"][0], source[0])
+    if head_input == "chain":  # and not the one-step estimate
+        assert not np.allclose(train["head"][0], train["estimate"][0])
+
+
+def test_aux_variant_predicts_ingredients_in_training_only():
+    model = make_model(use_ema=False, use_cdr=False, use_aux=True)
+    variables = init(model, IMAGES, INGREDIENTS)
+    assert "aux_head" in variables["params"] and "text_encoder" not in variables["params"]
+    out, _ = train_apply(model, variables, IMAGES, INGREDIENTS)
+    assert out["aux_logits"].shape == (B, V)
+    np.testing.assert_array_equal(out["aux_targets"], INGREDIENTS)
+    _, parts = marnet_loss(out, LABELS, get_loss_config())
+    expected = optax.sigmoid_binary_cross_entropy(out["aux_logits"], INGREDIENTS).mean()
+    np.testing.assert_allclose(parts["aux"], expected, rtol=1e-6)
+
+    # The ingredient head's gradient reaches the backbone (that is its whole point).
+    def aux_loss(params):
+        o, _ = train_apply(model, {**variables, "params": params}, IMAGES, INGREDIENTS)
+        return marnet_loss(o, LABELS, get_loss_config())[1]["aux"]
+
+    grads = jax.grad(aux_loss)(variables["params"])
+    assert float(optax.global_norm(grads["backbone"])) > 0.0
+    pred = predict(model, variables, IMAGES, jax.random.key(0))
+    assert not any(k.startswith("aux") for k in pred)
+    with pytest.raises(ValueError, match="ingredients"):
+        jax.eval_shape(lambda r: model.init(r, IMAGES), rngs())
+
+
 def test_invalid_combinations_raise():
     images, ingredients, _ = batch()
     bad = [
@@ -212,6 +278,7 @@ def test_invalid_combinations_raise():
         make_model(visual_probe_on="x_cdr"),
         make_model(target_grad="detach"),
         make_model(train_estimate="two_step"),
+        make_model(cdr_head_input="s0"),
     ]
     for model in bad:
         with pytest.raises(ValueError):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from marnet_jax.config import apply_variant
 from marnet_jax.train import checkpoint, trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,6 +63,24 @@ def test_train_writes_metrics_and_results(straight_run):
         assert np.isfinite(train_lines[-1][key]), key
     assert train_lines[-1]["examples_per_s"] > 0
     assert any(p.name.startswith("events") for p in (workdir / "tensorboard").iterdir())
+
+
+def test_aux_variant_on_a_training_subset_trains_end_to_end(tiny_data_dir, tmp_path):
+    """The 'aux' reference (ingredient head, BCE) trains for real on 30 % of the training split."""
+    config = _config(tiny_data_dir, train__num_steps=4, train__log_every=1)
+    config = apply_variant(config, "aux")
+    config.data.train_fraction = 0.3
+    results = trainer.train_and_evaluate(config, str(tmp_path))
+    assert set(results[config.data.test_split]) >= {"fused_top1", "visual_top1"}
+    assert "cdr_top1" not in results[config.data.test_split]
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    aux = [x["loss/aux"] for x in lines if x["split"] == "train"]
+    assert len(aux) == 4 and all(np.isfinite(aux)) and aux[0] > 0.1
+    assert all(
+        x["loss/ema"] == 0.0 and x["loss/mse"] == 0.0 for x in lines if x["split"] == "train"
+    )
+    params, _ = _params(tmp_path, config)
+    assert "aux_head" in params and "text_encoder" not in params
 
 
 def test_resume_matches_uninterrupted_run(straight_run, tiny_data_dir, tmp_path, monkeypatch):

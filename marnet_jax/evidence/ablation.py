@@ -41,6 +41,8 @@ COMPARISONS = (
     ("EMA + CDR (full MARNet)", "full", "baseline"),
     ("CDR on top of EMA", "full", "ema"),
     ("EMA on top of CDR", "full", "cdr"),
+    ("Ingredient head (aux) alone", "aux", "baseline"),
+    ("MARNet against the ingredient head", "full", "aux"),
 )
 # Config fields that do not change what a run computes: they may differ when a run is resumed.
 _IGNORED = ("data.data_dir", "data.manual_dir", "data.read_threads", "data.prefetch_buffer_size")
@@ -51,6 +53,7 @@ CSV_COLUMNS = [
     "overrides",
     "use_ema",
     "use_cdr",
+    "use_aux",
     "num_seeds",
     "seeds",
     *[f"{h}_{m}_{s}" for h in HEADS for m in ("top1", "top5") for s in ("mean", "std")],
@@ -278,6 +281,7 @@ def markdown(report: Mapping[str, Any]) -> str:
                 label if not v["overrides"] else f"{label} ({v['base']}, {_overrides(v)})",
                 "yes" if v["use_ema"] else "no",
                 "yes" if v["use_cdr"] else "no",
+                "yes" if v.get("use_aux") else "no",
                 len(v["runs"]),
                 common.pct_pm(s.get("fused_top1_mean"), s.get("fused_top1_std")),
                 common.pct_pm(s.get("fused_top5_mean"), s.get("fused_top5_std")),
@@ -291,13 +295,15 @@ def markdown(report: Mapping[str, Any]) -> str:
         f"Test accuracy (%) on {n_test} test images, mean ± sample std over seeds "
         f"{', '.join(str(s) for s in report['provenance']['seeds'])}. `fused` is the model's "
         "classifier; `visual probe` is the stop-gradient linear probe on the visual feature "
-        "(x_EMA with EMA, x_v without); `CDR head` classifies x_CDR from the image-only reverse chain.",
+        "(x_EMA with EMA, x_v without); `CDR head` classifies x_CDR from the image-only reverse chain; "
+        "`aux` is the visual-only model trained with an extra ingredient-prediction head (BCE).",
         "",
         common.md_table(
             [
                 "variant",
                 "EMA",
                 "CDR",
+                "aux",
                 "seeds",
                 "fused top-1",
                 "fused top-5",
@@ -332,6 +338,7 @@ def csv_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "overrides": _overrides(v),
                 "use_ema": v["use_ema"],
                 "use_cdr": v["use_cdr"],
+                "use_aux": v.get("use_aux", False),
                 "num_seeds": len(v["runs"]),
                 "seeds": [r["seed"] for r in v["runs"]],
                 **v["summary"],
@@ -397,6 +404,7 @@ def run(
             "overrides": overrides,
             "use_ema": VARIANTS[base][0],
             "use_cdr": VARIANTS[base][1],
+            "use_aux": VARIANTS[base][2],
             "runs": [{k: v for k, v in r.items() if k != "config"} for r in runs],
             "summary": summarise(runs),
         }

@@ -33,6 +33,9 @@ def get_model_config() -> ml_collections.ConfigDict:
     # --- variant: both off = visual-only baseline, one on = +EMA / +CDR, both on = full MARNet
     cfg.use_ema = True  # EMA: align g_v(x_v) with g_s(x_s) contrastively; fusion reads x_EMA
     cfg.use_cdr = True  # CDR: diffusion from the image to the text embedding; fusion reads x_CDR
+    # the 'aux' reference: visual-only plus a multi-label ingredient head on x_v (BCE, training only),
+    # the simplest use of the same privileged text; set by the 'aux' variant
+    cfg.use_aux = False
     cfg.embed_dim = 128  # shared space of g_v, g_s and of the diffusion (E)
     # --- fusion and heads
     cfg.fusion = "concat"  # 'concat' | 'sum' | 'gated' of x_EMA (x_v when EMA is off) and x_CDR
@@ -75,7 +78,12 @@ def get_model_config() -> ml_collections.ConfigDict:
     # sample_steps denoiser passes, T with 'ddpm': the classifier trains on what it sees at test) |
     # 'one_step' (s0_hat: nearly the text embedding at small t, which the classifier then trusts)
     cfg.cdr.train_estimate = "chain"
-    cfg.cdr.chain_grad = True  # 'chain': the fused CE back-propagates through the chain
+    # x_CDR read by the CDR head in training: 'chain' (what it reads at test) | 'one_step' (the
+    # paper's literal CE on s0_hat: the head then meets the chain's output only at test)
+    cfg.cdr.head_input = "chain"
+    # 'chain': which of the chain's denoiser passes the CEs back-propagate through: 'all' | 'last_step'
+    # (the same x_CDR; one pass's backward instead of sample_steps': see docs/method.md) | 'none'
+    cfg.cdr.chain_grad = "last_step"
     cfg.cdr.condition_on = "x_v"  # denoiser condition: 'x_v' (backbone) | 'x_ema' (needs use_ema)
     cfg.cdr.init_from = "noise"  # test chain start: 'noise' | 'visual' (noised x_EMA, use_ema)
     cfg.cdr.conditioning = "film"  # how the condition enters the denoiser: 'film' | 'concat'
@@ -94,6 +102,7 @@ def get_loss_config() -> ml_collections.ConfigDict:
     cfg.w_mse = 1.0  # weight of the diffusion MSE (v-targets have unit variance: it starts near 1)
     cfg.w_cdr = 1.0  # weight of the CE of the CDR head (s0_hat in training, x_CDR at test)
     cfg.w_visual = 1.0  # weight of the stop-gradient visual probe's CE (trains only the probe)
+    cfg.w_aux = 1.0  # weight of the ingredient head's BCE (the 'aux' variant; 0 elsewhere)
     cfg.label_smoothing = 0.0  # label smoothing of every CE term
     cfg.ema_form = "infonce"  # 'infonce' (symmetric, on cosine similarities) | 'cosine' (1 - cos)
     cfg.ema_class_aware = True  # same-label pairs are positives (lists repeat within a class)

@@ -301,6 +301,22 @@ def one_step_estimate(
     )
 
 
+def _run_chain(
+    make_step: Callable[[DenoiseFn], Callable],
+    denoise_fn: DenoiseFn,
+    last_denoise_fn: DenoiseFn | None,
+    x: Array,
+    inputs: tuple[Array, ...],
+) -> Array:
+    """Runs the per-step inputs through one lax.scan; with `last_denoise_fn`, the scan takes all
+    steps but the last and that last step calls `last_denoise_fn` (training: only it carries
+    gradients, see CDR.sample)."""
+    if last_denoise_fn is None:
+        return jax.lax.scan(make_step(denoise_fn), x, inputs)[0]
+    x, _ = jax.lax.scan(make_step(denoise_fn), x, jax.tree.map(lambda a: a[:-1], inputs))
+    return make_step(last_denoise_fn)(x, jax.tree.map(lambda a: a[-1], inputs))[0]
+
+
 def ddpm_sample(
     denoise_fn: DenoiseFn,
     schedule: DiffusionSchedule,
@@ -309,6 +325,7 @@ def ddpm_sample(
     *,
     prediction: str,
     clip: ClipFn | None = None,
+    last_denoise_fn: DenoiseFn | None = None,
 ) -> Array:
     """Ancestral DDPM over all T steps (fixed small variance beta_tilde) as one lax.scan."""
     x_T = x_T.astype(jnp.float32)
@@ -317,18 +334,20 @@ def ddpm_sample(
     ts = jnp.arange(num - 1, -1, -1, dtype=jnp.int32)
     keys = jax.random.split(key, num)
 
-    def step(x: Array, inputs: tuple[Array, Array]) -> tuple[Array, None]:
-        t, k = inputs
-        tb = jnp.full((n,), t, jnp.int32)
-        out = denoise_fn(x, tb).astype(jnp.float32)
-        x0, _ = model_x0_eps(schedule, x, tb, out, prediction, clip)
-        mean, _, log_var = q_posterior(schedule, x0, x, tb)
-        z = jax.random.normal(k, x.shape, jnp.float32)
-        x = mean + (t > 0).astype(jnp.float32) * jnp.exp(0.5 * log_var) * z
-        return x, None
+    def make_step(fn: DenoiseFn) -> Callable:
+        def step(x: Array, inputs: tuple[Array, Array]) -> tuple[Array, None]:
+            t, k = inputs
+            tb = jnp.full((n,), t, jnp.int32)
+            out = fn(x, tb).astype(jnp.float32)
+            x0, _ = model_x0_eps(schedule, x, tb, out, prediction, clip)
+            mean, _, log_var = q_posterior(schedule, x0, x, tb)
+            z = jax.random.normal(k, x.shape, jnp.float32)
+            x = mean + (t > 0).astype(jnp.float32) * jnp.exp(0.5 * log_var) * z
+            return x, None
 
-    x, _ = jax.lax.scan(step, x_T, (ts, keys))
-    return x
+        return step
+
+    return _run_chain(make_step, denoise_fn, last_denoise_fn, x_T, (ts, keys))
 
 
 def ddim_timesteps(num_train_steps: int, num_steps: int) -> np.ndarray:
@@ -351,6 +370,7 @@ def ddim_sample(
     prediction: str,
     eta: float = 0.0,
     clip: ClipFn | None = None,
+    last_denoise_fn: DenoiseFn | None = None,
 ) -> Array:
     """DDIM (Song et al.) over `num_steps` evenly spaced steps; eta = 0 is deterministic given x_T,
     eta = 1 with all steps is ancestral DDPM. `num_steps` is static: one compile per (shape,
@@ -364,18 +384,21 @@ def ddim_sample(
     a_prev = jnp.where(jnp.asarray(prev) >= 0, ac[np.maximum(prev, 0)], 1.0)
     keys = jax.random.split(key, len(ts))
 
-    def step(x: Array, inputs: tuple[Array, Array, Array, Array]) -> tuple[Array, None]:
-        t, at, ap, k = inputs
-        tb = jnp.full((n,), t, jnp.int32)
-        out = denoise_fn(x, tb).astype(jnp.float32)
-        x0, eps = model_x0_eps(schedule, x, tb, out, prediction, clip)
-        sigma = eta * jnp.sqrt((1.0 - ap) / (1.0 - at) * (1.0 - at / ap))
-        direction = jnp.sqrt(jnp.maximum(1.0 - ap - sigma**2, 0.0)) * eps
-        z = jax.random.normal(k, x.shape, jnp.float32)
-        return jnp.sqrt(ap) * x0 + direction + sigma * z, None
+    def make_step(fn: DenoiseFn) -> Callable:
+        def step(x: Array, inputs: tuple[Array, Array, Array, Array]) -> tuple[Array, None]:
+            t, at, ap, k = inputs
+            tb = jnp.full((n,), t, jnp.int32)
+            out = fn(x, tb).astype(jnp.float32)
+            x0, eps = model_x0_eps(schedule, x, tb, out, prediction, clip)
+            sigma = eta * jnp.sqrt((1.0 - ap) / (1.0 - at) * (1.0 - at / ap))
+            direction = jnp.sqrt(jnp.maximum(1.0 - ap - sigma**2, 0.0)) * eps
+            z = jax.random.normal(k, x.shape, jnp.float32)
+            return jnp.sqrt(ap) * x0 + direction + sigma * z, None
 
-    x, _ = jax.lax.scan(step, x_T, (jnp.asarray(ts), a_t, a_prev, keys))
-    return x
+        return step
+
+    inputs = (jnp.asarray(ts), a_t, a_prev, keys)
+    return _run_chain(make_step, denoise_fn, last_denoise_fn, x_T, inputs)
 
 
 def sample(
@@ -389,10 +412,19 @@ def sample(
     num_steps: int | None = None,
     eta: float = 0.0,
     clip: ClipFn | None = None,
+    last_denoise_fn: DenoiseFn | None = None,
 ) -> Array:
     """Dispatches to ddpm_sample (all T steps) or ddim_sample (num_steps, eta)."""
     if sampler == "ddpm":
-        return ddpm_sample(denoise_fn, schedule, x_T, key, prediction=prediction, clip=clip)
+        return ddpm_sample(
+            denoise_fn,
+            schedule,
+            x_T,
+            key,
+            prediction=prediction,
+            clip=clip,
+            last_denoise_fn=last_denoise_fn,
+        )
     if sampler == "ddim":
         steps = schedule.num_steps if num_steps is None else num_steps
         return ddim_sample(
@@ -404,6 +436,7 @@ def sample(
             prediction=prediction,
             eta=eta,
             clip=clip,
+            last_denoise_fn=last_denoise_fn,
         )
     raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
 
@@ -515,6 +548,7 @@ class Denoiser(nn.Module):
 
 TARGET_NORMS = ("sqrt_dim", "unit", "none")
 TARGET_GRADS = ("stop", "straight_through", "none")
+CHAIN_GRADS = ("all", "last_step", "none")
 
 
 class CDR(nn.Module):
@@ -628,12 +662,17 @@ class CDR(nn.Module):
     ) -> OneStepEstimate:
         return self.estimate(s0, cond, train=train, target_grad=target_grad)
 
-    def sample(self, cond: Array, x_init: Array | None = None) -> Array:
+    def sample(self, cond: Array, x_init: Array | None = None, grad: str = "all") -> Array:
         """Image-only path: x_CDR [B, dim] float32 from the configured sampler (one lax.scan).
 
         x_init=None starts from N(0, I); otherwise from q(x_{T-1} | x_init). The key comes from the
-        'diffusion' rng stream, so a fixed key gives a fixed result.
+        'diffusion' rng stream, so a fixed key gives a fixed result. `grad` (training) says which
+        denoiser passes carry gradients: 'all', 'last_step' (the chain runs as a constant up to its
+        last pass: a loss on x_CDR still trains the denoiser and the image side, for one pass's
+        backward instead of the whole chain's) or 'none'. The value is the same for all three.
         """
+        if grad not in CHAIN_GRADS:
+            raise ValueError(f"chain grad={grad!r}; expected one of {CHAIN_GRADS}")
         chex.assert_rank(cond, 2)
         b, k = cond.shape[0], self.num_samples
         if self.is_initializing():  # create the denoiser's parameters before reading them
@@ -649,9 +688,16 @@ class CDR(nn.Module):
         # The chain is a lax.scan: call the denoiser as a pure function of its bound parameters.
         variables = self.denoiser.variables
         denoiser = self.denoiser.clone(parent=None)
-        fn = lambda x, t: denoiser.apply(variables, x, t, cond_k, train=False)
+        fn = lambda v, c: lambda x, t: denoiser.apply(v, x, t, c, train=False)
+        last_fn = None
+        if grad != "all":
+            sg = jax.lax.stop_gradient
+            if grad == "last_step":
+                last_fn = fn(variables, cond_k)
+                x_T = sg(x_T)
+            variables, cond_k = sg(variables), sg(cond_k)
         x0 = sample(
-            fn,
+            fn(variables, cond_k),
             schedule,
             x_T,
             key_chain,
@@ -660,5 +706,7 @@ class CDR(nn.Module):
             num_steps=self.sample_steps,
             eta=self.eta,
             clip=self._clip(),
+            last_denoise_fn=last_fn,
         )
-        return jnp.mean(x0.reshape(k, b, self.dim), axis=0)
+        x0 = jnp.mean(x0.reshape(k, b, self.dim), axis=0)
+        return jax.lax.stop_gradient(x0) if grad == "none" else x0

@@ -9,11 +9,15 @@ One code path gives the four variants of the ablation:
 Every classifier is LayerNorm + Dense on its inputs (the same for all variants), so the variants
 differ only in what they read.
 
-CDR in training: the MSE and the CDR head's CE use the one-step estimate s0_hat (noise s0 at a
-random t, denoise once). What the fused classifier reads as x_CDR in training is `train_estimate`:
-'chain' (default) runs the same image-only reverse chain as `predict`, so the fused classifier is
-trained on exactly what it sees at test; 'one_step' feeds it s0_hat, which at small t is nearly the
-text embedding itself, so the classifier learns to trust a branch that is much weaker at test.
+CDR in training: the MSE uses the one-step estimate s0_hat (noise s0 at a random t, denoise once).
+What the classifiers read as x_CDR in training is chosen per head: `train_estimate` for the fused
+classifier, `cdr_head_input` for the CDR head. 'chain' (default) runs the same image-only reverse
+chain as `predict`, so the head is trained on exactly what it sees at test; 'one_step' feeds it
+s0_hat, which at small t is nearly the text embedding itself, so the head learns to trust a branch
+that is much weaker at test (docs/method.md has the numbers).
+
+The `aux` reference (use_aux, with EMA and CDR off) is the simplest use of the same privileged text:
+a multi-label ingredient head on x_v, trained with BCE and never read at test.
 """
 
 from __future__ import annotations
@@ -91,8 +95,11 @@ class MARNet(nn.Module):
         x_v) or 'x_v'.
       train_estimate: x_CDR read by the fused classifier in training: 'chain' (the test-time
         reverse chain) or 'one_step' (s0_hat).
-      chain_grad: with 'chain', whether the fused CE back-propagates through the chain (into the
-        denoiser and the image side) or treats the chain's output as a constant.
+      cdr_head_input: x_CDR read by the CDR head in training: 'chain' or 'one_step' (the paper's
+        literal form: the CE on s0_hat, which also trains the text side through target_grad).
+      chain_grad: with 'chain', how the CEs back-propagate through the chain (into the denoiser
+        and the image side): 'all' of its passes, its 'last_step' only, or 'none' (a constant).
+      use_aux: add the ingredient head on x_v (training only; 'aux_logits', 'aux_targets').
     """
 
     backbone: nn.Module
@@ -110,7 +117,9 @@ class MARNet(nn.Module):
     cdr_init: str = "noise"
     visual_probe_on: str = "auto"
     train_estimate: str = "chain"
-    chain_grad: bool = True
+    cdr_head_input: str = "chain"
+    chain_grad: str = "last_step"
+    use_aux: bool = False
 
     def setup(self) -> None:
         if self.use_cdr:
@@ -128,6 +137,8 @@ class MARNet(nn.Module):
             ("visual_probe_on", self.visual_probe_on, ("auto", "x_v")),
             ("target_grad", self.target_grad, ("stop", "straight_through", "none")),
             ("train_estimate", self.train_estimate, ("chain", "one_step")),
+            ("cdr_head_input", self.cdr_head_input, ("chain", "one_step")),
+            ("chain_grad", self.chain_grad, ("all", "last_step", "none")),
         ):
             if value not in allowed:
                 raise ValueError(f"MARNet.{name}={value!r}; expected one of {allowed}")
@@ -135,6 +146,10 @@ class MARNet(nn.Module):
         self.visual_head = ClassifierHead(self.num_classes)
         if self.use_cdr:
             self.cdr_head = ClassifierHead(self.num_classes)
+        if self.use_aux:
+            if self.num_ingredients is None:
+                raise ValueError("use_aux=True needs num_ingredients (the ingredient head's size)")
+            self.aux_head = ClassifierHead(self.num_ingredients)
 
     def _visual(self, images: Array, train: bool) -> dict[str, Array]:
         chex.assert_rank(images, 4)
@@ -146,13 +161,13 @@ class MARNet(nn.Module):
             out["x_ema"] = self.ema.project_visual(x_v)
         return out
 
-    def _chain(self, out: dict[str, Array]) -> Array:
+    def _chain(self, out: dict[str, Array], grad: str = "all") -> Array:
         """x_CDR from the configured reverse chain, conditioned on the image only."""
         cond = out["x_v"] if self.condition_on == "x_v" else out["x_ema"]
         x_init = None
         if self.cdr_init == "visual":
             x_init = self.cdr.semantic_target(out["x_ema"])
-        return self.cdr.sample(cond, x_init=x_init)
+        return self.cdr.sample(cond, x_init=x_init, grad=grad)
 
     def _heads(
         self,
@@ -178,19 +193,28 @@ class MARNet(nn.Module):
         always 'logits', 'visual_logits' [B, C], 'x_v' [B, D];
         use_ema: 'x_ema' [B, E], 'ema_z_v', 'ema_z_s' (L2-normalised g_v(x_v), g_s(x_s)),
           'ema_logit_scale' [];
-        use_cdr: 'cdr_logits' [B, C] (the CDR head on s0_hat), 's0', 's0_hat', 'cdr_pred',
-          'cdr_target' [B, E], 'cdr_t' int32 [B]; with train_estimate='chain' also 'x_cdr' [B, E].
+        use_cdr: 'cdr_logits' [B, C] (the CDR head on its `cdr_head_input`), 's0', 's0_hat',
+          'cdr_pred', 'cdr_target' [B, E], 'cdr_t' int32 [B]; 'x_cdr' [B, E] when either head
+          reads the chain;
+        use_aux: 'aux_logits' [B, V] (ingredient head on x_v), 'aux_targets' [B, V] (the multi-hot).
         """
         out = self._visual(images, train)
-        x_cdr = s0_hat = None
-        if self.use_ema or self.use_cdr:
+        x_cdr = head_in = None
+        if self.use_ema or self.use_cdr or self.use_aux:
             if ingredients is None:
-                raise ValueError("the training path of MARNet with EMA or CDR needs ingredients")
+                raise ValueError(
+                    "the training path of MARNet with EMA, CDR or aux needs ingredients"
+                )
             chex.assert_rank(ingredients, 2)
             chex.assert_axis_dimension(ingredients, 0, images.shape[0])
             if self.num_ingredients is not None:
                 chex.assert_axis_dimension(ingredients, 1, self.num_ingredients)
-            x_s = self.text_encoder(ingredients.astype(jnp.float32), train=train)
+            ingredients = ingredients.astype(jnp.float32)
+        if self.use_aux:
+            out["aux_logits"] = self.aux_head([out["x_v"]], train)
+            out["aux_targets"] = ingredients
+        if self.use_ema or self.use_cdr:
+            x_s = self.text_encoder(ingredients, train=train)
             chex.assert_rank(x_s, 2)
             g_s = self.ema.project_semantic(x_s)
             if self.use_ema:
@@ -208,13 +232,12 @@ class MARNet(nn.Module):
                     cdr_target=est.target,
                     cdr_t=est.t,
                 )
-                x_cdr = s0_hat = est.x0_hat
-                if self.train_estimate == "chain":
-                    x_cdr = self._chain(out)
-                    if not self.chain_grad:
-                        x_cdr = jax.lax.stop_gradient(x_cdr)
-                    out["x_cdr"] = x_cdr
-        return self._heads(out, x_cdr, train, cdr_head_input=s0_hat)
+                chain = None
+                if "chain" in (self.train_estimate, self.cdr_head_input):
+                    chain = out["x_cdr"] = self._chain(out, self.chain_grad)
+                pick = lambda how: chain if how == "chain" else est.x0_hat
+                x_cdr, head_in = pick(self.train_estimate), pick(self.cdr_head_input)
+        return self._heads(out, x_cdr, train, cdr_head_input=head_in)
 
     def predict(self, images: Array, train: bool = False) -> dict[str, Array]:
         """Image-only prediction: 'logits', 'visual_logits', 'x_v' (+ 'x_ema' with EMA, 'cdr_logits'
@@ -235,6 +258,11 @@ def compute_dtype(name: str) -> Any:
     if name not in _DTYPES:
         raise ValueError(f"unknown dtype {name!r}; expected one of {tuple(_DTYPES)}")
     return _DTYPES[name]
+
+
+def _chain_grad(value: str | bool) -> str:
+    """model.cdr.chain_grad; True / False are what configs before 'last_step' existed wrote."""
+    return {True: "all", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
 
 def build_model(
@@ -308,5 +336,7 @@ def build_model(
         cdr_init=cfg.cdr.init_from,
         visual_probe_on=cfg.visual_probe_on,
         train_estimate=cfg.cdr.train_estimate,
-        chain_grad=cfg.cdr.chain_grad,
+        cdr_head_input=cfg.cdr.head_input,
+        chain_grad=_chain_grad(cfg.cdr.chain_grad),
+        use_aux=cfg.use_aux,
     )
