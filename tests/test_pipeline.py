@@ -137,16 +137,29 @@ def test_random_resized_crop_box_within_bounds():
             assert 0 <= left < right <= w and 0 <= top < bottom <= h
 
 
-def test_color_jitter_factors():
-    image = np.random.default_rng(0).integers(0, 200, (8, 8, 3), dtype=np.uint8)
-    out = pipeline.ColorJitter(0.5, 0.0, 0.0).random_map({"image": image}, np.random.default_rng(3))
-    factor = 1.0 + 0.5 * np.random.default_rng(3).uniform(-1.0, 1.0, 3)[0]
-    expected = np.clip(image * factor, 0, 255)
-    assert out["image"].dtype == np.uint8
-    np.testing.assert_allclose(out["image"], expected, atol=1.0)  # Brightness scales pixels.
-    grey = np.full((8, 8, 3), 90, np.uint8)
-    same = pipeline.ColorJitter(0.0, 0.5, 0.5).random_map({"image": grey}, np.random.default_rng(1))
-    np.testing.assert_array_equal(same["image"], grey)  # Contrast/saturation keep flat grey.
+def test_color_jitter_factors_and_pil_semantics():
+    """The batched float jitter is PIL's ImageEnhance Brightness -> Contrast -> Color (torchvision's
+    semantics) up to PIL's truncation to uint8 after each of the three steps (< 1 level each)."""
+    from PIL import Image, ImageEnhance
+
+    drawn = pipeline.ColorJitter(0.5, 0.0, 0.3).random_map({"image": 0}, np.random.default_rng(3))
+    u = np.random.default_rng(3).uniform(-1.0, 1.0, 3)
+    np.testing.assert_allclose(drawn["jitter"], [1 + 0.5 * u[0], 1.0, 1 + 0.3 * u[2]], rtol=1e-6)
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    factors = rng.uniform(0.5, 1.5, (6, 3)).astype(np.float32)
+    out = pipeline.color_jitter(images.astype(np.float32), factors)
+    for image, f, got in zip(images, factors, out):
+        img = Image.fromarray(image)
+        for enhancer, factor in zip(
+            (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color), f
+        ):
+            img = enhancer(img).enhance(float(factor))
+        np.testing.assert_allclose(got, np.asarray(img, np.float32), atol=3.5)
+    grey = np.full((2, 8, 8, 3), 90.0, np.float32)
+    flat = pipeline.color_jitter(grey, np.asarray([[1.0, 1.4, 0.6], [1.0, 0.7, 1.3]]))
+    np.testing.assert_allclose(flat, grey, atol=1e-4)  # Contrast/saturation keep flat grey.
 
 
 def test_augmentation_deterministic_by_seed_and_varies_across_seeds_and_epochs():
@@ -180,6 +193,27 @@ def test_shuffle_differs_across_epochs_and_seeds():
         c, batch_size=20, seed=1, shard_index=0, shard_count=1, data_source=src
     )
     assert not np.array_equal(next(it2)["label"], e0)
+
+
+def test_train_fraction_trains_on_a_fixed_nested_subset():
+    """data.train_fraction: the same records for every run seed, nested across fractions, and every
+    epoch goes over exactly that subset."""
+    n = 50
+    small, large = (pipeline.train_subset_indices(n, f) for f in (0.1, 0.3))
+    assert len(small) == 5 and len(large) == 15 and set(small) <= set(large)
+    np.testing.assert_array_equal(small, pipeline.train_subset_indices(n, 0.1))
+    np.testing.assert_array_equal(pipeline.train_subset_indices(n, 1.0), np.arange(n))
+    src = memory_source(n)
+    c = no_augment(cfg(train_fraction=0.3))
+    for seed in (0, 1):
+        it = pipeline.train_iterator(
+            c, batch_size=15, seed=seed, shard_index=0, shard_count=1, data_source=src
+        )
+        for b in take(it, 2):  # two epochs, each exactly the subset
+            assert sorted(b["label"].tolist()) == large.tolist()
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="train_fraction"):
+            pipeline.train_subset_indices(n, bad)
 
 
 @pytest.mark.parametrize("n", [40, 43])

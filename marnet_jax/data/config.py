@@ -78,6 +78,9 @@ def get_data_config(dataset: str = "synthetic_food") -> ml_collections.ConfigDic
     # data_dir).
     c.build_on_all_processes = False
     c.train_split = "train"  # Training split (any tfds split string, e.g. 'train[:90%]').
+    # Train on this fraction of the training split: a fixed uniform random subset, the same for every
+    # seed and variant, nested across fractions (the low-data study); 1.0 = all of it.
+    c.train_fraction = 1.0
     c.eval_split = "validation"  # Split evaluated during training.
     c.test_split = "test"  # Split of the final evaluation.
 
