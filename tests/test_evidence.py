@@ -19,6 +19,7 @@ from marnet_jax.evidence import (
     common,
     corruptions,
     figures,
+    low_data,
     results,
     robustness,
 )
@@ -220,7 +221,7 @@ def test_ablation_writes_its_tables(evidence):
     assert (out / run["dir"] / ablation.MARKER).exists()
     assert [c["name"] for c in data["comparisons"]] == ["EMA + CDR (full MARNet)"]
     md = (out / "ablation.md").read_text()
-    assert "| baseline | no | no | 1 |" in md and "one seed only" in md
+    assert "| baseline | no | no | no | 1 |" in md and "one seed only" in md
 
 
 def test_ablation_rerun_skips_finished_runs_and_refuses_a_changed_config(evidence, monkeypatch):
@@ -393,6 +394,31 @@ def test_results_page_from_every_study(
     for png in ("robustness_robustness.png", "figures_tsne.png", "figures_case_study.png"):
         assert f"](results/{png})" in page
         _png_ok(out.parent / "results" / png)
+
+
+def test_low_data_study_trains_subsets_and_shares_full_data_runs_with_the_ablation(
+    tiny_data_dir, tmp_path, monkeypatch
+):
+    config = _config(tiny_data_dir)
+    report = low_data.run(config, tmp_path, fractions=(0.5, 1.0), variants=("aux",), seeds=(0,))
+    rows = {r["fraction"]: r for r in report["rows"]}
+    assert set(rows) == {0.5, 1.0} and rows[0.5]["num_train"] == 100
+    assert (tmp_path / "ablation/runs/aux/seed_0" / ablation.MARKER).exists()
+    marker = tmp_path / "low_data/runs/aux/frac_0.5/seed_0" / ablation.MARKER
+    assert json.loads(marker.read_text())["config"]["data"]["train_fraction"] == 0.5
+    out = tmp_path / "low_data"
+    assert _csv_header(out / "low_data.csv") == low_data.CSV_COLUMNS
+    _png_ok(out / "low_data.png")
+    assert "| aux | 50 % (100) | 1 |" in (out / "low_data.md").read_text()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(trainer, "train_and_evaluate", no_training)
+    again = low_data.run(config, tmp_path, fractions=(0.5, 1.0), variants=("aux",), seeds=(0,))
+    assert again["rows"] == report["rows"]
+    with pytest.raises(common.UsageError, match="fractions"):
+        low_data._parse_fractions(["0.1", "2"])
 
 
 def test_results_without_studies_is_a_clear_error(tmp_path):

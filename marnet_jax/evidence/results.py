@@ -2,11 +2,13 @@
 
     python -m marnet_jax.evidence.results --workdir runs/evidence --output docs/results.md
 
-Reads `<workdir>/<study>/<study>.json` and `<study>.md` of ablation, robustness, figures and
-cdr_inference (a study not run yet gets a line with its command), writes the page with a summary of
-the paper's claims and the verdict the numbers give on each (including when a module does not help),
-then one section per study with the machine, config, seeds and exact command of its numbers. The
-PNG figures are copied next to the page, into `<output stem>/` (docs/results/).
+Reads `<workdir>/<study>/<study>.json` and `<study>.md` of ablation, low_data, robustness, figures
+and cdr_inference (a study not run yet gets a line with its command), writes the page with a summary
+of the paper's claims and the verdict the numbers give on each (including when a module does not
+help), then one section per study with the machine, config, seeds and exact command of its numbers.
+The search that chose the default's settings is read from the ablation runs under
+`<workdir>/tuning/<name>/` (validation split only). The PNG figures are copied next to the page, into
+`<output stem>/` (docs/results/).
 """
 
 from __future__ import annotations
@@ -21,13 +23,19 @@ from pathlib import Path
 from typing import Any
 
 STUDIES = {
-    "ablation": "1. Ablation: what EMA and CDR add",
-    "robustness": "2. Robustness to lighting, viewpoint and other corruptions",
-    "figures": "3. Feature clustering (Figure 3) and confidence (Figure 4)",
-    "cdr_inference": "4. CDR inference: accuracy and cost of the reverse chain",
+    "tuning": "1. Tuning on the validation split",
+    "ablation": "2. Ablation: what EMA and CDR add, and the ingredient-head reference",
+    "low_data": "3. Low data: where privileged text should matter most",
+    "robustness": "4. Robustness to lighting, viewpoint and other corruptions",
+    "figures": "5. Feature clustering (Figure 3) and confidence (Figure 4)",
+    "cdr_inference": "6. CDR inference: accuracy and cost of the reverse chain",
 }
+TUNING = "tuning"  # <workdir>/tuning/<name>/ablation/ablation.json: one ablation call per search
 COMMANDS = {
+    "tuning": "python -m marnet_jax.evidence.ablation --config configs/default.py "
+    "--workdir W/tuning/NAME --seeds 0 --variants ... --extra_variant 'LABEL=BASE field=value'",
     "ablation": "python -m marnet_jax.evidence.ablation --config configs/default.py --workdir W",
+    "low_data": "python -m marnet_jax.evidence.low_data --config configs/default.py --workdir W",
     "robustness": "python -m marnet_jax.evidence.robustness --config configs/default.py --workdir W",
     "figures": "python -m marnet_jax.evidence.figures --config configs/default.py --workdir W",
     "cdr_inference": "python -m marnet_jax.evidence.cdr_inference --config configs/default.py "
@@ -38,7 +46,13 @@ COMMANDS = {
 def load_studies(workdir: Path) -> dict[str, dict[str, Any]]:
     """{study: {'json': ..., 'md': fragment, 'dir': Path}} for the studies that wrote their files."""
     out = {}
+    searches = sorted((workdir / TUNING).glob(f"*/{STUDY_ABLATION}/{STUDY_ABLATION}.json"))
+    if searches:
+        reports = [json.loads(p.read_text()) for p in searches]
+        out[TUNING] = {"json": reports, "md": tuning_markdown(reports), "dir": workdir / TUNING}
     for study in STUDIES:
+        if study == TUNING:
+            continue
         d = workdir / study
         if (d / f"{study}.json").exists() and (d / f"{study}.md").exists():
             out[study] = {
@@ -47,6 +61,37 @@ def load_studies(workdir: Path) -> dict[str, dict[str, Any]]:
                 "dir": d,
             }
     return out
+
+
+STUDY_ABLATION = "ablation"
+
+
+def tuning_markdown(reports: Sequence[Mapping[str, Any]]) -> str:
+    """Every setting a search tried, with its validation accuracies (the test split is not shown:
+    choices are made on validation only)."""
+    from marnet_jax.evidence import common
+
+    def val(runs: Sequence[Mapping[str, Any]], head: str) -> str:
+        values = [
+            r["validation"][f"{head}_top1"] for r in runs if f"{head}_top1" in r["validation"]
+        ]
+        if not values:
+            return "-"
+        mean, std = common.mean_std(values)
+        return _pm(mean, std if len(values) > 1 else None)
+
+    rows, commands = [], []
+    for report in reports:
+        commands.append(report["provenance"]["command"] or "(called from Python)")
+        for label, v in report["variants"].items():
+            overrides = ", ".join(f"{k}={x}" for k, x in v["overrides"].items())
+            seeds = ", ".join(str(r["seed"]) for r in v["runs"])
+            heads = [val(v["runs"], h) for h in ("fused", "visual", "cdr")]
+            rows.append([label, v["base"], overrides or "(the config as it is)", seeds, *heads])
+    header = ["setting", "variant", "overrides", "seeds", "fused top-1", "visual probe", "CDR head"]
+    lines = ["Commands:", ""] + [f"- `{c}`" for c in commands]
+    lines += ["", "Validation top-1 (%) of every setting tried:", "", common.md_table(header, rows)]
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,6 +316,9 @@ def page(workdir: Path, output: Path, command: str) -> str:
             text.append(f"Not run yet: `{COMMANDS[study]}`.")
             continue
         s = studies[study]
+        if study == TUNING:
+            text.append(s["md"].rstrip())
+            continue
         text.append(provenance_block(s["json"]["provenance"]))
         if study == "ablation":
             machines = training_machines(s["json"])

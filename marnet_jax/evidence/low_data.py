@@ -1,0 +1,238 @@
+"""Low-data study: variants trained on a fixed fraction of the training split, over several seeds.
+
+    python -m marnet_jax.evidence.low_data --config configs/default.py --workdir runs/evidence \
+        [--fractions 0.1,0.3,1.0] [--variants baseline,aux,full] [--seeds 0,1,2]
+
+Privileged text should matter most when images are few. Every (variant, fraction, seed) is a normal
+training run with `data.train_fraction` set (a fixed random subset, the same for every seed and
+variant, nested across fractions). Runs of fraction 1.0 are the ablation's own
+(`<workdir>/ablation/runs/<variant>/seed_<s>/`): trained once, shared by both studies. Rerunning skips
+finished runs and resumes an interrupted one. Writes `<workdir>/low_data/`: low_data.json (every run,
+summaries, paired comparisons per fraction), low_data.csv, low_data.md and low_data.png (fused test
+top-1 against the fraction).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from marnet_jax.cli import flags_parser
+from marnet_jax.config import VARIANTS
+from marnet_jax.evidence import ablation, common
+
+log = logging.getLogger("marnet_jax")
+
+STUDY = "low_data"
+# (name, variant, reference): compared at every fraction, paired by seed.
+COMPARISONS = (
+    ("MARNet against the baseline", "full", "baseline"),
+    ("MARNet against the ingredient head", "full", "aux"),
+    ("Ingredient head against the baseline", "aux", "baseline"),
+)
+CSV_COLUMNS = ["variant", "fraction", "num_train", "num_seeds", "seeds"] + [
+    f"{h}_top1_{s}" for h in ablation.HEADS for s in ("mean", "std")
+]
+
+
+def run_dir(workdir: Path, variant: str, fraction: float, seed: int) -> Path:
+    """Where a run lives: the ablation's folder at fraction 1.0, this study's otherwise."""
+    if fraction == 1.0:
+        return workdir / common.ABLATION / "runs" / variant / f"seed_{seed}"
+    return workdir / STUDY / "runs" / variant / f"frac_{fraction:g}" / f"seed_{seed}"
+
+
+def _parse_fractions(values: Sequence[str]) -> list[float]:
+    try:
+        fractions = sorted({float(v) for v in values})
+    except ValueError as e:
+        raise common.UsageError(f"--fractions must be numbers, got {list(values)}.") from e
+    if not fractions or not all(0.0 < f <= 1.0 for f in fractions):
+        raise common.UsageError(f"--fractions must be in (0, 1], got {list(values)}.")
+    return fractions
+
+
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    fractions: Sequence[float],
+    variants: Sequence[str],
+    seeds: Sequence[int],
+    command: str = "",
+) -> dict[str, Any]:
+    """Trains what is missing, then writes low_data.json/.csv/.md/.png; returns the JSON record."""
+    workdir = Path(workdir)
+    for v in variants:
+        if v not in VARIANTS:
+            raise common.UsageError(f"Unknown variant {v!r}; expected one of {sorted(VARIANTS)}.")
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise common.UsageError(f"--seeds must be distinct non-negative integers, got {seeds}.")
+    plan = {
+        (v, f, s): ablation.variant_config(config, v, {"data.train_fraction": f}, s)
+        for v in variants
+        for f in fractions
+        for s in seeds
+    }
+    prov = common.Provenance(command, config, seeds)
+    records: dict[tuple[str, float], dict[int, dict[str, Any]]] = {}
+    for i, ((v, f, s), cfg) in enumerate(plan.items(), 1):
+        d = run_dir(workdir, v, f, s)
+        log.info("Low-data run %d/%d: %s, fraction %g, seed %d in %s", i, len(plan), v, f, s, d)
+        records.setdefault((v, f), {})[s] = ablation.train_run(cfg, d)
+
+    from marnet_jax.data import datasets
+
+    num_train = datasets.prepare(config.data).split_sizes[config.data.train_split]
+    report: dict[str, Any] = {"study": STUDY, "fractions": list(fractions), "rows": []}
+    for (v, f), runs in records.items():
+        report["rows"].append(
+            {
+                "variant": v,
+                "fraction": f,
+                "num_train": round(f * num_train),
+                "seeds": sorted(runs),
+                "summary": ablation.summarise([runs[s] for s in sorted(runs)]),
+                "runs": [{k: x for k, x in r.items() if k != "config"} for r in runs.values()],
+            }
+        )
+    report["comparisons"] = [
+        c | {"fraction": f}
+        for f in fractions
+        for name, a, b in COMPARISONS
+        if (a, f) in records and (b, f) in records
+        for c in [ablation.compare(name, records[(a, f)], records[(b, f)], a, b)]
+        if c is not None
+    ]
+    report["provenance"] = prov.finish()
+    out = workdir / STUDY
+    out.mkdir(parents=True, exist_ok=True)
+    common.write_json(out / f"{STUDY}.json", report)
+    common.write_csv(out / f"{STUDY}.csv", CSV_COLUMNS, csv_rows(report))
+    plot(report, out / f"{STUDY}.png")
+    (out / f"{STUDY}.md").write_text(markdown(report))
+    return report
+
+
+def csv_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return [
+        {
+            "variant": r["variant"],
+            "fraction": r["fraction"],
+            "num_train": r["num_train"],
+            "num_seeds": len(r["seeds"]),
+            "seeds": r["seeds"],
+            **{k: v for k, v in r["summary"].items() if "_top1_" in k},
+        }
+        for r in report["rows"]
+    ]
+
+
+def markdown(report: Mapping[str, Any]) -> str:
+    """The low-data fragment of docs/results.md: a table, the paired verdicts and the plot."""
+    rows = [
+        [
+            r["variant"],
+            f"{100 * r['fraction']:g} % ({r['num_train']})",
+            len(r["seeds"]),
+            common.pct_pm(r["summary"].get("fused_top1_mean"), r["summary"].get("fused_top1_std")),
+            common.pct_pm(
+                r["summary"].get("visual_top1_mean"), r["summary"].get("visual_top1_std")
+            ),
+            common.pct_pm(r["summary"].get("cdr_top1_mean"), r["summary"].get("cdr_top1_std")),
+        ]
+        for r in sorted(report["rows"], key=lambda r: (r["fraction"], r["variant"]))
+    ]
+    header = ["variant", "training images", "seeds", "fused top-1", "visual probe", "CDR head"]
+    text = [
+        "Test top-1 (%) by the fraction of the training split trained on (a fixed random subset, "
+        "the same for every seed and variant), mean ± sample std over seeds.",
+        "",
+        common.md_table(header, rows),
+        "",
+        "Paired by seed (fused test top-1):",
+        "",
+    ]
+    for c in report["comparisons"]:
+        text.append(
+            f"- {100 * c['fraction']:g} % of the data, {c['name']} ({c['variant']} vs "
+            f"{c['reference']}): **{c['verdict']}**; {common.pct(c['variant_mean'])} vs "
+            f"{common.pct(c['reference_mean'])} %, difference "
+            f"{common.pct_pm(c['delta_mean'], c['delta_std'])} points."
+        )
+    text += ["", f"![fused test top-1 against the training fraction]({STUDY}.png)"]
+    return "\n".join(text) + "\n"
+
+
+def plot(report: Mapping[str, Any], path: Path) -> None:
+    """Fused test top-1 (mean ± std over seeds) against the fraction, one line per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for v in dict.fromkeys(r["variant"] for r in report["rows"]):
+        rows = sorted((r for r in report["rows"] if r["variant"] == v), key=lambda r: r["fraction"])
+        x = [100 * r["fraction"] for r in rows]
+        y = [100 * r["summary"]["fused_top1_mean"] for r in rows]
+        e = [100 * (r["summary"].get("fused_top1_std") or 0.0) for r in rows]
+        e = [0.0 if x != x else x for x in e]  # NaN (one seed) -> no bar
+        ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=v)
+    ax.set_xscale("log")
+    ax.set_xticks([100 * f for f in report["fractions"]])
+    ax.set_xticklabels([f"{100 * f:g}" for f in report["fractions"]])
+    ax.set_xlabel("training images (% of the training split)")
+    ax.set_ylabel("fused test top-1 (%)")
+    ax.set_title(f"Low-data study ({report['provenance']['config']['dataset']})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _main(argv: Sequence[str]) -> None:
+    from absl import flags
+
+    if len(argv) > 1:
+        raise common.UsageError(f"Unexpected arguments {argv[1:]}.")
+    f = flags.FLAGS
+    logging.getLogger("marnet_jax").setLevel(logging.INFO)
+
+    def main() -> None:
+        try:
+            run(
+                f.config,
+                f.workdir,
+                fractions=_parse_fractions(f.fractions),
+                variants=f.variants,
+                seeds=common.parse_ints(f.seeds, "--seeds"),
+                command=common.command_line(),
+            )
+        except ablation.Preempted as e:
+            log.warning("%s", e)
+            return
+        print((Path(f.workdir) / STUDY / f"{STUDY}.md").read_text())
+
+    common.run_cli("marnet_jax.evidence.low_data", main)
+
+
+def cli() -> None:
+    from absl import app, flags
+    from absl import logging as absl_logging
+
+    common.define_common_flags()
+    flags.DEFINE_list("fractions", ["0.1", "0.3", "1.0"], "Fractions of the training split.")
+    flags.DEFINE_list("variants", ["baseline", "aux", "full"], "Variants to train.")
+    flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (config.seed) of every variant.")
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    app.run(_main, flags_parser=flags_parser("marnet_jax.evidence.low_data"))
+
+
+if __name__ == "__main__":
+    cli()
