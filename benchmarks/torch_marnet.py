@@ -5,10 +5,11 @@
   python -m benchmarks.torch_marnet --preset tiny     # configs/tiny.py, seconds (tests)
 
 The torch model is the same network as the config builds in JAX, read from the same config file:
-the small-stem ResNet-18 (its width and stem stride), the ingredient MLP encoder, the EMA projection
-heads with the symmetric class-aware InfoNCE, the CDR denoiser (FiLM residual MLP) with the one-step
-v-prediction MSE, the straight-through s0_hat read by the CDR head, the DDIM reverse chain that the
-fused classifier trains on with gradients through it, LayerNorm + Linear heads, the visual probe on
+the small-stem ResNet-10 or -18 (its width and stem stride), the ingredient MLP encoder, the EMA
+projection heads with the symmetric class-aware InfoNCE, the CDR denoiser (FiLM residual MLP) with the
+one-step v-prediction MSE, the DDIM reverse chain that the fused classifier and the CDR head train on
+(gradients through all its passes or the last one; or the CDR head on the straight-through s0_hat),
+LayerNorm + Linear heads, the visual probe on
 detached features, AdamW with decay on matrices only and global-norm clipping. Same batch, image size
 and float32. A config option this file does not implement is a clear error, not a silent difference.
 Timing is the same for both frameworks: single, waited-for steps after warm-up on one fixed synthetic
@@ -43,7 +44,6 @@ PRESETS = {
 
 # What this torch port implements; anything else in the config is refused.
 _SUPPORTED = {
-    "model.backbone": "resnet18",
     "model.backbone_kwargs.stem": "small",
     "model.text_encoder": "mlp",
     "model.fusion": "concat",
@@ -57,7 +57,6 @@ _SUPPORTED = {
     "model.cdr.target_norm": "sqrt_dim",
     "model.cdr.target_grad": "straight_through",
     "model.cdr.train_estimate": "chain",
-    "model.cdr.chain_grad": "all",
     "model.cdr.condition_on": "x_v",
     "model.cdr.init_from": "noise",
     "model.cdr.conditioning": "film",
@@ -81,12 +80,27 @@ def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
     return value
 
 
+# Fields where the port implements several values.
+_SUPPORTED_ANY = {
+    "model.backbone": ("resnet10", "resnet18"),
+    "model.cdr.chain_grad": ("all", "last_step"),
+    "model.cdr.head_input": ("chain", "one_step"),
+    "model.use_aux": (False,),
+}
+_STAGES = {"resnet10": 1, "resnet18": 2}  # basic blocks per stage
+
+
 def check_supported(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming every config field whose value the torch port does not implement."""
     bad = [
         f"config.{k}={_get(config, k)!r} (torch port implements {v!r})"
         for k, v in _SUPPORTED.items()
         if _get(config, k) != v
+    ]
+    bad += [
+        f"config.{k}={_get(config, k)!r} (torch port implements one of {v!r})"
+        for k, v in _SUPPORTED_ANY.items()
+        if _get(config, k) not in v
     ]
     if config.model.cdr.sampler == "ddim" and config.model.cdr.sample_steps < 1:
         bad.append(f"config.model.cdr.sample_steps={config.model.cdr.sample_steps} (need >= 1)")
@@ -121,8 +135,8 @@ def build_torch_model(config: ml_collections.ConfigDict, num_classes: int, num_i
             y = self.bn2(self.conv2(y))
             return F.relu((x if self.down is None else self.down(x)) + y)
 
-    class ResNet18(nn.Module):
-        def __init__(self, width: float, stem_stride: int):
+    class ResNet(nn.Module):
+        def __init__(self, blocks: int, width: float, stem_stride: int):
             super().__init__()
             w = max(1, round(64 * width))
             self.stem = nn.Sequential(
@@ -131,7 +145,8 @@ def build_torch_model(config: ml_collections.ConfigDict, num_classes: int, num_i
             layers, cin = [], w
             for i in range(4):
                 cout = w * 2**i
-                layers += [BasicBlock(cin, cout, 1 if i == 0 else 2), BasicBlock(cout, cout, 1)]
+                layers.append(BasicBlock(cin, cout, 1 if i == 0 else 2))
+                layers += [BasicBlock(cout, cout, 1) for _ in range(blocks - 1)]
                 cin = cout
             self.layers = nn.Sequential(*layers)
             self.feature_dim = cin
@@ -210,7 +225,9 @@ def build_torch_model(config: ml_collections.ConfigDict, num_classes: int, num_i
         def __init__(self):
             super().__init__()
             kw = m.backbone_kwargs
-            self.backbone = ResNet18(kw.get("width", 1.0), kw.get("stem_stride", 1))
+            self.backbone = ResNet(
+                _STAGES[m.backbone], kw.get("width", 1.0), kw.get("stem_stride", 1)
+            )
             d_v = self.backbone.feature_dim
             self.use_ema, self.use_cdr = m.use_ema, m.use_cdr
             if self.use_ema or self.use_cdr:
@@ -240,11 +257,13 @@ def build_torch_model(config: ml_collections.ConfigDict, num_classes: int, num_i
 
         def ddim_chain(self, cond):
             x = torch.randn(cond.shape[0], m.embed_dim)
-            for t, sa, s1a, ap in self.chain:
+            last_only = m.cdr.chain_grad == "last_step"
+            for i, (t, sa, s1a, ap) in enumerate(self.chain):
                 tb = torch.full((cond.shape[0],), t, dtype=torch.long)
-                out = self.denoiser(x, tb, cond)
-                x0, eps = sa * x - s1a * out, s1a * x + sa * out
-                x = math.sqrt(ap) * x0 + math.sqrt(max(1.0 - ap, 0.0)) * eps
+                with torch.set_grad_enabled(not last_only or i == len(self.chain) - 1):
+                    out = self.denoiser(x, tb, cond)
+                    x0, eps = sa * x - s1a * out, s1a * x + sa * out
+                    x = math.sqrt(ap) * x0 + math.sqrt(max(1.0 - ap, 0.0)) * eps
             return x
 
         def forward(self, images, ingredients, labels):
@@ -275,8 +294,10 @@ def build_torch_model(config: ml_collections.ConfigDict, num_classes: int, num_i
                 out = self.denoiser(x_t, t, x_v)
                 parts["mse"] = F.mse_loss(out, sa * noise - s1a * x0)
                 s0_hat = sa * x_t - s1a * out + (s0 - x0)  # straight-through into s0
-                parts["ce_cdr"] = F.cross_entropy(self.cdr_head(self.cdr_norm(s0_hat)), labels)
-                feats.append(self.ddim_chain(x_v))
+                x_cdr = self.ddim_chain(x_v)
+                head_in = x_cdr if m.cdr.head_input == "chain" else s0_hat
+                parts["ce_cdr"] = F.cross_entropy(self.cdr_head(self.cdr_norm(head_in)), labels)
+                feats.append(x_cdr)
             normed = [norm(f) for norm, f in zip(self.fused_norms, feats)]
             fused = self.fused(torch.cat(normed, dim=-1))
             parts["ce"] = F.cross_entropy(fused, labels)

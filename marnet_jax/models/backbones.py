@@ -1,6 +1,6 @@
 """Vision backbone registry: build_backbone(name, dtype, **kwargs) -> module(images, train) -> [B, D].
 
-Names: resnet18, resnet34, resnet50, resnet101 (see resnet.py: kwargs stem, width, zero_init_residual,
+Names: resnet10, resnet18, resnet34, resnet50, resnet101 (see resnet.py: kwargs stem, width, zero_init_residual,
 im2col_max_size, ...) and vit_ti16, vit_s16, vit_b16 (see vit.py: kwargs pool_type, posemb, dropout,
 depth, width, ...). Every backbone returns a float32 pooled feature [B, D]; `dtype` is the compute dtype,
 parameters are float32 unless `param_dtype` is given.
@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from marnet_jax.models import resnet, vit
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
+    "resnet10": resnet.ResNet10,
     "resnet18": resnet.ResNet18,
     "resnet34": resnet.ResNet34,
     "resnet50": resnet.ResNet50,
