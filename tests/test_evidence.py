@@ -4,6 +4,7 @@ results page. One tiny ablation (baseline and full, one seed, 2 steps) is shared
 import csv
 import itertools
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -397,25 +398,36 @@ def test_results_page_from_every_study(
 
 
 def test_low_data_study_trains_subsets_and_shares_full_data_runs_with_the_ablation(
-    tiny_data_dir, tmp_path, monkeypatch
+    evidence, tmp_path, monkeypatch
 ):
-    config = _config(tiny_data_dir)
-    report = low_data.run(config, tmp_path, fractions=(0.5, 1.0), variants=("aux",), seeds=(0,))
+    source, config, _ = evidence
+    # The ablation's finished baseline run is the full-data run: only the 50 % run trains.
+    shutil.copytree(source / "ablation/runs/baseline", tmp_path / "ablation/runs/baseline")
+    calls = []
+    train = trainer.train_and_evaluate
+    monkeypatch.setattr(
+        trainer, "train_and_evaluate", lambda cfg, d: calls.append(d) or train(cfg, d)
+    )
+    report = low_data.run(
+        config, tmp_path, fractions=(0.5, 1.0), variants=("baseline",), seeds=(0,)
+    )
+    assert calls == [str(tmp_path / "low_data/runs/baseline/frac_0.5/seed_0")]
     rows = {r["fraction"]: r for r in report["rows"]}
     assert set(rows) == {0.5, 1.0} and rows[0.5]["num_train"] == 100
-    assert (tmp_path / "ablation/runs/aux/seed_0" / ablation.MARKER).exists()
-    marker = tmp_path / "low_data/runs/aux/frac_0.5/seed_0" / ablation.MARKER
+    marker = tmp_path / "low_data/runs/baseline/frac_0.5/seed_0" / ablation.MARKER
     assert json.loads(marker.read_text())["config"]["data"]["train_fraction"] == 0.5
     out = tmp_path / "low_data"
     assert _csv_header(out / "low_data.csv") == low_data.CSV_COLUMNS
     _png_ok(out / "low_data.png")
-    assert "| aux | 50 % (100) | 1 |" in (out / "low_data.md").read_text()
+    assert "| baseline | 50 % (100) | 1 |" in (out / "low_data.md").read_text()
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(trainer, "train_and_evaluate", no_training)
-    again = low_data.run(config, tmp_path, fractions=(0.5, 1.0), variants=("aux",), seeds=(0,))
+    again = low_data.run(
+        config, tmp_path, fractions=(0.5, 1.0), variants=("baseline",), seeds=(0,)
+    )
     assert again["rows"] == report["rows"]
     with pytest.raises(common.UsageError, match="fractions"):
         low_data._parse_fractions(["0.1", "2"])
