@@ -147,9 +147,13 @@ def test_conv_layers_tiny_preset(tmp_path):
 def test_conv_layers_reads_every_convolution_of_the_default_resnet():
     from benchmarks import conv_layers
 
-    convs = conv_layers.backbone_convs(default.get_config())
+    config = default.get_config()
+    config.model.backbone = "resnet18"
+    convs = conv_layers.backbone_convs(config)
     # ResNet-18: stem, 8 blocks of two 3x3 convs, 3 downsampling 1x1 convs; 64 px, stem /2.
     assert sum(convs.values()) == 20
+    config.model.backbone = "resnet10"  # the default: one block per stage
+    assert sum(conv_layers.backbone_convs(config).values()) == 12
     stem = next(iter(convs))
     assert (stem.stem, stem.size, stem.cin, stem.k, stem.stride) == (True, 64, 3, 3, 2)
     assert [c for c in convs if c.stem] == [stem]

@@ -425,9 +425,7 @@ def test_low_data_study_trains_subsets_and_shares_full_data_runs_with_the_ablati
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(trainer, "train_and_evaluate", no_training)
-    again = low_data.run(
-        config, tmp_path, fractions=(0.5, 1.0), variants=("baseline",), seeds=(0,)
-    )
+    again = low_data.run(config, tmp_path, fractions=(0.5, 1.0), variants=("baseline",), seeds=(0,))
     assert again["rows"] == report["rows"]
     with pytest.raises(common.UsageError, match="fractions"):
         low_data._parse_fractions(["0.1", "2"])

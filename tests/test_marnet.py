@@ -195,7 +195,8 @@ def test_variant_shapes_keys_and_collections(use_ema, use_cdr, fusion):
 
 
 def test_one_step_training_estimate_feeds_s0_hat_to_the_fused_head():
-    model = make_model(train_estimate="one_step")
+    # Neither head reads the chain: training runs no reverse chain at all.
+    model = make_model(train_estimate="one_step", cdr_head_input="one_step")
     images, ingredients, _ = batch()
     variables = jax.eval_shape(lambda r: model.init(r, images, ingredients), rngs())
     out, _ = jax.eval_shape(lambda v: train_apply(model, v, images, ingredients), variables)
@@ -331,8 +332,8 @@ def test_full_loss_decreases_and_gradients_go_where_the_design_says(full_vars):
     vmapped backward pass) and combines them with the loss weights, so the same compiled loop checks
     that the loss falls and which parameters each part trains."""
     cfg = get_loss_config()
-    weights = jnp.array([1.0, cfg.w_ema, cfg.w_mse, cfg.w_cdr, cfg.w_visual])
-    assert PART_KEYS == ("ce", "ema", "mse", "ce_cdr", "ce_visual")
+    weights = jnp.array([1.0, cfg.w_ema, cfg.w_mse, cfg.w_cdr, cfg.w_visual, cfg.w_aux])
+    assert PART_KEYS == ("ce", "ema", "mse", "ce_cdr", "ce_visual", "aux")
     opt = optax.adam(1e-2)
 
     @jax.jit
@@ -363,6 +364,9 @@ def test_full_loss_decreases_and_gradients_go_where_the_design_says(full_vars):
     assert bool(jnp.all(jnp.isfinite(totals)))
     assert float(totals[-1]) < 0.7 * float(totals[0]), totals
     for k in PART_KEYS:
+        if k == "aux":  # full MARNet has no ingredient head
+            np.testing.assert_array_equal(parts[k], 0.0)
+            continue
         assert float(parts[k][-1]) < float(parts[k][0]), (k, parts[k])
     chex.assert_trees_all_equal_shapes(stats, full_vars["batch_stats"])
     changed = jax.tree.map(
@@ -379,8 +383,10 @@ def test_full_loss_decreases_and_gradients_go_where_the_design_says(full_vars):
     # The diffusion MSE trains the denoiser and the image side, never the semantic target.
     assert norm(grads["mse"]["text_encoder"]) == 0.0 and norm(grads["mse"]["ema"]["g_s"]) == 0.0
     assert norm(grads["mse"]["backbone"]) > 0.0 and norm(grads["mse"]["cdr"]) > 0.0
-    # The CE on s0_hat reaches the text side through the straight-through estimate.
-    assert norm(grads["ce_cdr"]["text_encoder"]) > 0.0
+    # The CDR head reads the image-only chain (head_input='chain'): its CE trains the chain and the
+    # image side, never the text side (with 'one_step' it reads the straight-through s0_hat instead).
+    assert norm(grads["ce_cdr"]["cdr"]) > 0.0 and norm(grads["ce_cdr"]["backbone"]) > 0.0
+    assert norm(grads["ce_cdr"]["text_encoder"]) == 0.0
     # L_EMA trains both projection heads and the temperature.
     assert norm(grads["ema"]["ema"]["g_v"]) > 0.0 and norm(grads["ema"]["ema"]["g_s"]) > 0.0
     assert norm(grads["ema"]["ema"]["temperature"]) > 0.0

@@ -138,6 +138,9 @@ def config_summary(config: Any) -> dict[str, Any]:
         "train_steps": config.train.num_steps,
         "batch_size": config.train.batch_size,
         "lr": config.optim.lr,
+        "loss_weights": {k: v for k, v in config.loss.items() if k.startswith("w_")},
+        "cdr_training": f"head_input={model.cdr.get('head_input', 'one_step')}, "
+        f"chain_grad={model.cdr.chain_grad}",
         "cdr_test_chain": f"{model.cdr.sampler} {model.cdr.sample_steps} steps x "
         f"{model.cdr.num_samples} samples (T={model.cdr.num_steps})",
         "fusion": model.fusion,

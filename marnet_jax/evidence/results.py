@@ -82,14 +82,23 @@ def tuning_markdown(reports: Sequence[Mapping[str, Any]]) -> str:
 
     rows, commands = [], []
     for report in reports:
-        commands.append(report["provenance"]["command"] or "(called from Python)")
+        p = report["provenance"]
+        commands.append(
+            f"`{p['command'] or '(called from Python)'}` (code {p.get('git_commit') or '?'}; base: "
+            f"{_config_line(p['config'])})"
+        )
         for label, v in report["variants"].items():
             overrides = ", ".join(f"{k}={x}" for k, x in v["overrides"].items())
             seeds = ", ".join(str(r["seed"]) for r in v["runs"])
             heads = [val(v["runs"], h) for h in ("fused", "visual", "cdr")]
             rows.append([label, v["base"], overrides or "(the config as it is)", seeds, *heads])
     header = ["setting", "variant", "overrides", "seeds", "fused top-1", "visual probe", "CDR head"]
-    lines = ["Commands:", ""] + [f"- `{c}`" for c in commands]
+    lines = [
+        "Searches (each setting is its search's base config with the overrides in the table; what "
+        "the base line does not name is in each run's config.json):",
+        "",
+    ]
+    lines += [f"- {c}" for c in commands]
     lines += ["", "Validation top-1 (%) of every setting tried:", "", common.md_table(header, rows)]
     return "\n".join(lines) + "\n"
 
@@ -111,7 +120,8 @@ def _config_line(c: Mapping[str, Any]) -> str:
     return (
         f"{c['dataset']} ({c['image_size']} px); {c['backbone']}({kwargs}), embed {c['embed_dim']}, "
         f"fusion {c['fusion']}; {c['train_steps']} steps of batch {c['batch_size']}, lr {c['lr']}; "
-        f"CDR test chain {c['cdr_test_chain']}"
+        + (f"loss {c['loss_weights']}; CDR {c['cdr_training']}; " if "cdr_training" in c else "")
+        + f"CDR test chain {c['cdr_test_chain']}"
     )
 
 

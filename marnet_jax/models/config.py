@@ -82,8 +82,9 @@ def get_model_config() -> ml_collections.ConfigDict:
     # paper's literal CE on s0_hat: the head then meets the chain's output only at test)
     cfg.cdr.head_input = "chain"
     # 'chain': which of the chain's denoiser passes the CEs back-propagate through: 'all' | 'last_step'
-    # (the same x_CDR; one pass's backward instead of sample_steps': see docs/method.md) | 'none'
-    cfg.cdr.chain_grad = "last_step"
+    # (the same x_CDR for one pass's backward instead of sample_steps', but the CDR head then carries
+    # much less of the class: docs/method.md) | 'none'
+    cfg.cdr.chain_grad = "all"
     cfg.cdr.condition_on = "x_v"  # denoiser condition: 'x_v' (backbone) | 'x_ema' (needs use_ema)
     cfg.cdr.init_from = "noise"  # test chain start: 'noise' | 'visual' (noised x_EMA, use_ema)
     cfg.cdr.conditioning = "film"  # how the condition enters the denoiser: 'film' | 'concat'

@@ -118,7 +118,7 @@ class MARNet(nn.Module):
     visual_probe_on: str = "auto"
     train_estimate: str = "chain"
     cdr_head_input: str = "chain"
-    chain_grad: str = "last_step"
+    chain_grad: str = "all"
     use_aux: bool = False
 
     def setup(self) -> None:
