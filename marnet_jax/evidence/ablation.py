@@ -20,7 +20,7 @@ import json
 import logging
 import resource
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -430,30 +430,46 @@ def run(
     return report
 
 
-def _main(argv: Sequence[str]) -> None:
-    from absl import flags
+def training_study_main(
+    prog: str, argv: Sequence[str], train: Callable[[], Any], fragment: Callable[[], Path]
+) -> None:
+    """The absl main of a study that trains runs: `train()`, then print its markdown fragment.
 
+    A run stopped by SIGTERM (a checkpoint was saved) exits 0 with the resume hint, as
+    marnet_jax.main does; bad flags and missing files end with one line (common.run_cli).
+    """
     if len(argv) > 1:
         raise common.UsageError(f"Unexpected arguments {argv[1:]}.")
-    f = flags.FLAGS
     logging.getLogger("marnet_jax").setLevel(logging.INFO)
 
     def main() -> None:
         try:
-            run(
-                f.config,
-                f.workdir,
-                variants=f.variants,
-                seeds=common.parse_ints(f.seeds, "--seeds"),
-                extra_variants=f.extra_variant or (),
-                command=common.command_line(),
-            )
-        except Preempted as e:  # like marnet_jax.main: a checkpoint was saved, exit 0
+            train()
+        except Preempted as e:
             log.warning("%s", e)
             return
-        print((Path(f.workdir) / common.ABLATION / "ablation.md").read_text())
+        print(fragment().read_text())
 
-    common.run_cli("marnet_jax.evidence.ablation", main)
+    common.run_cli(prog, main)
+
+
+def _main(argv: Sequence[str]) -> None:
+    from absl import flags
+
+    f = flags.FLAGS
+    training_study_main(
+        "marnet_jax.evidence.ablation",
+        argv,
+        lambda: run(
+            f.config,
+            f.workdir,
+            variants=f.variants,
+            seeds=common.parse_ints(f.seeds, "--seeds"),
+            extra_variants=f.extra_variant or (),
+            command=common.command_line(),
+        ),
+        lambda: Path(f.workdir) / common.ABLATION / "ablation.md",
+    )
 
 
 def cli() -> None:

@@ -199,27 +199,20 @@ def plot(report: Mapping[str, Any], path: Path) -> None:
 def _main(argv: Sequence[str]) -> None:
     from absl import flags
 
-    if len(argv) > 1:
-        raise common.UsageError(f"Unexpected arguments {argv[1:]}.")
     f = flags.FLAGS
-    logging.getLogger("marnet_jax").setLevel(logging.INFO)
-
-    def main() -> None:
-        try:
-            run(
-                f.config,
-                f.workdir,
-                fractions=_parse_fractions(f.fractions),
-                variants=f.variants,
-                seeds=common.parse_ints(f.seeds, "--seeds"),
-                command=common.command_line(),
-            )
-        except ablation.Preempted as e:
-            log.warning("%s", e)
-            return
-        print((Path(f.workdir) / STUDY / f"{STUDY}.md").read_text())
-
-    common.run_cli("marnet_jax.evidence.low_data", main)
+    ablation.training_study_main(
+        "marnet_jax.evidence.low_data",
+        argv,
+        lambda: run(
+            f.config,
+            f.workdir,
+            fractions=_parse_fractions(f.fractions),
+            variants=f.variants,
+            seeds=common.parse_ints(f.seeds, "--seeds"),
+            command=common.command_line(),
+        ),
+        lambda: Path(f.workdir) / STUDY / f"{STUDY}.md",
+    )
 
 
 def cli() -> None:

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from marnet_jax.models.alignment import EMAHeads, l2_normalize
-from marnet_jax.models.diffusion import CDR
+from marnet_jax.models.diffusion import CDR, CHAIN_GRADS
 
 Array = jax.Array
 FUSIONS = ("concat", "sum", "gated")
@@ -138,7 +138,7 @@ class MARNet(nn.Module):
             ("target_grad", self.target_grad, ("stop", "straight_through", "none")),
             ("train_estimate", self.train_estimate, ("chain", "one_step")),
             ("cdr_head_input", self.cdr_head_input, ("chain", "one_step")),
-            ("chain_grad", self.chain_grad, ("all", "last_step", "none")),
+            ("chain_grad", self.chain_grad, CHAIN_GRADS),
         ):
             if value not in allowed:
                 raise ValueError(f"MARNet.{name}={value!r}; expected one of {allowed}")
