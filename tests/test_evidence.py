@@ -222,7 +222,7 @@ def test_ablation_writes_its_tables(evidence):
     assert (out / run["dir"] / ablation.MARKER).exists()
     assert [c["name"] for c in data["comparisons"]] == ["EMA + CDR (full MARNet)"]
     md = (out / "ablation.md").read_text()
-    assert "| baseline | no | no | no | 1 |" in md and "one seed only" in md
+    assert "| baseline | no | no | no | 0 |" in md and "one seed only" in md
 
 
 def test_ablation_rerun_skips_finished_runs_and_refuses_a_changed_config(evidence, monkeypatch):
@@ -238,6 +238,35 @@ def test_ablation_rerun_skips_finished_runs_and_refuses_a_changed_config(evidenc
     changed.train.num_steps = 3
     with pytest.raises(common.UsageError, match=r"train.num_steps: 2 -> 3"):
         ablation.run(changed, workdir, variants=("baseline",), seeds=(0,))
+
+
+def test_ablation_gives_some_variants_more_seeds_and_pairs_on_shared_seeds(
+    tiny_data_dir, tmp_path, monkeypatch
+):
+    def fake_training(config, workdir):  # accuracy = 0.5 + seed / 100 (+ 0.1 for full)
+        acc = 0.5 + config.seed / 100 + 0.1 * (config.variant == "full")
+        split = {"fused_top1": acc, "fused_top5": 1.0, "num_examples": 64.0}
+        return {config.data.eval_split: split, config.data.test_split: split}
+
+    monkeypatch.setattr(trainer, "train_and_evaluate", fake_training)
+    seeds_of = ablation.parse_seeds_of(["baseline,full=0,1,2,3"])
+    assert seeds_of == {"baseline": [0, 1, 2, 3], "full": [0, 1, 2, 3]}
+    config = _config(tiny_data_dir)
+    report = ablation.run(
+        config, tmp_path, variants=("baseline", "ema", "full"), seeds=(0, 1), seeds_of=seeds_of
+    )
+    runs = {k: [r["seed"] for r in v["runs"]] for k, v in report["variants"].items()}
+    assert runs == {"baseline": [0, 1, 2, 3], "ema": [0, 1], "full": [0, 1, 2, 3]}
+    by_name = {c["name"]: c for c in report["comparisons"]}
+    assert by_name["EMA + CDR (full MARNet)"]["seeds"] == [0, 1, 2, 3]
+    assert by_name["EMA + CDR (full MARNet)"]["delta_mean"] == pytest.approx(0.1)
+    assert by_name["EMA alone"]["seeds"] == [0, 1]
+    assert report["provenance"]["seeds"] == [0, 1, 2, 3]
+    assert "| ema | yes | no | no | 0, 1 |" in (tmp_path / "ablation/ablation.md").read_text()
+    with pytest.raises(common.UsageError, match=r"'aux'.*not trained here"):
+        ablation.run(config, tmp_path, variants=("baseline",), seeds=(0,), seeds_of={"aux": [0]})
+    with pytest.raises(common.UsageError, match="expected 'VARIANT"):
+        ablation.parse_seeds_of(["baseline:0,1"])
 
 
 def test_ablation_stops_on_preemption_without_marking_the_run_done(

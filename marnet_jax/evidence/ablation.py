@@ -2,9 +2,12 @@
 
     python -m marnet_jax.evidence.ablation --config configs/default.py --workdir runs/evidence \
         [--seeds 0,1,2] [--variants baseline,ema,cdr,full] [--extra_variant 'gated=full model.fusion=gated']
+        [--seeds_of baseline,full=0,1,2,3,4]
 
 Trains every (variant, seed) with `trainer.train_and_evaluate` in `<workdir>/ablation/runs/<variant>/
 seed_<s>/` (a normal training workdir), one after the other, and records the wall and CPU time of each.
+Every variant runs over `--seeds`, except those `--seeds_of` gives seeds of their own (more seeds where
+a verdict matters most); paired verdicts use the seeds both sides share.
 Rerunning the command skips finished runs and resumes an interrupted one from its checkpoint; a run
 directory trained with a different config is an error, not a silent mix. Writes to
 `<workdir>/ablation/`: ablation.json (every run, summaries, paired comparisons and their verdicts,
@@ -98,6 +101,29 @@ def parse_extra_variant(spec: str) -> tuple[str, str, dict[str, Any]]:
         except (ValueError, SyntaxError):
             overrides[field] = raw
     return label, base, overrides
+
+
+def parse_seeds_of(specs: Sequence[str]) -> dict[str, list[int]]:
+    """['baseline,full=0,1,2,3,4', ...] -> {'baseline': [0, ..., 4], 'full': [0, ..., 4]}."""
+    out: dict[str, list[int]] = {}
+    for spec in specs:
+        labels, sep, seeds = spec.partition("=")
+        if not sep or not labels or not seeds:
+            raise common.UsageError(
+                f"--seeds_of {spec!r}: expected 'VARIANT[,VARIANT...]=SEED[,SEED...]'."
+            )
+        for label in labels.split(","):
+            if label in out:
+                raise common.UsageError(f"--seeds_of names {label!r} twice.")
+            out[label] = common.parse_ints(seeds.split(","), f"--seeds_of {spec!r}")
+    return out
+
+
+def _check_seeds(seeds: Sequence[int], what: str) -> None:
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise common.UsageError(
+            f"{what} must be distinct non-negative integers, got {list(seeds)}."
+        )
 
 
 def _set_field(config: ml_collections.ConfigDict, field: str, value: Any) -> None:
@@ -282,7 +308,7 @@ def markdown(report: Mapping[str, Any]) -> str:
                 "yes" if v["use_ema"] else "no",
                 "yes" if v["use_cdr"] else "no",
                 "yes" if v.get("use_aux") else "no",
-                len(v["runs"]),
+                ", ".join(str(r["seed"]) for r in v["runs"]),
                 common.pct_pm(s.get("fused_top1_mean"), s.get("fused_top1_std")),
                 common.pct_pm(s.get("fused_top5_mean"), s.get("fused_top5_std")),
                 common.pct_pm(s.get("visual_top1_mean"), s.get("visual_top1_std")),
@@ -292,8 +318,8 @@ def markdown(report: Mapping[str, Any]) -> str:
         )
     n_test = report["num_test_examples"]
     text = [
-        f"Test accuracy (%) on {n_test} test images, mean ± sample std over seeds "
-        f"{', '.join(str(s) for s in report['provenance']['seeds'])}. `fused` is the model's "
+        f"Test accuracy (%) on {n_test} test images, mean ± sample std over each variant's seeds "
+        "(paired verdicts use the seeds both variants share). `fused` is the model's "
         "classifier; `visual probe` is the stop-gradient linear probe on the visual feature "
         "(x_EMA with EMA, x_v without); `CDR head` classifies x_CDR from the image-only reverse chain; "
         "`aux` is the visual-only model trained with an extra ingredient-prediction head (BCE).",
@@ -358,16 +384,18 @@ def run(
     variants: Sequence[str] = ("baseline", "ema", "cdr", "full"),
     seeds: Sequence[int] = (0, 1, 2),
     extra_variants: Sequence[str] = (),
+    seeds_of: Mapping[str, Sequence[int]] | None = None,
     command: str = "",
 ) -> dict[str, Any]:
-    """Trains what is missing, then writes ablation.json/.csv/.md; returns the JSON record."""
+    """Trains what is missing, then writes ablation.json/.csv/.md; returns the JSON record.
+
+    Every variant runs over `seeds`, except those `seeds_of` maps to seeds of their own.
+    """
     out_dir = Path(workdir) / common.ABLATION
-    if not seeds:
-        raise common.UsageError("--seeds is empty.")
-    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise common.UsageError(
-            f"--seeds must be distinct non-negative integers, got {list(seeds)}."
-        )
+    seeds_of = dict(seeds_of or {})
+    _check_seeds(seeds, "--seeds")
+    for label, own in seeds_of.items():
+        _check_seeds(own, f"--seeds_of {label}")
     plan: dict[str, tuple[str, dict[str, Any]]] = {}
     for v in variants:
         if v not in VARIANTS:
@@ -382,13 +410,20 @@ def run(
         plan[label] = (base, overrides)
     if not plan:
         raise common.UsageError("No variants to train.")
+    unknown = sorted(set(seeds_of) - set(plan))
+    if unknown:
+        raise common.UsageError(
+            f"--seeds_of names {unknown}, which are not trained here ({sorted(plan)})."
+        )
+    seeds_by_label = {label: list(seeds_of.get(label, seeds)) for label in plan}
     # Check every variant's config before the first (long) training starts.
     configs = {
         (label, s): variant_config(config, base, overrides, s)
         for label, (base, overrides) in plan.items()
-        for s in seeds
+        for s in seeds_by_label[label]
     }
-    prov = common.Provenance(command, config, seeds)
+    all_seeds = sorted({s for own in seeds_by_label.values() for s in own})
+    prov = common.Provenance(command, config, all_seeds)
     records: dict[str, dict[int, dict[str, Any]]] = {label: {} for label in plan}
     total = len(configs)
     for i, ((label, s), cfg) in enumerate(configs.items(), 1):
@@ -398,7 +433,7 @@ def run(
 
     report: dict[str, Any] = {"study": "ablation", "variants": {}}
     for label, (base, overrides) in plan.items():
-        runs = [records[label][s] for s in seeds]
+        runs = [records[label][s] for s in seeds_by_label[label]]
         report["variants"][label] = {
             "base": base,
             "overrides": overrides,
@@ -420,7 +455,7 @@ def run(
         for c in [compare(name, records[a], records[b], a, b)]
         if c is not None
     ]
-    first = next(iter(records.values()))[seeds[0]]
+    first = next(iter(next(iter(records.values())).values()))
     report["num_test_examples"] = int(first["test"]["num_examples"])
     report["provenance"] = prov.finish()
     common.write_json(out_dir / "ablation.json", report)
@@ -466,6 +501,7 @@ def _main(argv: Sequence[str]) -> None:
             variants=f.variants,
             seeds=common.parse_ints(f.seeds, "--seeds"),
             extra_variants=f.extra_variant or (),
+            seeds_of=parse_seeds_of(f.seeds_of or ()),
             command=common.command_line(),
         ),
         lambda: Path(f.workdir) / common.ABLATION / "ablation.md",
@@ -484,6 +520,12 @@ def cli() -> None:
         None,
         "Another variant: 'LABEL=BASE field=value ...', e.g. 'gated=full model.fusion=gated' or "
         "'ddpm=full model.cdr.sampler=ddpm'. Repeatable.",
+    )
+    flags.DEFINE_multi_string(
+        "seeds_of",
+        None,
+        "Seeds of some variants instead of --seeds: 'VARIANT[,VARIANT...]=SEED[,SEED...]', e.g. "
+        "'baseline,full=0,1,2,3,4'. Repeatable.",
     )
     absl_logging.set_verbosity(absl_logging.WARNING)
     app.run(_main, flags_parser=flags_parser("marnet_jax.evidence.ablation"))
