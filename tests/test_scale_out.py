@@ -96,7 +96,8 @@ def _train_lines(workdir):
     return {x["step"]: x for x in _metric_lines(workdir) if x["split"] == "train"}
 
 
-@pytest.mark.parametrize("run", ["data_run", "fsdp_run"])
+# data=2 x fsdp=4 covers the pure data-parallel path too; data=8 alone is in the slow set.
+@pytest.mark.parametrize("run", [pytest.param("data_run", marks=pytest.mark.slow), "fsdp_run"])
 def test_sharded_run_matches_one_device(run, reference_run, request):
     workdir, config, results = request.getfixturevalue(run)
     ref_dir, ref_config, ref_results = reference_run
@@ -169,9 +170,10 @@ def test_fsdp_shards_large_parameters(fsdp_run, caplog):
         assert name in text
 
 
-def test_eval_on_other_device_counts_reproduces_accuracy(data_run, tmp_path):
-    """Trained on 8 devices; evaluated from the checkpoint on 1 and on 4: the same accuracies."""
-    workdir, config, results = data_run
+def test_eval_on_other_device_counts_reproduces_accuracy(fsdp_run, tmp_path):
+    """Trained on 8 devices with sharded parameters; evaluated from the checkpoint on 1 and on 4
+    devices: the same accuracies."""
+    workdir, config, results = fsdp_run
     copy = tmp_path / "run"
     shutil.copytree(workdir, copy)  # evaluate() writes into the workdir: keep the shared run intact
     for num_devices in (1, 4):

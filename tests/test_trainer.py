@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -113,18 +114,19 @@ def test_eval_mode_without_checkpoint_is_a_clear_error(tiny_data_dir, tmp_path):
         trainer.evaluate(_config(tiny_data_dir), str(tmp_path))
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data_dir, tmp_path):
-    config = _config(tiny_data_dir)
-    config.train.num_steps = 2
-    config.checkpoint.every_steps = 1
-    trainer.train_and_evaluate(config, str(tmp_path))
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(straight_run, tiny_data_dir, tmp_path):
+    workdir, config, _ = straight_run
+    shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)  # keep the shared run intact
+    last = config.train.num_steps
     bad = _config(tiny_data_dir)
-    bad.train.num_steps = 4
+    bad.train.num_steps = last + 4
     bad.optim.lr = float("nan")
-    with pytest.raises(trainer.NonFiniteLossError, match=r"step 3.*checkpoint: step 2"):
+    with pytest.raises(
+        trainer.NonFiniteLossError, match=rf"step {last + 1}.*checkpoint: step {last}"
+    ):
         trainer.train_and_evaluate(bad, str(tmp_path))
     params, step = _params(tmp_path, config)
-    assert step == 2
+    assert step == last
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
 
 
