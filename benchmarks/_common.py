@@ -7,24 +7,21 @@ load average next to them (on a shared machine wall-clock times depend on the lo
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import functools
 import json
 import os
 import pathlib
 import platform
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from marnet_jax.data import datasets
+from marnet_jax.train import cost
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,40 +169,6 @@ def write_json(path: str, payload: dict[str, Any]) -> None:
     print(f"wrote {path}")
 
 
-# (classes, ingredients) of the released real datasets, for benchmarks on a machine without them
-# (their builders learn the counts from the release files).
-RELEASE_SHAPES = {
-    ("vireo_food172", None): (172, 353),
-    ("ingredient101", "full"): (101, 446),
-    ("ingredient101", "simplified"): (101, 227),
-}
-
-
-def shape_facts(data_cfg: ml_collections.ConfigDict) -> datasets.DatasetFacts:
-    """Class and ingredient counts of a dataset without building it (the step benchmarks feed
-    synthetic batches of the right shapes): from the builder's features where they are fixed
-    (synthetic_food), else from the release's published counts."""
-    features = datasets.builder(data_cfg).info.features
-    shape = features["ingredients"].shape
-    if shape and shape[-1] is not None:
-        num_classes, num_ingredients = int(features["label"].num_classes), int(shape[-1])
-    else:
-        key = (data_cfg.name, data_cfg.builder_config)
-        if key not in RELEASE_SHAPES:
-            raise ValueError(f"No known class/ingredient counts for dataset {key}.")
-        num_classes, num_ingredients = RELEASE_SHAPES[key]
-    return datasets.DatasetFacts(
-        name=data_cfg.name,
-        builder_config=data_cfg.builder_config,
-        num_classes=num_classes,
-        num_ingredients=num_ingredients,
-        class_names=tuple(f"class_{i}" for i in range(num_classes)),
-        ingredient_names=tuple(f"ingredient_{i}" for i in range(num_ingredients)),
-        split_sizes={},
-        image_shape=None,
-    )
-
-
 def synthetic_batch(
     batch_size: int,
     image_size: int,
@@ -226,42 +189,14 @@ def synthetic_batch(
     }
 
 
-@contextlib.contextmanager
-def unrolled_scans() -> Iterator[None]:
-    """Traces every lax.scan fully unrolled (same values): XLA's cost analysis counts a loop body
-    once, so the FLOPs of a 10-step reverse chain would otherwise be counted as one step."""
-    original = jax.lax.scan
-
-    @functools.wraps(original)
-    def scan(*args, **kwargs):
-        kwargs["unroll"] = True
-        return original(*args, **kwargs)
-
-    jax.lax.scan = scan
-    try:
-        yield
-    finally:
-        jax.lax.scan = original
-
-
-def _cost_flops(cost: Any) -> float | None:
-    if isinstance(cost, list | tuple):
-        cost = cost[0] if cost else None
-    if not cost or "flops" not in cost:
-        return None
-    return float(cost["flops"])
-
-
 def xla_flops(fn: Callable[..., Any], *args: Any) -> float | None:
     """FLOPs of one call of `fn(*args)` by XLA's cost analysis of its HLO, loops unrolled."""
-    with unrolled_scans():
-        lowered = jax.jit(fn).lower(*args)
-    return _cost_flops(lowered.cost_analysis())
+    return cost.hlo_flops(jax.jit(fn), *args)
 
 
 def compiled_flops(compiled: Any) -> float | None:
     """FLOPs from the compiled program's cost analysis (loop bodies counted once)."""
-    return _cost_flops(compiled.cost_analysis())
+    return cost.flops_of(compiled.cost_analysis())
 
 
 def matmul_rate(dtype: str, n: int | None = None, iters: int = 10) -> dict[str, Any]:

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from benchmarks import _common
+from marnet_jax.data import datasets
 from marnet_jax.models import build_model
 from marnet_jax.models.diffusion import CDR
 from marnet_jax.models.marnet import MARNet
@@ -108,7 +109,7 @@ def _cdr(config: ml_collections.ConfigDict, sampler: str, steps: int) -> tuple[C
     config.model.cdr.num_steps = 1000
     config.model.cdr.sampler = sampler
     config.model.cdr.sample_steps = steps
-    facts = _common.shape_facts(config.data)
+    facts = datasets.shape_facts(config.data)
     model = build_model(config.model, facts.num_classes, facts.num_ingredients)
     on_x_v = config.model.cdr.condition_on == "x_v"
     return model.cdr, model.backbone.feature_dim if on_x_v else config.model.embed_dim
@@ -153,7 +154,7 @@ def chain_row(preset: Preset, sampler: str, steps: int, batch: int) -> dict[str,
 def predict_row(preset: Preset, variant: str) -> dict[str, Any]:
     """MARNet.predict of one variant of the preset's config (its own T and sampler)."""
     config = _config(preset, variant)
-    facts = _common.shape_facts(config.data)
+    facts = datasets.shape_facts(config.data)
     model = build_model(config.model, facts.num_classes, facts.num_ingredients)
     size, batch = config.data.image_size, preset.predict_batch
     host = _common.synthetic_batch(

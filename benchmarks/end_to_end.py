@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             facts = datasets.prepare(config.data)
             src = datasets.source(config.data, config.data.train_split)
         else:
-            facts = _common.shape_facts(config.data)
+            facts = datasets.shape_facts(config.data)
             src = small_source(preset.source, preset.num_train, data_dir)
         t0 = time.perf_counter()
         p_train, state, mesh = train_step.setup_step(config, facts)

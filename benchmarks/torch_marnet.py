@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 
 from benchmarks import _common
+from marnet_jax.data import datasets
 from marnet_jax.models import diffusion
 
 PRESETS = {
@@ -430,7 +431,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = []
     for variant in variants:
         config = importlib.import_module(f"configs.{module}").get_config(variant)
-        facts = _common.shape_facts(config.data)
+        facts = datasets.shape_facts(config.data)
         b, px = config.train.batch_size, config.data.image_size
         base = dict(variant=variant, batch=b, image_size=px, dtype="float32")
         contenders = []  # (row without timings, one waited-for step)

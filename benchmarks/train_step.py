@@ -35,6 +35,7 @@ import jax
 import ml_collections
 
 from benchmarks import _common
+from marnet_jax.data import datasets
 from marnet_jax.train import sharding, trainer
 
 
@@ -140,7 +141,7 @@ class CompiledCase:
 def compile_case(case: Case, devices: int = -1, flops: bool = True) -> CompiledCase:
     """Builds the state and the jitted step of one case with the trainer's code and compiles it."""
     config = make_config(case, devices)
-    facts = _common.shape_facts(config.data)
+    facts = datasets.shape_facts(config.data)
     p_train, state, mesh = setup_step(config, facts)
     host = _common.synthetic_batch(
         case.batch,

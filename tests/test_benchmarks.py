@@ -11,6 +11,7 @@ import pytest
 
 from benchmarks import cdr_sampler, end_to_end, train_step
 from configs import default
+from marnet_jax.data import datasets
 from marnet_jax.models import build_model, resnet
 from marnet_jax.models.backbones import build_backbone
 from marnet_jax.train import sharding, trainer
@@ -25,6 +26,7 @@ def _json(path):
     return json.loads(path.read_text())
 
 
+@pytest.mark.slow  # the same tiny step is compiled and run by test_end_to_end_tiny_preset
 def test_train_step_tiny_preset(tmp_path):
     out = train_step.main(["--preset", "tiny", "--json", str(tmp_path / "t.json"), *FAST])
     assert _json(tmp_path / "t.json") == json.loads(json.dumps(out))
@@ -198,10 +200,10 @@ def test_torch_port_refuses_what_it_does_not_mirror():
 @pytest.mark.parametrize("variant", ["full", "baseline"])
 def test_torch_port_has_the_jax_models_parameter_count(variant):
     pytest.importorskip("torch")
-    from benchmarks import _common, torch_marnet
+    from benchmarks import torch_marnet
 
     config = default.get_config(variant)
-    facts = _common.shape_facts(config.data)
+    facts = datasets.shape_facts(config.data)
     torch_model, _, _ = torch_marnet.build_torch_model(
         config, facts.num_classes, facts.num_ingredients
     )

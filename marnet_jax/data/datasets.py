@@ -77,6 +77,40 @@ def builder(data_cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     return cls(**kwargs)
 
 
+# (classes, ingredients) of the released real datasets, for shape-only work on a machine without them
+# (benchmarks, preflight; their builders learn the counts from the release files).
+RELEASE_SHAPES = {
+    ("vireo_food172", None): (172, 353),
+    ("ingredient101", "full"): (101, 446),
+    ("ingredient101", "simplified"): (101, 227),
+}
+
+
+def shape_facts(data_cfg: ml_collections.ConfigDict) -> DatasetFacts:
+    """Class and ingredient counts of a dataset without building it (benchmarks and the preflight
+    only need shapes): from the builder's features where they are fixed (synthetic_food), else
+    from the release's published counts."""
+    features = builder(data_cfg).info.features
+    shape = features["ingredients"].shape
+    if shape and shape[-1] is not None:
+        num_classes, num_ingredients = int(features["label"].num_classes), int(shape[-1])
+    else:
+        key = (data_cfg.name, data_cfg.builder_config)
+        if key not in RELEASE_SHAPES:
+            raise ValueError(f"No known class/ingredient counts for dataset {key}.")
+        num_classes, num_ingredients = RELEASE_SHAPES[key]
+    return DatasetFacts(
+        name=data_cfg.name,
+        builder_config=data_cfg.builder_config,
+        num_classes=num_classes,
+        num_ingredients=num_ingredients,
+        class_names=tuple(f"class_{i}" for i in range(num_classes)),
+        ingredient_names=tuple(f"ingredient_{i}" for i in range(num_ingredients)),
+        split_sizes={},
+        image_shape=None,
+    )
+
+
 def _build(b: tfds.core.DatasetBuilder, manual_dir: str | None) -> None:
     manual = os.path.expanduser(manual_dir) if manual_dir else None
     b.download_and_prepare(
