@@ -1,5 +1,5 @@
-"""Test session set-up: 8 fake CPU devices (for sharding tests), parsed absl flags (for grain workers),
-and no persistent XLA compilation cache."""
+"""Test session set-up: 8 fake CPU devices (for sharding tests), the CPU backend only, parsed absl flags
+(for grain workers), and no persistent XLA compilation cache."""
 
 import os
 
@@ -11,6 +11,10 @@ os.environ.setdefault(
 # 0.10.2 a process that loaded a cached executable of the 8-device sharded train step aborted
 # (SIGABRT inside XLA, no Python error). The suite takes about 6 minutes on 2 cores without it.
 os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+# CPU only, here and in subprocesses: with the TPU runtime library installed (for the preflight), jax
+# would otherwise probe for TPU chips and print libtpu's warnings into the stderr the tests read.
+# The preflight's topologies do not need the TPU backend.
+os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax
 import pytest

@@ -8,6 +8,7 @@ enough, otherwise replicated. XLA inserts the all-gathers and reduce-scatters.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Sequence
@@ -19,6 +20,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+log = logging.getLogger("marnet_jax")
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
@@ -46,7 +49,15 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: Sequence[Any] | None
         )
     try:
         grid = mesh_utils.create_device_mesh((data, fsdp), devices)
-    except (ValueError, NotImplementedError, AssertionError):
+    except (ValueError, NotImplementedError, AssertionError) as e:
+        # A mesh shape that does not map onto the chips' torus still runs, with slower collectives.
+        log.warning(
+            "Mesh data=%d x fsdp=%d does not map onto the devices' physical layout (%s); using "
+            "device order.",
+            data,
+            fsdp,
+            str(e).splitlines()[0] if str(e) else type(e).__name__,
+        )
         grid = np.asarray(devices).reshape(data, fsdp)
     axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     return Mesh(grid, MESH_AXES, axis_types=axis_types)

@@ -70,13 +70,18 @@ class _StopFlag:
         return bool(np.any(flags))
 
 
-def _setup(config: ml_collections.ConfigDict, facts: datasets.DatasetFacts | None = None):
+def _setup(
+    config: ml_collections.ConfigDict,
+    facts: datasets.DatasetFacts | None = None,
+    devices: list[Any] | None = None,
+):
     """Dataset facts, mesh, model, optimizer and the abstract state with its shardings.
 
-    `facts` given (benchmarks: only the shapes matter) skips preparing the dataset.
+    `facts` given (benchmarks, preflight: only the shapes matter) skips preparing the dataset;
+    `devices` (default: jax.devices()) may be a TPU topology's abstract devices (preflight).
     """
     facts = datasets.prepare(config.data) if facts is None else facts
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(config.mesh, devices)
     model = build_model(config.model, facts.num_classes, facts.num_ingredients)
     tx, schedule = make_optimizer(config.optim, config.train.num_steps)
     image_shape = (config.data.image_size, config.data.image_size, 3)

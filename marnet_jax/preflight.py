@@ -1,0 +1,433 @@
+"""Pod preflight: compile the real train and eval steps for a Cloud TPU slice on any machine.
+
+    python -m marnet_jax.preflight --config configs/X.py[:arg] --topology v5e:16x16 \
+        [--num_slices 1] [--max_batch] [--json FILE] [--config.field=value ...]
+
+With the TPU runtime library installed (libtpu, in requirements.txt), jax describes a TPU topology's chips
+on a plain CPU machine and compiles for them ahead of time. This command builds the model, optimizer and
+state shardings with the trainer's own code (`trainer._setup`, `_jit_train`, `_jit_eval`) for the
+topology's chips and the config's mesh, compiles the train step and the eval step, and prints per chip:
+memory (arguments, outputs, temporaries, code) against the chip's HBM, FLOPs per step, and the images/s
+that the chip's published peak bf16 rate would allow at 100 % and 50 % MFU: bounds, not measurements.
+`--max_batch` bisects the largest per-chip train batch that fits. It ends with one line naming the
+config field to change when the batch does not divide over the chips, the mesh does not match the
+slice, or the step does not fit in HBM, before anyone pays for the pod.
+
+`--topology` is `GEN:SHAPE` (v4:2x2x1, v5e:2x2, v5e:16x16, v5p:2x2x2, v6e:4x4) or a Cloud TPU
+accelerator type (v4-32, v5litepod-8, v5p-16, v6e-256); see `topology_name`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from marnet_jax.data import datasets
+from marnet_jax.train import cost, sharding, trainer
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """A TPU generation: what libtpu calls it, and its published per-chip HBM and dense bf16 peak."""
+
+    kind: str  # device_kind of its devices
+    chip_config: str  # libtpu chip_config_name
+    cores_per_chip: int  # TensorCores counted by the accelerator-type name (v4-32 = 16 chips)
+    hbm_bytes: int
+    peak_bf16_flops: float
+
+
+CHIPS = {
+    "v4": Chip("TPU v4", "megacore", 2, 32 * GiB, 275e12),
+    "v5e": Chip("TPU v5 lite", "default", 1, 16 * GiB, 197e12),
+    "v5p": Chip("TPU v5p", "megacore", 2, 95 * GiB, 459e12),
+    "v6e": Chip("TPU v6 lite", "default", 1, 32 * GiB, 918e12),
+}
+# Accelerator-type prefixes of the Cloud TPU API, e.g. v5litepod-16 (launch/tpu_pod.sh's --type).
+_TYPE_PREFIXES = {"v4": "v4", "v5litepod": "v5e", "v5e": "v5e", "v5p": "v5p", "v6e": "v6e"}
+# Slice shapes by chip count: 2-D tori (v5e, v6e) and 3-D (v4, v5p), as Cloud TPU builds them.
+_SHAPES_2D = {
+    1: "1x1",
+    4: "2x2",
+    8: "2x4",
+    16: "4x4",
+    32: "4x8",
+    64: "8x8",
+    128: "8x16",
+    256: "16x16",
+}
+_SHAPES_3D = {
+    4: "2x2x1",
+    8: "2x2x2",
+    16: "2x2x4",
+    32: "2x4x4",
+    64: "4x4x4",
+    128: "4x4x8",
+    256: "4x8x8",
+    512: "8x8x8",
+}
+
+
+class PreflightError(ValueError):
+    """The config cannot run on the topology; the message names the field to change."""
+
+
+def topology_name(spec: str) -> str:
+    """'v5e:2x2' as given, or an accelerator type ('v5litepod-8', 'v4-32') as 'GEN:SHAPE'."""
+    spec = spec.strip()
+    m = re.fullmatch(r"(v\d+[a-z]*):(\d+(?:x\d+){1,2})", spec)
+    if m:
+        if m.group(1) not in CHIPS:
+            raise PreflightError(
+                f"--topology {spec!r}: unknown TPU generation; use {sorted(CHIPS)}."
+            )
+        return spec
+    m = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", spec)
+    if not m or m.group(1) not in _TYPE_PREFIXES:
+        raise PreflightError(
+            f"--topology {spec!r}: expected GEN:SHAPE (e.g. v5e:2x2, v4:2x2x1) or an accelerator "
+            f"type (e.g. v5litepod-8, v4-32) of {sorted(_TYPE_PREFIXES)}."
+        )
+    gen = _TYPE_PREFIXES[m.group(1)]
+    cores = int(m.group(2))
+    chips = cores // CHIPS[gen].cores_per_chip
+    shapes = _SHAPES_3D if gen in ("v4", "v5p") else _SHAPES_2D
+    if chips not in shapes:
+        raise PreflightError(
+            f"--topology {spec!r}: no standard {gen} slice of {chips} chips; give GEN:SHAPE."
+        )
+    return f"{gen}:{shapes[chips]}"
+
+
+def tpu_devices(topology: str, num_slices: int = 1) -> tuple[Chip, list[Any]]:
+    """The chip generation and the abstract devices of a TPU topology ('v5e:2x2')."""
+    from jax.experimental import topologies
+
+    name = topology_name(topology)
+    chip = CHIPS[name.split(":")[0]]
+    try:
+        desc = topologies.get_topology_desc(
+            topology_name=name,
+            platform="tpu",
+            chip_config_name=chip.chip_config,
+            chips_per_host_bounds=(2, 2, 1),
+            num_slices=num_slices,
+        )
+    except Exception as e:  # no libtpu, or a shape libtpu refuses
+        raise PreflightError(
+            f"--topology {topology!r}: jax could not describe it ({_first_line(e)}). The TPU runtime "
+            "library must be installed (pip install -r requirements.txt)."
+        ) from e
+    return chip, list(desc.devices)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def _is_oom(e: BaseException) -> bool:
+    text = str(e)
+    return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text
+
+
+def _oom_detail(e: BaseException) -> str:
+    lines = [x.strip() for x in str(e).splitlines() if "memory" in x.lower() or "hbm" in x.lower()]
+    return (lines[0] if lines else _first_line(e))[:300].rstrip(".")
+
+
+def _spec(shape: tuple[int, ...], dtype: Any, shard: Any) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=shard)
+
+
+def batch_specs(
+    config: ml_collections.ConfigDict,
+    facts: datasets.DatasetFacts,
+    mesh: Any,
+    batch: int,
+    eval_: bool,
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """Abstract global batches as the trainer feeds them (train: image, label, ingredients;
+    eval: plus the padding mask), sharded over the batch axes."""
+    shard = sharding.batch_sharding(mesh)
+    size = config.data.image_size
+    out = {
+        "image": _spec((batch, size, size, 3), np.dtype(config.data.dtype), shard),
+        "label": _spec((batch,), np.int32, shard),
+        "ingredients": _spec((batch, facts.num_ingredients), np.float32, shard),
+    }
+    if eval_:
+        out["mask"] = _spec((batch,), np.float32, shard)
+    return out
+
+
+def _check_divisible(config: ml_collections.ConfigDict, chips: int, topology: str) -> None:
+    for field in ("batch_size", "eval_batch_size"):
+        value = int(config.train[field])
+        if value % chips:
+            raise PreflightError(
+                f"config.train.{field}={value} does not divide over the {chips} chips of "
+                f"{topology}: use a multiple of {chips} (e.g. {chips * max(1, value // chips)})."
+            )
+
+
+def _memory(compiled: Any) -> dict[str, int]:
+    """Per-chip bytes of a compiled program. `peak`: the larger of XLA's own peak estimate and
+    arguments + outputs - donated + temporaries, plus the program's code (it lives in HBM too). On
+    TPU, XLA reports no temporaries for some programs but still a peak, so neither alone is enough."""
+    m = compiled.memory_analysis()
+    out = {
+        "arguments": int(m.argument_size_in_bytes),
+        "outputs": int(m.output_size_in_bytes),
+        "donated": int(m.alias_size_in_bytes),  # state buffers that are both argument and output
+        "temporaries": int(m.temp_size_in_bytes),
+        "code": int(m.generated_code_size_in_bytes),
+        "xla_peak": int(getattr(m, "peak_memory_in_bytes", 0) or 0),
+    }
+    buffers = out["arguments"] + out["outputs"] - out["donated"] + out["temporaries"]
+    out["peak"] = max(out["xla_peak"], buffers) + out["code"]
+    return out
+
+
+def _abstract_step(config: ml_collections.ConfigDict, facts: datasets.DatasetFacts, devices: list):
+    """(jitted train step, abstract sharded state, abstract train batch, setup) as the trainer
+    builds them for `devices`."""
+    setup = trainer._setup(config, facts, devices)
+    _, mesh, model, tx, schedule, _, _, abstract, shardings = setup
+    state = jax.tree.map(lambda a, s: _spec(a.shape, a.dtype, s), abstract, shardings)
+    batch = batch_specs(config, facts, mesh, int(config.train.batch_size), eval_=False)
+    return trainer._jit_train(config, model, tx, schedule, mesh, shardings), state, batch, setup
+
+
+def _global_train_flops(
+    config: ml_collections.ConfigDict, facts: datasets.DatasetFacts
+) -> float | None:
+    """FLOPs of the whole global train step from its HLO lowered for one CPU device: the TPU
+    program's own analysis counts the diffusion chain's loop body once, and the TPU lowering has
+    no cost analysis without a TPU."""
+    one = copy.deepcopy(config)
+    one.mesh.num_devices, one.mesh.data, one.mesh.fsdp = -1, -1, 1
+    step, state, batch, _ = _abstract_step(one, facts, jax.devices("cpu")[:1])
+    return cost.hlo_flops(step, state, batch)
+
+
+def compile_steps(
+    config: ml_collections.ConfigDict, devices: Sequence[Any], topology: str
+) -> dict[str, Any]:
+    """Compiles the train and eval steps for `devices` with the trainer's code; per-chip numbers."""
+    chips = len(devices)
+    _check_divisible(config, chips, topology)
+    facts = datasets.shape_facts(config.data)
+    try:
+        p_train, state, train_batch, setup = _abstract_step(config, facts, list(devices))
+    except ValueError as e:  # make_mesh: the mesh does not match the slice
+        raise PreflightError(f"{topology}: {_first_line(e)}") from e
+    _, mesh, model, _, _, _, _, abstract, shardings = setup
+    eval_batch = batch_specs(config, facts, mesh, int(config.train.eval_batch_size), eval_=True)
+    rng = _spec((2,), np.uint32, sharding.replicated(mesh))
+    t0 = time.perf_counter()
+    try:
+        train = p_train.lower(state, train_batch).compile()
+    except Exception as e:
+        if _is_oom(e):
+            raise PreflightError(
+                f"{topology}: the train step does not fit in a chip's HBM at config.train."
+                f"batch_size={config.train.batch_size} ({config.train.batch_size // chips} per chip): "
+                f"{_oom_detail(e)}. Lower config.train.batch_size, set config.model.remat=True, or "
+                "shard parameters with config.mesh.fsdp."
+            ) from e
+        raise
+    compile_s = time.perf_counter() - t0
+    p_eval = trainer._jit_eval(model, mesh)
+    try:
+        evaluate = p_eval.lower(state.variables(), eval_batch, rng).compile()
+    except Exception as e:
+        if _is_oom(e):
+            raise PreflightError(
+                f"{topology}: the eval step does not fit in a chip's HBM at config.train."
+                f"eval_batch_size={config.train.eval_batch_size}: {_oom_detail(e)}. Lower "
+                "config.train.eval_batch_size."
+            ) from e
+        raise
+    global_flops = _global_train_flops(config, facts)
+    params = jax.tree.leaves(abstract.params)
+    sharded = sharding.describe_shardings(shardings.params, abstract.params)
+    return {
+        "chips": chips,
+        "mesh": {k: int(v) for k, v in mesh.shape.items()},
+        "global_batch": int(config.train.batch_size),
+        "per_chip_batch": int(config.train.batch_size) // chips,
+        "eval_batch": int(config.train.eval_batch_size),
+        "parameters": int(sum(math.prod(p.shape) for p in params)),
+        "fsdp_sharded_arrays": len(sharded),
+        "train_memory": _memory(train),
+        "eval_memory": _memory(evaluate),
+        "train_flops_per_chip": None if global_flops is None else global_flops / chips,
+        "compile_s": round(compile_s, 1),
+    }
+
+
+def bounds(result: dict[str, Any], chip: Chip) -> dict[str, float | None]:
+    """Images/s the slice would reach if its chips ran the step at 100 % / 50 % of peak bf16."""
+    flops = result["train_flops_per_chip"]
+    if not flops:
+        return {"images_per_s_at_100_mfu": None, "images_per_s_at_50_mfu": None}
+    step_s = flops / chip.peak_bf16_flops
+    ips = result["global_batch"] / step_s
+    return {"images_per_s_at_100_mfu": ips, "images_per_s_at_50_mfu": ips / 2}
+
+
+def max_batch(
+    config: ml_collections.ConfigDict, devices: Sequence[Any], topology: str, limit: int = 2**16
+) -> int:
+    """Largest per-chip train batch whose step compiles within HBM (doubling, then bisection)."""
+    chips = len(devices)
+
+    def fits(per_chip: int) -> bool:
+        trial = ml_collections.ConfigDict(config.to_dict())
+        trial.train.batch_size = per_chip * chips
+        trial.train.eval_batch_size = chips
+        try:
+            compile_steps(trial, devices, topology)
+        except PreflightError as e:
+            if "does not fit" in str(e):
+                return False
+            raise
+        return True
+
+    lo, hi = 0, 1
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    if hi > limit:
+        return lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def run(
+    config: ml_collections.ConfigDict,
+    topology: str,
+    num_slices: int = 1,
+    find_max_batch: bool = False,
+) -> dict[str, Any]:
+    """The preflight record of one config on one topology (see the module docstring)."""
+    name = topology_name(topology)
+    chips = math.prod(int(d) for d in name.split(":")[1].split("x")) * num_slices
+    name += f" x {num_slices} slices" if num_slices > 1 else ""
+    _check_divisible(config, chips, name)  # before libtpu is needed
+    chip, devices = tpu_devices(topology, num_slices)
+    result = compile_steps(config, devices, name)
+    record = {
+        "topology": name,
+        "chip": chip.kind,
+        "hbm_bytes_per_chip": chip.hbm_bytes,
+        "peak_bf16_flops_per_chip": chip.peak_bf16_flops,
+        "config": {
+            "backbone": config.model.backbone,
+            "variant": config.variant,
+            "image_size": int(config.data.image_size),
+            "dtype": config.model.dtype,
+            "remat": bool(config.model.remat),
+        },
+        **result,
+        **bounds(result, chip),
+    }
+    if find_max_batch:
+        record["max_per_chip_batch"] = max_batch(config, devices, name)
+    return record
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def table(r: dict[str, Any]) -> str:
+    """The record as a two-column markdown table."""
+    tm, em = r["train_memory"], r["eval_memory"]
+    hbm = r["hbm_bytes_per_chip"]
+    flops = r["train_flops_per_chip"]
+    rows = [
+        ("topology", f"{r['topology']} ({r['chips']} x {r['chip']}, {_gib(hbm)} HBM each)"),
+        ("config", ", ".join(f"{k} {v}" for k, v in r["config"].items())),
+        ("mesh", " x ".join(f"{k}={v}" for k, v in r["mesh"].items())),
+        ("train batch", f"{r['global_batch']} ({r['per_chip_batch']} per chip)"),
+        ("parameters", f"{r['parameters']:,} ({r['fsdp_sharded_arrays']} arrays FSDP-sharded)"),
+        (
+            "train step memory per chip",
+            f"peak {_gib(tm['peak'])} = {100 * tm['peak'] / hbm:.0f} % of HBM (arguments "
+            f"{_gib(tm['arguments'])}, temporaries {_gib(tm['temporaries'])}, XLA's peak estimate "
+            f"{_gib(tm['xla_peak'])}, code {_gib(tm['code'])})",
+        ),
+        ("eval step memory per chip", f"peak {_gib(em['peak'])} at batch {r['eval_batch']}"),
+        (
+            "train FLOPs per chip per step",
+            "n/a"
+            if flops is None
+            else f"{flops:.3e} ({flops / r['per_chip_batch']:.3e} per image)",
+        ),
+    ]
+    if r["images_per_s_at_100_mfu"]:
+        rows.append(
+            (
+                "bound: images/s of the slice",
+                f"{r['images_per_s_at_100_mfu']:,.0f} at 100 % MFU, "
+                f"{r['images_per_s_at_50_mfu']:,.0f} at 50 % (from "
+                f"{r['peak_bf16_flops_per_chip'] / 1e12:.0f} TFLOP/s peak bf16; not measured)",
+            )
+        )
+    rows.append(("train step compile", f"{r['compile_s']} s"))
+    if "max_per_chip_batch" in r:
+        rows.append(("largest per-chip train batch that fits", str(r["max_per_chip_batch"])))
+    lines = ["| quantity | value |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
+    return "\n".join(lines)
+
+
+def _main(argv: Sequence[str]) -> None:
+    from absl import flags
+
+    from marnet_jax.evidence import common
+
+    f = flags.FLAGS
+    if len(argv) > 1:
+        sys.exit(f"marnet_jax.preflight: unexpected arguments {list(argv[1:])}.")
+    try:
+        record = run(f.config, f.topology, f.num_slices, f.max_batch)
+    except PreflightError as e:
+        sys.exit(f"marnet_jax.preflight: {e}")
+    print(table(record))
+    if f.json:
+        common.write_json(Path(f.json), record)
+
+
+def cli() -> None:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    from marnet_jax.cli import flags_parser
+
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:arg]).")
+    flags.DEFINE_string("topology", None, "GEN:SHAPE (v5e:16x16) or accelerator type (v4-32).")
+    flags.DEFINE_integer("num_slices", 1, "Slices of that topology (multislice, data-parallel).")
+    flags.DEFINE_boolean("max_batch", False, "Also bisect the largest per-chip batch that fits.")
+    flags.DEFINE_string("json", None, "Also write the record as JSON here.")
+    flags.mark_flags_as_required(["config", "topology"])
+    app.run(_main, flags_parser=flags_parser("marnet_jax.preflight"))
+
+
+if __name__ == "__main__":
+    cli()

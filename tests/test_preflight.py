@@ -1,0 +1,112 @@
+"""Pod preflight: the tiny config compiled for abstract TPU slices on this CPU machine (libtpu), with the
+trainer's own setup; the failures a user would otherwise meet on the pod end with one line."""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from configs import tiny
+from marnet_jax import preflight
+from marnet_jax.data import datasets
+from marnet_jax.train import trainer
+
+REPO = Path(__file__).resolve().parents[1]
+needs_libtpu = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("libtpu") is None,
+    reason="the TPU runtime library (libtpu, requirements.txt) is not installed",
+)
+
+
+def _config(variant="baseline", **train):
+    config = tiny.get_config(variant)
+    config.model.backbone = (
+        "resnet10"  # the smallest backbone: TPU compiles take seconds, not minutes
+    )
+    for k, v in train.items():
+        config.train[k] = v
+    return config
+
+
+def test_topology_names_and_accelerator_types():
+    assert preflight.topology_name("v5e:2x2") == "v5e:2x2"
+    assert preflight.topology_name("v5litepod-8") == "v5e:2x4"
+    assert preflight.topology_name("v4-32") == "v4:2x2x4"  # v4 types count TensorCores
+    assert preflight.topology_name("v5p-16") == "v5p:2x2x2"
+    assert preflight.topology_name("v6e-256") == "v6e:16x16"
+    for bad in ("v9:2x2", "v5e-3", "v5e:2", "h100"):
+        with pytest.raises(preflight.PreflightError, match="--topology"):
+            preflight.topology_name(bad)
+
+
+def test_max_batch_bisects_to_the_largest_fitting_batch(monkeypatch):
+    tried = []
+
+    def fake_compile(config, devices, topology):
+        per_chip = config.train.batch_size // len(devices)
+        tried.append(per_chip)
+        if per_chip > 37:
+            raise preflight.PreflightError(f"{topology}: the train step does not fit in HBM")
+        return {}
+
+    monkeypatch.setattr(preflight, "compile_steps", fake_compile)
+    assert preflight.max_batch(_config(), [object()] * 4, "v5e:2x2") == 37
+    assert tried[:7] == [1, 2, 4, 8, 16, 32, 64] and len(tried) < 14
+
+
+def test_errors_before_compiling_name_the_field():
+    devices = [object()] * 4
+    with pytest.raises(
+        preflight.PreflightError, match=r"config.train.batch_size=18 .* multiple of 4"
+    ):
+        preflight.compile_steps(_config(batch_size=18), devices, "v5e:2x2")
+    config = _config()
+    config.mesh.data = 3
+    with pytest.raises(preflight.PreflightError, match=r"config.mesh.data=3"):
+        preflight.compile_steps(config, jax.devices("cpu")[:1] * 4, "v5e:2x2")
+
+
+@needs_libtpu
+def test_tiny_marnet_compiles_for_v5e_with_the_trainers_parameters():
+    config = _config("full")
+    record = preflight.run(config, "v5e:2x2")
+    assert record["chips"] == 4 and record["mesh"] == {"data": 4, "fsdp": 1}
+    assert record["chip"] == "TPU v5 lite" and record["per_chip_batch"] == 4
+    abstract = trainer._setup(config, datasets.shape_facts(config.data))[7]
+    assert record["parameters"] == sum(math.prod(p.shape) for p in jax.tree.leaves(abstract.params))
+    memory = record["train_memory"]
+    assert 0 < memory["arguments"] < memory["peak"] < record["hbm_bytes_per_chip"]
+    assert record["train_flops_per_chip"] > 0
+    assert record["images_per_s_at_50_mfu"] == pytest.approx(record["images_per_s_at_100_mfu"] / 2)
+    assert "| train step memory per chip | peak 0.0" in preflight.table(record)
+
+
+@needs_libtpu
+def test_v4_with_a_data_x_fsdp_mesh_shards_parameters():
+    config = _config()
+    config.mesh.data, config.mesh.fsdp, config.mesh.fsdp_min_size = 2, 2, 2**10
+    record = preflight.run(config, "v4:2x2x1")
+    assert record["chip"] == "TPU v4" and record["mesh"] == {"data": 2, "fsdp": 2}
+    assert record["fsdp_sharded_arrays"] > 0 and record["eval_memory"]["peak"] > 0
+
+
+@needs_libtpu
+def test_a_batch_too_large_for_a_v5e_chip_is_one_clear_error():
+    config = _config(batch_size=4 * 32768)
+    config.data.image_size = 64
+    with pytest.raises(preflight.PreflightError, match=r"does not fit in a chip's HBM at config"):
+        preflight.run(config, "v5e:2x2")
+
+
+def test_command_line_error_is_one_line():
+    proc = subprocess.run(
+        [sys.executable, "-m", "marnet_jax.preflight", "--config", "configs/tiny.py",
+         "--topology", "v5e:2x2", "--config.train.batch_size=18"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("marnet_jax.preflight: ") and "config.train.batch_size=18" in last
