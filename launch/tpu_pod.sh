@@ -18,9 +18,12 @@ Commands:
   setup    on all workers: copy this checkout (or git clone --repo URL), create a Python venv with
            uv, pip install -r requirements.txt plus jax[tpu] pinned to requirements.txt's jax
   sync     on all workers: only copy the code again (after local edits)
-  run      on all workers: start `python -m marnet_jax.main ARGS` in the background (nohup), each
-           worker's output to ~/marnet_logs/RUN_NAME.log; then stream worker 0's log (Ctrl-C stops
-           the streaming, not the training). ARGS must include --config and --workdir; the workdir
+  run      first, on this machine (from the repository root): `python -m marnet_jax.preflight`
+           compiles the train step of the --config in ARGS for the slice's chips (the type from
+           --accelerator-type, else from gcloud describe) and stops if it cannot run there
+           (--skip-preflight: do not); then on all workers: start `python -m marnet_jax.main ARGS`
+           in the background (nohup), each worker's output to ~/marnet_logs/RUN_NAME.log; then
+           stream worker 0's log (Ctrl-C stops the streaming, not the training). ARGS must include --config and --workdir; the workdir
            must be gs://... or an absolute path on a filesystem shared by all workers.
   logs     stream a worker's log of the latest (or --run-name) run; --worker all: every worker's
   stop     send SIGTERM to the trainer on all workers: it saves a checkpoint and exits 0
@@ -33,7 +36,7 @@ Options (environment variable in brackets):
   --project ID             Google Cloud project (default: gcloud's configured one) [PROJECT]
   --zone ZONE              zone, e.g. us-central2-b (default: gcloud's compute/zone) [ZONE]
   --name NAME              TPU VM name (required) [TPU_NAME]
-  --accelerator-type TYPE  create: e.g. v4-32, v5litepod-16, v5p-32, v6e-16 [ACCELERATOR_TYPE]
+  --accelerator-type TYPE  create, run: e.g. v4-32, v5litepod-16, v5p-32, v6e-16 [ACCELERATOR_TYPE]
   --runtime-version V      create: TPU software version [RUNTIME_VERSION]; default from the type:
                            v2/v3/v4 tpu-ubuntu2204-base, v5litepod v2-alpha-tpuv5-lite,
                            v5p v2-alpha-tpuv5, v6e v2-alpha-tpuv6e
@@ -47,6 +50,7 @@ Options (environment variable in brackets):
                            --env MARNET_DATA_DIR=/home/me/tfds
   --run-name NAME          run/logs: log name (default for run: run_<date>_<time>; logs: latest)
   --detach                 run: do not stream worker 0's log
+  --skip-preflight         run: start without compiling for the slice first
   --worker N|all           logs (default 0) / exec (default all): which workers
   --force                  stop: SIGKILL instead of SIGTERM
   --yes                    delete: no confirmation prompt
@@ -118,6 +122,8 @@ DRY_RUN="${DRY_RUN:-0}"
 CAPACITY=""
 RUN_NAME=""
 DETACH=0
+SKIP_PREFLIGHT=0
+LOCAL_PYTHON="${LOCAL_PYTHON:-python3}"
 WORKER=""
 FORCE=0
 YES=0
@@ -157,6 +163,7 @@ while [[ $# -gt 0 ]]; do
     --pip) need_value "$@"; PIP_EXTRA+=("$2"); GIVEN+=("$opt"); shift 2 ;;
     --run-name) need_value "$@"; RUN_NAME="$2"; GIVEN+=("$opt"); shift 2 ;;
     --detach) DETACH=1; GIVEN+=("$opt"); shift ;;
+    --skip-preflight) SKIP_PREFLIGHT=1; GIVEN+=("$opt"); shift ;;
     --worker) need_value "$@"; WORKER="$2"; GIVEN+=("$opt"); shift 2 ;;
     --force) FORCE=1; GIVEN+=("$opt"); shift ;;
     --yes) YES=1; GIVEN+=("$opt"); shift ;;
@@ -173,7 +180,7 @@ case "$COMMAND" in
   create) allowed="--accelerator-type --runtime-version --spot --preemptible"; takes_args=1 ;;
   setup) allowed="--repo --ref --python --pip"; takes_args=0 ;;
   sync) allowed="--repo --ref"; takes_args=0 ;;
-  run) allowed="--env --run-name --detach"; takes_args=1 ;;
+  run) allowed="--env --run-name --detach --skip-preflight --accelerator-type"; takes_args=1 ;;
   logs) allowed="--run-name --worker"; takes_args=0 ;;
   stop) allowed="--force"; takes_args=0 ;;
   delete) allowed="--yes"; takes_args=1 ;;
@@ -304,12 +311,34 @@ check_workdir() {
   esac
 }
 
+# Compiles the trainer's config (its --config and --config.* arguments) for the slice's chips on this
+# machine: a batch that does not divide, a mesh that does not match or a step that does not fit in
+# HBM stops here, before the workers start.
+preflight() {
+  local type="$ACCELERATOR_TYPE" args=() i arg
+  if [[ -z "$type" ]]; then
+    local describe=("${TPU[@]}" describe "$TPU_NAME" "${LOCATION[@]}" "--format=value(acceleratorType)")
+    show "$(quote "${describe[@]}")"
+    if [[ "$DRY_RUN" == 1 ]]; then type="ACCELERATOR_TYPE"; else type="$("${describe[@]}")"; fi
+  fi
+  for ((i = 0; i < ${#ARGS[@]}; i++)); do
+    arg="${ARGS[$i]}"
+    case "$arg" in
+      --config=* | --config.*=*) args+=("$arg") ;;
+      --config | --config.*) args+=("$arg" "${ARGS[$((i + 1))]:-}"); i=$((i + 1)) ;;
+    esac
+  done
+  run "$LOCAL_PYTHON" -m marnet_jax.preflight "${args[@]}" "--topology=$type" ||
+    die "the preflight for $type failed (above); fix the config, or start anyway with --skip-preflight"
+}
+
 cmd_run() {
   [[ ${#ARGS[@]} -gt 0 ]] || die_usage "run needs the trainer arguments after '--' (--config ... --workdir ...)"
   local has_config=0 arg
   for arg in "${ARGS[@]}"; do [[ "$arg" == --config || "$arg" == --config=* ]] && has_config=1; done
   ((has_config)) || die_usage "run needs --config configs/NAME.py[:arg] after '--'"
   check_workdir
+  ((SKIP_PREFLIGHT)) || preflight
   local name="${RUN_NAME:-run_$(date +%Y%m%d_%H%M%S)}" logs exports="PYTHONUNBUFFERED=1" kv
   logs="$(rhome "$REMOTE_LOGS")"
   for package in "${PIP_EXTRA[@]}"; do

@@ -295,9 +295,40 @@ def test_tpu_setup_copies_the_checkout_and_pins_jax_tpu(sandbox):
     assert contains(shell_words(remote_command(lines[1])), ["--python", "3.12"])
 
 
+def test_tpu_run_compiles_for_the_slice_first(sandbox):
+    """The preflight runs on this machine with the trainer's --config arguments only, for the
+    accelerator type given or read from gcloud; --skip-preflight leaves it out."""
+    describe, check, start, _ = tpu(sandbox, "run", "--dry-run", "--",
+                                    *TRAINER_ARGS, "--config.train.batch_size", "256")  # fmt: skip
+    assert describe[4:6] == ["describe", "marnet-pod"]
+    assert "--format=value(acceleratorType)" in describe
+    assert check == ["python3", "-m", "marnet_jax.preflight", "--config", "configs/tiny.py:ema_only",
+                     "--config.train.num_steps=10", "--config.model.name=a b'c",
+                     "--config.train.batch_size", "256", "--topology=ACCELERATOR_TYPE"]  # fmt: skip
+    assert start[4] == "ssh"
+    typed = tpu(sandbox, "run", "--accelerator-type", "v5litepod-8", "--dry-run", "--",
+                *TRAINER_ARGS)  # fmt: skip
+    assert typed[0][-1] == "--topology=v5litepod-8" and typed[0][:3] == check[:3]
+    skipped = tpu(sandbox, "run", "--skip-preflight", "--detach", "--dry-run", "--", *TRAINER_ARGS)
+    assert len(skipped) == 1 and skipped[0][4] == "ssh"
+
+
+def test_tpu_run_stops_when_the_preflight_fails(sandbox):
+    env, tmp_path = sandbox
+    bin_dir = tmp_path / "preflight_bin"
+    bin_dir.mkdir()
+    failing = bin_dir / "python3"
+    failing.write_text("#!/bin/sh\necho 'marnet_jax.preflight: out of HBM' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    args = ["run", "--accelerator-type", "v5litepod-8", "--", *TRAINER_ARGS]
+    result = run("tpu_pod.sh", *args, env=env, extra_env={**TPU_ENV, "LOCAL_PYTHON": str(failing)})
+    assert result.returncode == 1
+    assert "out of HBM" in result.stderr and "--skip-preflight" in result.stderr
+
+
 def test_tpu_run_starts_the_trainer_on_every_worker_and_streams_worker_0(sandbox):
     lines = tpu(sandbox, "run", "--run-name", "r1", "--env", "MARNET_DATA_DIR=/data/tfds",
-                "--dry-run", "--", *TRAINER_ARGS)  # fmt: skip
+                "--skip-preflight", "--dry-run", "--", *TRAINER_ARGS)  # fmt: skip
     assert len(lines) == 2
     start, stream = lines
     assert start[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "marnet-pod"]
@@ -309,7 +340,7 @@ def test_tpu_run_starts_the_trainer_on_every_worker_and_streams_worker_0(sandbox
     assert contains(words, ["nohup", "$HOME/marnet_venv/bin/python", *MAIN, *TRAINER_ARGS])
     assert "MARNET_DATA_DIR=/data/tfds" in words
     assert "r1.log" in remote_command(stream) and "tail" in remote_command(stream)
-    detached = tpu(sandbox, "run", "--detach", "--dry-run", "--", *TRAINER_ARGS)
+    detached = tpu(sandbox, "run", "--detach", "--skip-preflight", "--dry-run", "--", *TRAINER_ARGS)
     assert len(detached) == 1
 
 
@@ -338,7 +369,7 @@ def test_tpu_run_and_stop_snippets_work_on_a_worker(sandbox, tmp_path):
     )
     trainer.chmod(0o755)
     (start, _) = tpu(sandbox, "run", "--run-name", "r1", "--env", "MARNET_DATA_DIR=/data/tfds",
-                     "--dry-run", "--", *TRAINER_ARGS)  # fmt: skip
+                     "--skip-preflight", "--dry-run", "--", *TRAINER_ARGS)  # fmt: skip
     (stop,) = tpu(sandbox, "stop", "--dry-run")
     worker_env = {**env, "HOME": str(home), "PATH": f"{fake_bin}:{env['PATH']}"}
 
