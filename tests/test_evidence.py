@@ -240,6 +240,22 @@ def test_ablation_rerun_skips_finished_runs_and_refuses_a_changed_config(evidenc
         ablation.run(changed, workdir, variants=("baseline",), seeds=(0,))
 
 
+def test_the_studies_read_every_finished_run_of_an_ablation_run_in_parts(evidence, tmp_path):
+    workdir, config, _ = evidence
+    shutil.copytree(workdir / "ablation", tmp_path / "ablation")
+    ablation.run(config, tmp_path, variants=("baseline",), seeds=(0,))  # rewrites ablation.json
+    assert list(json.loads((tmp_path / "ablation/ablation.json").read_text())["variants"]) == [
+        "baseline"
+    ]
+    index = common.run_index(tmp_path)
+    assert index == {
+        "baseline": {0: tmp_path / "ablation/runs/baseline/seed_0"},
+        "full": {0: tmp_path / "ablation/runs/full/seed_0"},
+    }
+    with pytest.raises(common.UsageError, match="No finished ablation runs"):
+        common.run_index(tmp_path / "empty")
+
+
 def test_ablation_gives_some_variants_more_seeds_and_pairs_on_shared_seeds(
     tiny_data_dir, tmp_path, monkeypatch
 ):
@@ -480,7 +496,7 @@ def test_studies_without_an_ablation_say_so(tiny_data_dir, tmp_path):
     def study():
         figures.run(_config(tiny_data_dir), tmp_path)
 
-    with pytest.raises(SystemExit, match=r"prog: .*ablation\.json not found: run `python -m"):
+    with pytest.raises(SystemExit, match=r"prog: No finished ablation runs in .*: run `python -m"):
         common.run_cli("prog", study)
 
 

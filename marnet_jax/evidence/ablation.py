@@ -35,7 +35,7 @@ from marnet_jax.evidence import common
 
 log = logging.getLogger("marnet_jax")
 
-MARKER = "evidence_run.json"  # written into a run directory once its training and test are done
+MARKER = common.RUN_MARKER
 HEADS = ("fused", "visual", "cdr")
 # (name, variant, reference): what each paired comparison tests (the paper's claims).
 COMPARISONS = (

@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-ABLATION = "ablation"  # the study folder whose ablation.json indexes the trained runs
+ABLATION = "ablation"  # the study folder whose runs/<variant>/seed_<s>/ the other studies read
+RUN_MARKER = "evidence_run.json"  # written into a run directory once its training and test are done
 
 
 class UsageError(ValueError):
@@ -268,17 +269,22 @@ def paired_verdict(deltas: Sequence[float], better: str, worse: str) -> str:
 
 
 def run_index(workdir: Path) -> dict[str, dict[int, Path]]:
-    """{variant label: {seed: run directory}} of the finished runs in `<workdir>/ablation`."""
-    path = workdir / ABLATION / "ablation.json"
-    data = read_json(
-        path,
-        "run `python -m marnet_jax.evidence.ablation` with this --workdir first (it trains the runs "
-        "the other studies read).",
-    )
-    return {
-        label: {int(r["seed"]): workdir / ABLATION / r["dir"] for r in v["runs"]}
-        for label, v in data["variants"].items()
-    }
+    """{variant label: {seed: run directory}} of every finished run in `<workdir>/ablation/runs`.
+
+    Read from the runs' markers, not from ablation.json: an ablation run in parts (one call per
+    variant, say) rewrites that report with its own variants only, yet every finished run counts.
+    """
+    root = workdir / ABLATION / "runs"
+    index: dict[str, dict[int, Path]] = {}
+    for marker in sorted(root.glob(f"*/seed_*/{RUN_MARKER}")):
+        run_dir = marker.parent
+        index.setdefault(run_dir.parent.name, {})[int(run_dir.name.removeprefix("seed_"))] = run_dir
+    if not index:
+        raise UsageError(
+            f"No finished ablation runs in {root}: run `python -m marnet_jax.evidence.ablation` with "
+            "this --workdir first (it trains the runs the other studies read)."
+        )
+    return index
 
 
 def select_runs(
