@@ -70,8 +70,12 @@ def test_errors_before_compiling_name_the_field():
 
 
 @needs_libtpu
-def test_tiny_marnet_compiles_for_v5e_with_the_trainers_parameters():
-    config = _config("full")
+@pytest.mark.parametrize(
+    "variant",
+    ["baseline", pytest.param("full", marks=pytest.mark.slow)],  # full: a minute more
+)
+def test_tiny_config_compiles_for_v5e_with_the_trainers_parameters(variant):
+    config = _config(variant)
     record = preflight.run(config, "v5e:2x2")
     assert record["chips"] == 4 and record["mesh"] == {"data": 4, "fsdp": 1}
     assert record["chip"] == "TPU v5 lite" and record["per_chip_batch"] == 4
