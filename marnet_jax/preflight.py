@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import re
 import sys
 import time
@@ -116,6 +117,9 @@ def tpu_devices(topology: str, num_slices: int = 1) -> tuple[Chip, list[Any]]:
     """The chip generation and the abstract devices of a TPU topology ('v5e:2x2')."""
     from jax.experimental import topologies
 
+    # libtpu takes a machine-wide lock when it loads, and any jax process on this machine that probed
+    # for TPU chips (a CPU training, say) holds it; describing a topology uses no chip, so share it.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     name = topology_name(topology)
     chip = CHIPS[name.split(":")[0]]
     try:
