@@ -23,8 +23,9 @@ Commands:
            --accelerator-type, else from gcloud describe) and stops if it cannot run there
            (--skip-preflight: do not); then on all workers: start `python -m marnet_jax.main ARGS`
            in the background (nohup), each worker's output to ~/marnet_logs/RUN_NAME.log; then
-           stream worker 0's log (Ctrl-C stops the streaming, not the training). ARGS must include --config and --workdir; the workdir
-           must be gs://... or an absolute path on a filesystem shared by all workers.
+           stream worker 0's log (Ctrl-C stops the streaming, not the training). ARGS must include
+           --config and --workdir; the workdir must be gs://... or an absolute path on a
+           filesystem shared by all workers.
   logs     stream a worker's log of the latest (or --run-name) run; --worker all: every worker's
   stop     send SIGTERM to the trainer on all workers: it saves a checkpoint and exits 0
            (--force: SIGKILL). A later `run` with the same --workdir resumes.

@@ -86,6 +86,10 @@ class PreflightError(ValueError):
     """The config cannot run on the topology; the message names the field to change."""
 
 
+class HbmOverflow(PreflightError):
+    """A step does not fit in a chip's HBM."""
+
+
 def topology_name(spec: str) -> str:
     """'v5e:2x2' as given, or an accelerator type ('v5litepod-8', 'v4-32') as 'GEN:SHAPE'."""
     spec = spec.strip()
@@ -228,10 +232,11 @@ def _global_train_flops(
     return cost.hlo_flops(step, state, batch)
 
 
-def compile_steps(
+def compile_train(
     config: ml_collections.ConfigDict, devices: Sequence[Any], topology: str
-) -> dict[str, Any]:
-    """Compiles the train and eval steps for `devices` with the trainer's code; per-chip numbers."""
+) -> tuple[Any, float, tuple, Any]:
+    """(compiled train step, compile seconds, trainer setup, abstract state) for `devices`;
+    HbmOverflow when the step does not fit in a chip's HBM."""
     chips = len(devices)
     _check_divisible(config, chips, topology)
     facts = datasets.shape_facts(config.data)
@@ -239,28 +244,36 @@ def compile_steps(
         p_train, state, train_batch, setup = _abstract_step(config, facts, list(devices))
     except ValueError as e:  # make_mesh: the mesh does not match the slice
         raise PreflightError(f"{topology}: {_first_line(e)}") from e
-    _, mesh, model, _, _, _, _, abstract, shardings = setup
-    eval_batch = batch_specs(config, facts, mesh, int(config.train.eval_batch_size), eval_=True)
-    rng = _spec((2,), np.uint32, sharding.replicated(mesh))
     t0 = time.perf_counter()
     try:
         train = p_train.lower(state, train_batch).compile()
     except Exception as e:
         if _is_oom(e):
-            raise PreflightError(
+            raise HbmOverflow(
                 f"{topology}: the train step does not fit in a chip's HBM at config.train."
                 f"batch_size={config.train.batch_size} ({config.train.batch_size // chips} per chip): "
                 f"{_oom_detail(e)}. Lower config.train.batch_size, set config.model.remat=True, or "
                 "shard parameters with config.mesh.fsdp."
             ) from e
         raise
-    compile_s = time.perf_counter() - t0
+    return train, time.perf_counter() - t0, setup, state
+
+
+def compile_steps(
+    config: ml_collections.ConfigDict, devices: Sequence[Any], topology: str
+) -> dict[str, Any]:
+    """Compiles the train and eval steps for `devices` with the trainer's code; per-chip numbers."""
+    chips = len(devices)
+    train, compile_s, setup, state = compile_train(config, devices, topology)
+    facts, mesh, model, _, _, _, _, abstract, shardings = setup
+    eval_batch = batch_specs(config, facts, mesh, int(config.train.eval_batch_size), eval_=True)
+    rng = _spec((2,), np.uint32, sharding.replicated(mesh))
     p_eval = trainer._jit_eval(model, mesh)
     try:
         evaluate = p_eval.lower(state.variables(), eval_batch, rng).compile()
     except Exception as e:
         if _is_oom(e):
-            raise PreflightError(
+            raise HbmOverflow(
                 f"{topology}: the eval step does not fit in a chip's HBM at config.train."
                 f"eval_batch_size={config.train.eval_batch_size}: {_oom_detail(e)}. Lower "
                 "config.train.eval_batch_size."
@@ -297,19 +310,18 @@ def bounds(result: dict[str, Any], chip: Chip) -> dict[str, float | None]:
 def max_batch(
     config: ml_collections.ConfigDict, devices: Sequence[Any], topology: str, limit: int = 2**16
 ) -> int:
-    """Largest per-chip train batch whose step compiles within HBM (doubling, then bisection)."""
+    """Largest per-chip train batch whose train step compiles within HBM (doubling, then
+    bisection; only the train step is compiled per try)."""
     chips = len(devices)
 
     def fits(per_chip: int) -> bool:
-        trial = ml_collections.ConfigDict(config.to_dict())
+        trial = copy.deepcopy(config)
         trial.train.batch_size = per_chip * chips
         trial.train.eval_batch_size = chips
         try:
-            compile_steps(trial, devices, topology)
-        except PreflightError as e:
-            if "does not fit" in str(e):
-                return False
-            raise
+            compile_train(trial, devices, topology)
+        except HbmOverflow:
+            return False
         return True
 
     lo, hi = 0, 1

@@ -49,10 +49,10 @@ def test_max_batch_bisects_to_the_largest_fitting_batch(monkeypatch):
         per_chip = config.train.batch_size // len(devices)
         tried.append(per_chip)
         if per_chip > 37:
-            raise preflight.PreflightError(f"{topology}: the train step does not fit in HBM")
-        return {}
+            raise preflight.HbmOverflow(f"{topology}: the train step does not fit in HBM")
+        return None, 0.0, None, None
 
-    monkeypatch.setattr(preflight, "compile_steps", fake_compile)
+    monkeypatch.setattr(preflight, "compile_train", fake_compile)
     assert preflight.max_batch(_config(), [object()] * 4, "v5e:2x2") == 37
     assert tried[:7] == [1, 2, 4, 8, 16, 32, 64] and len(tried) < 14
 

@@ -119,13 +119,6 @@ def parse_seeds_of(specs: Sequence[str]) -> dict[str, list[int]]:
     return out
 
 
-def _check_seeds(seeds: Sequence[int], what: str) -> None:
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise common.UsageError(
-            f"{what} must be distinct non-negative integers, got {list(seeds)}."
-        )
-
-
 def _set_field(config: ml_collections.ConfigDict, field: str, value: Any) -> None:
     *path, last = field.split(".")
     node = config
@@ -393,9 +386,9 @@ def run(
     """
     out_dir = Path(workdir) / common.ABLATION
     seeds_of = dict(seeds_of or {})
-    _check_seeds(seeds, "--seeds")
+    common.check_seeds(seeds, "--seeds")
     for label, own in seeds_of.items():
-        _check_seeds(own, f"--seeds_of {label}")
+        common.check_seeds(own, f"--seeds_of {label}")
     plan: dict[str, tuple[str, dict[str, Any]]] = {}
     for v in variants:
         if v not in VARIANTS:

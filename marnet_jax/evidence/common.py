@@ -70,6 +70,12 @@ def parse_ints(values: Sequence[str], what: str) -> list[int]:
         raise UsageError(f"{what} must be integers, got {list(values)}.") from e
 
 
+def check_seeds(seeds: Sequence[int], what: str) -> None:
+    """Seeds of a study: at least one, distinct, non-negative; else an error naming the flag."""
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise UsageError(f"{what} must be distinct non-negative integers, got {list(seeds)}.")
+
+
 # --------------------------------------------------------------------------------------------------
 # Provenance.
 

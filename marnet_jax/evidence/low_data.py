@@ -70,8 +70,7 @@ def run(
     for v in variants:
         if v not in VARIANTS:
             raise common.UsageError(f"Unknown variant {v!r}; expected one of {sorted(VARIANTS)}.")
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise common.UsageError(f"--seeds must be distinct non-negative integers, got {seeds}.")
+    common.check_seeds(seeds, "--seeds")
     plan = {
         (v, f, s): ablation.variant_config(config, v, {"data.train_fraction": f}, s)
         for v in variants
