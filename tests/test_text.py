@@ -85,12 +85,16 @@ def test_transformer_ignores_padded_ids_and_order():
     assert not np.allclose(out[0], out[1])
 
 
-@pytest.mark.parametrize("name", ["mlp", "transformer"])
+@pytest.mark.parametrize("name", ["mlp", "transformer", "gru"])
 def test_text_encoders_shapes_dtypes_dropout(name):
-    kwargs = TINY_TRANSFORMER if name == "transformer" else dict(features=16, hidden_dim=32)
+    kwargs = {
+        "mlp": dict(features=16, hidden_dim=32),
+        "transformer": TINY_TRANSFORMER,
+        "gru": dict(features=16, width=8, hidden_dim=16, max_len=6),
+    }[name]
     x = _multihot([[1, 2], [3, 4, 5], [3, 4, 5]])  # rows 1 and 2 equal
-    # The transformer's float32 path is covered by the other tests.
-    dtypes = (jnp.bfloat16,) if name == "transformer" else (jnp.float32, jnp.bfloat16)
+    # The transformer's and the GRU's float32 paths are covered by the other tests.
+    dtypes = (jnp.float32, jnp.bfloat16) if name == "mlp" else (jnp.bfloat16,)
     for dtype in dtypes:
         model = build_text_encoder(name, dtype=dtype, dropout=0.5, **kwargs)
         assert model.feature_dim == 16

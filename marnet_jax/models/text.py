@@ -1,19 +1,29 @@
 """Ingredient encoders f_s: multi-hot ingredient vectors [B, V] -> float32 features [B, D].
 
-Both encoders are called as `encoder(ingredients_multihot, train=...)` with a float multi-hot [B, V]
+Every encoder is called as `encoder(ingredients_multihot, train=...)` with a float multi-hot [B, V]
 (an entry > 0.5 means the ingredient is present), so MARNet can swap them by name:
 
-  IngredientMLP: (Dense -> LayerNorm -> GELU -> dropout) x num_layers -> Dense(features).
-  IngredientTransformer: the present ingredients become an index sequence (multihot_to_ids), each index
-    an embedding; pre-LN transformer blocks with masked self-attention; masked mean over the real
-    positions -> LayerNorm -> Dense(features). No position embedding: an ingredient list is a set, so
-    the encoder is permutation invariant; padded positions never reach the output.
-    `IngredientTransformer.encode_ids(ids, mask, train)` takes index sequences directly.
+  IngredientMLP ('mlp'): (Dense -> LayerNorm -> GELU -> dropout) x num_layers -> Dense(features).
+  IngredientTransformer ('transformer'): the present ingredients become an index sequence
+    (multihot_to_ids), each index an embedding; pre-LN transformer blocks with masked self-attention;
+    masked mean over the real positions -> LayerNorm -> Dense(features). No position embedding: an
+    ingredient list is a set, so the encoder is permutation invariant; padded positions never reach
+    the output. `IngredientTransformer.encode_ids(ids, mask, train)` takes index sequences directly.
+  IngredientGRU ('gru'): the index sequence (ingredients in vocabulary order), each index an
+    embedding, through a GRU; its last state at each row's length -> LayerNorm -> Dense(features), as
+    the lab's ATNet encodes ingredient lists.
+
+Word vectors (word_dim > 0): each ingredient starts from a pretrained vector (word_vectors.py: the
+mean of its name's GloVe vectors), held in a [V, word_dim] table `ingredient_words/embedding` that
+the trainer fills when a run starts. The MLP then reads the mean of the present ingredients' vectors
+(the multi-hot's weighted sum, divided by the count), the sequence encoders each ingredient's vector
+(projected to `width` by `embed_proj` in the transformer). freeze_words: the table gets no gradient.
 
 Parameter naming ('params'):
-  IngredientMLP: Dense_{i}, LayerNorm_{i} (i < num_layers), out
-  IngredientTransformer: embed/embedding [V, width], Transformer/encoderblock_{i}/... (as in vit.py),
-    Transformer/encoder_norm, pool_norm, out
+  IngredientMLP: [ingredient_words/embedding], Dense_{i}, LayerNorm_{i} (i < num_layers), out
+  IngredientTransformer: embed/embedding [V, width] (or ingredient_words/embedding and embed_proj),
+    Transformer/encoderblock_{i}/... (as in vit.py), Transformer/encoder_norm, pool_norm, out
+  IngredientGRU: embed/embedding [V, width] (or ingredient_words/embedding), gru/..., pool_norm, out
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ from marnet_jax.models.vit import Encoder
 Array = jax.Array
 Dtype = Any
 
-TEXT_ENCODERS = ("mlp", "transformer")
+TEXT_ENCODERS = ("mlp", "transformer", "gru")
 
 
 def multihot_to_ids(multihot: Array, max_len: int) -> tuple[Array, Array]:
@@ -67,6 +77,47 @@ def ids_to_multihot(ids: Array, mask: Array, vocab_size: int) -> Array:
     return jnp.clip(jnp.sum(onehot, axis=1), 0.0, 1.0)
 
 
+class IngredientWords(nn.Module):
+    """The [V, word_dim] table of pretrained ingredient vectors (filled by word_vectors.py after
+    init); `frozen`: no gradient flows into it."""
+
+    vocab_size: int
+    word_dim: int
+    frozen: bool = False
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self) -> Array:
+        table = self.param(
+            "embedding",
+            nn.initializers.normal(0.4),
+            (self.vocab_size, self.word_dim),
+            self.param_dtype,
+        )
+        return jax.lax.stop_gradient(table) if self.frozen else table
+
+
+def _sequence_embedding(module: nn.Module, ids: Array, vocab_size: int, width: int) -> Array:
+    """[B, L] ids -> [B, L, width or word_dim]: a learned table `embed`, or the word-vector table."""
+    if module.word_dim:
+        table = IngredientWords(
+            vocab_size,
+            module.word_dim,
+            module.freeze_words,
+            module.param_dtype,
+            name="ingredient_words",
+        )()
+        return jnp.take(table, ids, axis=0).astype(module.dtype)
+    return nn.Embed(
+        vocab_size,
+        width,
+        embedding_init=nn.initializers.normal(stddev=0.02),
+        dtype=module.dtype,
+        param_dtype=module.param_dtype,
+        name="embed",
+    )(ids)
+
+
 class IngredientMLP(nn.Module):
     """Multi-hot [B, V] -> [B, features] MLP."""
 
@@ -74,6 +125,8 @@ class IngredientMLP(nn.Module):
     hidden_dim: int = 512
     num_layers: int = 2
     dropout: float = 0.1
+    word_dim: int = 0  # > 0: start from a [V, word_dim] table of word vectors (see the docstring)
+    freeze_words: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -85,6 +138,17 @@ class IngredientMLP(nn.Module):
     def __call__(self, x: Array, train: bool) -> Array:
         chex.assert_rank(x, 2)
         b = x.shape[0]
+        if self.word_dim:
+            table = IngredientWords(
+                x.shape[-1],
+                self.word_dim,
+                self.freeze_words,
+                self.param_dtype,
+                name="ingredient_words",
+            )()
+            weights = (x > 0.5).astype(jnp.float32)
+            x = weights @ table.astype(jnp.float32)
+            x = x / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1.0)
         x = jnp.asarray(x, self.dtype)
         for i in range(self.num_layers):
             x = nn.Dense(
@@ -116,6 +180,8 @@ class IngredientTransformer(nn.Module):
     mlp_dim: int = 1024
     max_len: int = 32
     dropout: float = 0.1
+    word_dim: int = 0  # > 0: start from a [V, word_dim] table of word vectors (see the docstring)
+    freeze_words: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -143,15 +209,13 @@ class IngredientTransformer(nn.Module):
         if vocab_size is None:
             if self.is_initializing():
                 raise ValueError("encode_ids needs vocab_size at init")
-            vocab_size = self.variables["params"]["embed"]["embedding"].shape[0]
-        x = nn.Embed(
-            vocab_size,
-            self.width,
-            embedding_init=nn.initializers.normal(stddev=0.02),
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="embed",
-        )(ids)
+            table = "ingredient_words" if self.word_dim else "embed"
+            vocab_size = self.variables["params"][table]["embedding"].shape[0]
+        x = _sequence_embedding(self, ids, vocab_size, self.width)
+        if self.word_dim:
+            x = nn.Dense(
+                self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="embed_proj"
+            )(x)
         x = layers.Dropout(rate=self.dropout)(x, deterministic=not train)
         x = Encoder(
             depth=self.depth,
@@ -179,10 +243,53 @@ class IngredientTransformer(nn.Module):
         return out
 
 
+class IngredientGRU(nn.Module):
+    """Multi-hot [B, V] -> ingredient index sequence -> GRU -> last state -> [B, features].
+
+    Ingredients enter in vocabulary order (multihot_to_ids), at most max_len of them; a row with no
+    ingredient keeps the GRU's zero initial state, so its output is pool_norm/out's biases.
+    """
+
+    features: int = 512
+    width: int = 256  # learned embedding size (word_dim = 0)
+    hidden_dim: int = 256
+    max_len: int = 32
+    dropout: float = 0.1
+    word_dim: int = 0  # > 0: start from a [V, word_dim] table of word vectors (see the docstring)
+    freeze_words: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @property
+    def feature_dim(self) -> int:
+        return self.features
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        chex.assert_rank(x, 2)
+        b = x.shape[0]
+        ids, mask = multihot_to_ids(x, self.max_len)
+        h = _sequence_embedding(self, ids, x.shape[-1], self.width)
+        h = layers.Dropout(rate=self.dropout)(h, deterministic=not train)
+        cell = nn.GRUCell(self.hidden_dim, dtype=self.dtype, param_dtype=self.param_dtype)
+        last, _ = nn.RNN(cell, return_carry=True, name="gru")(
+            h, seq_lengths=jnp.sum(mask, axis=-1).astype(jnp.int32)
+        )
+        last = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="pool_norm")(last)
+        out = nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype, name="out")(
+            last
+        )
+        out = out.astype(jnp.float32)
+        chex.assert_shape(out, (b, self.features))
+        return out
+
+
+_ENCODERS = {"mlp": IngredientMLP, "transformer": IngredientTransformer, "gru": IngredientGRU}
+
+
 def build_text_encoder(name: str, dtype: Any = jnp.float32, **kwargs: Any) -> nn.Module:
-    """'mlp' -> IngredientMLP, 'transformer' -> IngredientTransformer; kwargs override fields."""
-    if name == "mlp":
-        return IngredientMLP(dtype=dtype, **kwargs)
-    if name == "transformer":
-        return IngredientTransformer(dtype=dtype, **kwargs)
-    raise ValueError(f"unknown text encoder {name!r}; known: {', '.join(TEXT_ENCODERS)}")
+    """'mlp' -> IngredientMLP, 'transformer' -> IngredientTransformer, 'gru' -> IngredientGRU;
+    kwargs override fields."""
+    if name not in _ENCODERS:
+        raise ValueError(f"unknown text encoder {name!r}; known: {', '.join(TEXT_ENCODERS)}")
+    return _ENCODERS[name](dtype=dtype, **kwargs)

@@ -1,6 +1,7 @@
 """Optimizer and learning-rate schedule from `config.optim`, with optax.
 
-Weight decay skips biases, normalisation scales, position embeddings and class tokens; the vision backbone
+Weight decay skips biases, normalisation scales, position embeddings, class tokens and the ingredient
+encoder's word vectors; the vision backbone
 can train at a fraction of the heads' learning rate (a pretrained backbone should move slowly).
 """
 
@@ -12,7 +13,8 @@ import jax
 import ml_collections
 import optax
 
-_NO_DECAY_NAMES = ("bias", "scale", "pos_embedding", "cls", "logit_scale")
+# ingredient_words: pretrained word vectors are not pulled towards zero (and frozen ones must not move)
+_NO_DECAY_NAMES = ("bias", "scale", "pos_embedding", "cls", "logit_scale", "ingredient_words")
 
 
 def make_schedule(optim_cfg: ml_collections.ConfigDict, num_updates: int) -> optax.Schedule:

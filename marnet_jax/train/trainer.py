@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from marnet_jax.data import datasets, pipeline
-from marnet_jax.models import build_model, pretrained
+from marnet_jax.models import build_model, pretrained, word_vectors
 from marnet_jax.train import checkpoint, sharding
 from marnet_jax.train.metrics import MetricWriter, summary_table
 from marnet_jax.train.optim import make_optimizer
@@ -279,7 +279,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     workdir = epath.Path(workdir)
     is_main = jax.process_index() == 0
-    _facts, mesh, model, tx, schedule, init_fn, rng, abstract, shardings = _setup(config)
+    facts, mesh, model, tx, schedule, init_fn, rng, abstract, shardings = _setup(config)
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -300,6 +300,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state = _compile_once(jax.jit(init_fn, out_shardings=shardings), rng)(rng)
         if config.model.init_from:  # pretrained backbone weights, onto the same shardings
             state = pretrained.load_into_state(state, config.model)
+        if config.model.get("word_vectors") and state.params.get("text_encoder"):
+            state = word_vectors.load_into_state(state, config.model, facts.ingredient_names)
         start = 0
     else:
         target = checkpoint.abstract_with_shardings(abstract, shardings)
