@@ -9,8 +9,8 @@ state shardings with the trainer's own code (`trainer._setup`, `_jit_train`, `_j
 topology's chips and the config's mesh, compiles the train step and the eval step, and prints per chip:
 memory (arguments, outputs, temporaries, code) against the chip's HBM, FLOPs per step, and the images/s
 that the chip's published peak bf16 rate would allow at 100 % and 50 % MFU: bounds, not measurements.
-`--max_batch` bisects the largest per-chip train batch that fits. It ends with one line naming the
-config field to change when the batch does not divide over the chips, the mesh does not match the
+`--max_batch` finds the largest per-chip train batch that fits (to a multiple of 8, in a few compiles).
+It ends with one line naming the config field to change when the batch does not divide over the chips, the mesh does not match the
 slice, or the step does not fit in HBM, before anyone pays for the pod.
 
 `--topology` is `GEN:SHAPE` (v4:2x2x1, v5e:2x2, v5e:16x16, v5p:2x2x2, v6e:4x4) or a Cloud TPU
@@ -308,30 +308,59 @@ def bounds(result: dict[str, Any], chip: Chip) -> dict[str, float | None]:
 
 
 def max_batch(
-    config: ml_collections.ConfigDict, devices: Sequence[Any], topology: str, limit: int = 2**16
+    config: ml_collections.ConfigDict,
+    devices: Sequence[Any],
+    topology: str,
+    hbm_bytes: int,
+    granularity: int = 8,
 ) -> int:
-    """Largest per-chip train batch whose train step compiles within HBM (doubling, then
-    bisection; only the train step is compiled per try)."""
+    """Largest per-chip train batch whose train step compiles within HBM, to `granularity` (a
+    multiple of it; exact below it). Only the train step is compiled per try.
+
+    A step's peak memory grows about linearly with the batch: the config's per-chip batch and twice
+    it give the line, whose crossing with the chip's HBM is the first guess; steps from 1/8 of the
+    guess, doubling, bracket the answer and bisection ends it. A few compiles, not the dozen of a doubling from 1
+    (each several minutes at paper scale on a small machine).
+    """
     chips = len(devices)
+    peaks: dict[int, int | None] = {}
 
-    def fits(per_chip: int) -> bool:
-        trial = copy.deepcopy(config)
-        trial.train.batch_size = per_chip * chips
-        trial.train.eval_batch_size = chips
-        try:
-            compile_train(trial, devices, topology)
-        except HbmOverflow:
-            return False
-        return True
+    def peak(per_chip: int) -> int | None:
+        """Peak bytes per chip at this batch, None when it does not fit."""
+        if per_chip not in peaks:
+            trial = copy.deepcopy(config)
+            trial.train.batch_size = per_chip * chips
+            trial.train.eval_batch_size = chips
+            try:
+                peaks[per_chip] = _memory(compile_train(trial, devices, topology)[0])["peak"]
+            except HbmOverflow:
+                peaks[per_chip] = None
+        return peaks[per_chip]
 
-    lo, hi = 0, 1
-    while hi <= limit and fits(hi):
-        lo, hi = hi, hi * 2
-    if hi > limit:
-        return lo
-    while hi - lo > 1:
+    def snap(b: int) -> int:
+        return max(1, b - b % granularity if b >= granularity else b)
+
+    b1 = max(1, int(config.train.batch_size) // chips)
+    if peak(b1) is None:
+        lo, hi = 0, b1
+    elif peak(2 * b1) is None:
+        lo, hi = b1, 2 * b1
+    else:
+        slope = max((peak(2 * b1) - peak(b1)) / b1, 1.0)
+        guess = snap(int(2 * b1 + (hbm_bytes - peak(2 * b1)) / slope))
+        step = max(granularity, snap(guess // 8))
+        if peak(guess) is not None:
+            lo, hi = guess, guess + step
+            while peak(hi) is not None:
+                lo, hi, step = hi, hi + 2 * step, 2 * step
+        else:
+            lo, hi = max(2 * b1, guess - step), guess
+            while peak(lo) is None:
+                lo, hi, step = max(2 * b1, lo - 2 * step), lo, 2 * step
+    while hi - lo > (granularity if lo >= granularity else 1):
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        mid = snap(mid) if snap(mid) > lo else mid
+        lo, hi = (mid, hi) if peak(mid) is not None else (lo, mid)
     return lo
 
 
@@ -364,7 +393,7 @@ def run(
         **bounds(result, chip),
     }
     if find_max_batch:
-        record["max_per_chip_batch"] = max_batch(config, devices, name)
+        record["max_per_chip_batch"] = max_batch(config, devices, name, chip.hbm_bytes)
     return record
 
 
@@ -439,7 +468,7 @@ def cli() -> None:
     config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:arg]).")
     flags.DEFINE_string("topology", None, "GEN:SHAPE (v5e:16x16) or accelerator type (v4-32).")
     flags.DEFINE_integer("num_slices", 1, "Slices of that topology (multislice, data-parallel).")
-    flags.DEFINE_boolean("max_batch", False, "Also bisect the largest per-chip batch that fits.")
+    flags.DEFINE_boolean("max_batch", False, "Also find the largest per-chip batch that fits.")
     flags.DEFINE_string("json", None, "Also write the record as JSON here.")
     flags.mark_flags_as_required(["config", "topology"])
     app.run(_main, flags_parser=flags_parser("marnet_jax.preflight"))

@@ -4,6 +4,7 @@ trainer's own setup; the failures a user would otherwise meet on the pod end wit
 import math
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import jax
@@ -19,6 +20,9 @@ needs_libtpu = pytest.mark.skipif(
     __import__("importlib").util.find_spec("libtpu") is None,
     reason="the TPU runtime library (libtpu, requirements.txt) is not installed",
 )
+
+
+GIB = 2**30
 
 
 def _config(variant="baseline", **train):
@@ -42,19 +46,46 @@ def test_topology_names_and_accelerator_types():
             preflight.topology_name(bad)
 
 
-def test_max_batch_bisects_to_the_largest_fitting_batch(monkeypatch):
+class _FakeCompiled:
+    """A compiled step whose memory grows linearly with the per-chip batch."""
+
+    def __init__(self, per_chip: int):
+        self.per_chip = per_chip
+
+    def memory_analysis(self):
+        return types.SimpleNamespace(
+            argument_size_in_bytes=GIB,
+            output_size_in_bytes=0,
+            alias_size_in_bytes=0,
+            temp_size_in_bytes=self.per_chip * 100 * 2**20,
+            generated_code_size_in_bytes=0,
+            peak_memory_in_bytes=0,
+        )
+
+
+@pytest.mark.parametrize(
+    "start,fits_up_to,compiles",
+    [(8, 151, 6), (8, 140, 7), (8, 5, 5), (4, 9, 8), (64, 600, 14)],  # 600: the line's guess 4x low
+)
+def test_max_batch_finds_the_largest_fitting_batch_in_few_compiles(
+    monkeypatch, start, fits_up_to, compiles
+):
     tried = []
 
     def fake_compile(config, devices, topology):
         per_chip = config.train.batch_size // len(devices)
         tried.append(per_chip)
-        if per_chip > 37:
+        if per_chip > fits_up_to:
             raise preflight.HbmOverflow(f"{topology}: the train step does not fit in HBM")
-        return None, 0.0, None, None
+        return _FakeCompiled(per_chip), 0.0, None, None
 
     monkeypatch.setattr(preflight, "compile_train", fake_compile)
-    assert preflight.max_batch(_config(), [object()] * 4, "v5e:2x2") == 37
-    assert tried[:7] == [1, 2, 4, 8, 16, 32, 64] and len(tried) < 14
+    # The line's guess assumes all of HBM; XLA stops earlier (fits_up_to): the search corrects it.
+    hbm = GIB + 160 * 100 * 2**20
+    found = preflight.max_batch(_config(batch_size=4 * start), [object()] * 4, "v5e:2x2", hbm)
+    granularity = 8 if fits_up_to >= 8 else 1
+    assert found <= fits_up_to < found + granularity
+    assert len(set(tried)) == len(tried) <= compiles, tried
 
 
 def test_errors_before_compiling_name_the_field():
