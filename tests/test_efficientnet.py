@@ -165,3 +165,43 @@ def test_weights_of_another_variant_fail_with_one_error(lite0_file):
     message = str(e.value)
     assert "missing from the file" in message and "block16/" in message
     assert "shape mismatch" in message and "model.backbone" in message
+
+
+def test_synthetic_food_config_from_imagenet_weights(lite0_file):
+    from configs import efficientnet_lite0
+    from marnet_jax.data import datasets
+    from marnet_jax.train import trainer
+
+    config = efficientnet_lite0.get_config("baseline,imagenet")
+    assert config.model.init_from == lite0_file and config.optim.backbone_lr_mult == 0.1
+    assert tuple(config.data.mean) == (0.5, 0.5, 0.5)
+    assert not efficientnet_lite0.get_config("full").model.init_from
+    with pytest.raises(ValueError, match="VARIANT,imagenet"):
+        efficientnet_lite0.get_config("full,in21k")
+    abstract = trainer._setup(config, datasets.shape_facts(config.data))[7]
+    params, _, _ = pretrained.import_backbone(
+        lite0_file, abstract.params["backbone"], abstract.batch_stats["backbone"]
+    )
+    assert jax.tree.structure(params) == jax.tree.structure(abstract.params["backbone"])
+
+
+@pytest.mark.parametrize("shape,kernel,stride", [((2, 9, 9, 6), 3, 1), ((2, 8, 7, 4), 5, 2)])
+def test_depthwise_shifts_equal_the_grouped_convolution(shape, kernel, stride):
+    x = jax.random.normal(jax.random.key(0), shape)
+    k = jax.random.normal(jax.random.key(1), (kernel, kernel, 1, shape[-1]))
+    conv = efficientnet.SameConv(shape[-1], kernel, stride, depthwise=True, conv_impl="xla")
+    shifts = efficientnet.SameConv(shape[-1], kernel, stride, depthwise=True, conv_impl="cpu")
+
+    def loss(m, x, k):
+        return jnp.sum(m.apply({"params": {"kernel": k}}, x) ** 2)
+
+    for argnum in (0, 1):  # the input's and the kernel's gradients too
+        a = jax.grad(loss, argnums=argnum + 1)(conv, x, k)
+        b = jax.grad(loss, argnums=argnum + 1)(shifts, x, k)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        conv.apply({"params": {"kernel": k}}, x),
+        shifts.apply({"params": {"kernel": k}}, x),
+        rtol=1e-5,
+        atol=1e-5,
+    )

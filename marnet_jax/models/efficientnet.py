@@ -11,8 +11,9 @@ connect (stochastic depth) on the residual branch at a rate growing linearly fro
 `drop_path_rate` over the blocks, drawn from the 'dropout' rng stream in training.
 
 Options: width / depth come from the variant (LITE_VARIANTS); `remat` recomputes every block in the
-backward pass; `dtype` is the compute dtype, `param_dtype` the parameters' (BatchNorm statistics are
-computed in float32 whatever the compute dtype).
+backward pass; `conv_impl` as in resnet.py (on the CPU backend 'auto' computes depthwise convolutions
+as sums of shifted slices, `depthwise_shifts`); `dtype` is the compute dtype, `param_dtype` the
+parameters' (BatchNorm statistics are computed in float32 whatever the compute dtype).
 
 Parameter naming, the PyTorch port's state dict (efficientnet_lite_pytorch; `_blocks.{i}` numbers
 the blocks 0..N-1 across stages) -> this module:
@@ -42,7 +43,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from marnet_jax.models import layers
+from marnet_jax.models import layers, resnet
 
 Array = jax.Array
 Dtype = Any
@@ -101,13 +102,38 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
+def depthwise_shifts(x: Array, kernel: Array, stride: int) -> Array:
+    """Depthwise convolution (TF 'SAME' padding) as a sum of k * k strided slices of the padded input,
+    each times its per-channel weights: the same result as the grouped convolution, from elementwise
+    ops whose gradients XLA's CPU backend runs far faster than its grouped-convolution gradients."""
+    k = kernel.shape[0]
+    b, h, w, c = x.shape
+    (top, bottom), (left, right) = (same_padding(x.shape[d], k, stride) for d in (1, 2))
+    xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    ho, wo = -(-h // stride), -(-w // stride)
+    out = None
+    for i in range(k):
+        for j in range(k):
+            window = lax.slice(
+                xp,
+                (0, i, j, 0),
+                (b, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
+                (1, stride, stride, 1),
+            )
+            term = window * kernel[i, j, 0]
+            out = term if out is None else out + term
+    return out
+
+
 class SameConv(nn.Module):
-    """Bias-free convolution with TF 'SAME' padding; `depthwise` gives one filter per channel."""
+    """Bias-free convolution with TF 'SAME' padding; `depthwise` gives one filter per channel.
+    conv_impl: as in resnet.py ('auto': depthwise_shifts on the CPU backend, XLA's elsewhere)."""
 
     features: int
     kernel_size: int
     strides: int = 1
     depthwise: bool = False
+    conv_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     kernel_init: Callable[..., Array] = conv_kernel_init
@@ -121,6 +147,8 @@ class SameConv(nn.Module):
         shape = (k, k, 1 if self.depthwise else cin, self.features)
         kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        if self.depthwise and resnet.resolve_conv_impl(self.conv_impl) == "cpu":
+            return depthwise_shifts(x, kernel, self.strides)
         return lax.conv_general_dilated(
             x,
             kernel,
@@ -178,6 +206,7 @@ class EfficientNetLite(nn.Module):
     variant: str = "lite0"
     drop_path_rate: float = 0.2  # the reference's drop_connect_rate (all variants)
     remat: bool = False  # nn.remat on every block (memory for compute)
+    conv_impl: str = "auto"  # depthwise convs: 'auto' | 'xla' | 'cpu' (SameConv)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -203,7 +232,10 @@ class EfficientNetLite(nn.Module):
         width, depth, _, _ = self._variant()
         chex.assert_rank(x, 4)
         batch = x.shape[0]
-        conv = functools.partial(SameConv, dtype=self.dtype, param_dtype=self.param_dtype)
+        resnet.resolve_conv_impl(self.conv_impl)  # a bad value fails here, before any layer
+        conv = functools.partial(
+            SameConv, conv_impl=self.conv_impl, dtype=self.dtype, param_dtype=self.param_dtype
+        )
         norm = functools.partial(
             nn.BatchNorm,
             momentum=0.99,

@@ -146,7 +146,7 @@ def _conv_stride1_cpu_bwd(pad: int, res: tuple[Array, Array], g: Array):
 _conv_stride1_cpu.defvjp(_conv_stride1_cpu_fwd, _conv_stride1_cpu_bwd)
 
 
-def _resolve_conv_impl(impl: str) -> str:
+def resolve_conv_impl(impl: str) -> str:
     """'auto' -> 'cpu' on the CPU backend, else 'xla'."""
     if impl not in CONV_IMPLS:
         raise ValueError(f"unknown conv_impl {impl!r}; expected one of {CONV_IMPLS}")
@@ -157,7 +157,7 @@ def _resolve_conv_impl(impl: str) -> str:
 
 def conv2d(x: Array, kernel: Array, stride: int, pad: int, impl: str = "auto") -> Array:
     """NHWC x HWIO convolution with symmetric padding `pad`, computed the way `impl` says."""
-    if _resolve_conv_impl(impl) == "cpu":
+    if resolve_conv_impl(impl) == "cpu":
         if min(x.shape[1], x.shape[2]) < kernel.shape[0]:
             return _im2col_conv(x, kernel, stride, pad)
         if stride == 1:
@@ -296,7 +296,7 @@ class ResNet(nn.Module):
     def __call__(self, x: Array, train: bool) -> Array:
         if self.stem not in STEMS:
             raise ValueError(f"unknown stem {self.stem!r}; expected one of {STEMS}")
-        _resolve_conv_impl(self.conv_impl)  # a bad value fails here, before any layer is built
+        resolve_conv_impl(self.conv_impl)  # a bad value fails here, before any layer is built
         chex.assert_rank(x, 4)
         batch = x.shape[0]
         conv = functools.partial(
