@@ -110,6 +110,17 @@ def _compile_once(jitted, *args):
     return lowered.compile()
 
 
+def _initial_state(config, facts, init_fn, rng, shardings):
+    """A fresh run's state on its shardings, with the pretrained parts the config names (backbone
+    weights, ingredient word vectors) placed on the same shardings."""
+    state = _compile_once(jax.jit(init_fn, out_shardings=shardings), rng)(rng)
+    if config.model.init_from:
+        state = pretrained.load_into_state(state, config.model)
+    if config.model.get("word_vectors") and state.params.get("text_encoder"):
+        state = word_vectors.load_into_state(state, config.model, facts.ingredient_names)
+    return state
+
+
 def _log_layout(mesh, abstract, shardings) -> None:
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
     log.info(
@@ -297,11 +308,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     manager = checkpoint.make_manager(workdir, config.checkpoint)
     start = manager.latest_step()
     if start is None:
-        state = _compile_once(jax.jit(init_fn, out_shardings=shardings), rng)(rng)
-        if config.model.init_from:  # pretrained backbone weights, onto the same shardings
-            state = pretrained.load_into_state(state, config.model)
-        if config.model.get("word_vectors") and state.params.get("text_encoder"):
-            state = word_vectors.load_into_state(state, config.model, facts.ingredient_names)
+        state = _initial_state(config, facts, init_fn, rng, shardings)
         start = 0
     else:
         target = checkpoint.abstract_with_shardings(abstract, shardings)
