@@ -229,27 +229,25 @@ _TV_MODULE = re.compile(
 )
 
 
-def torchvision_resnet(weights: Mapping[str, np.ndarray]) -> Converted:
-    """torchvision ResNet state dict -> resnet.ResNet names (the table in resnet.py)."""
+def _convert_torch_cnn(
+    weights: Mapping[str, np.ndarray],
+    pattern: re.Pattern,
+    classifier: str,
+    module_of: Callable[[re.Match], Key],
+) -> Converted:
+    """A PyTorch CNN state dict of convs and BatchNorms -> Flax names: `pattern` matches a key
+    (group 'leaf': weight | bias | running_* | num_batches_tracked), `module_of` names its Flax
+    module (a conv's name contains 'conv'); keys under `classifier` and the counters are ignored."""
     out = Converted()
     for key, value in weights.items():
-        m = _TV_MODULE.fullmatch(key)
-        if key.startswith("fc."):
+        m = pattern.fullmatch(key)
+        if key.startswith(classifier) or (m is not None and m["leaf"] == "num_batches_tracked"):
             out.ignored.append(key)
-            continue
-        if m is None:
+        elif m is None:
             out.unknown.append(key)
-            continue
-        if m["leaf"] == "num_batches_tracked":
-            out.ignored.append(key)
-            continue
-        if m["stem"]:
-            module: Key = ("conv_init",) if m["stem"] == "conv1" else ("bn_init",)
         else:
-            name = m["name"] or ("downsample_conv" if m["ds"] == "0" else "downsample_bn")
-            module = (m["stage"], f"block{m['block']}", name)
-        is_conv = module[-1].startswith(("conv", "downsample_conv"))
-        _put_torch_leaf(out, module, m["leaf"], value, key, is_conv)
+            module = module_of(m)
+            _put_torch_leaf(out, module, m["leaf"], value, key, "conv" in module[-1])
     return out
 
 
@@ -272,6 +270,18 @@ def _put_torch_leaf(
         out.unknown.append(key)
 
 
+def _torchvision_module(m: re.Match) -> Key:
+    if m["stem"]:
+        return ("conv_init",) if m["stem"] == "conv1" else ("bn_init",)
+    name = m["name"] or ("downsample_conv" if m["ds"] == "0" else "downsample_bn")
+    return (m["stage"], f"block{m['block']}", name)
+
+
+def torchvision_resnet(weights: Mapping[str, np.ndarray]) -> Converted:
+    """torchvision ResNet state dict -> resnet.ResNet names (the table in resnet.py)."""
+    return _convert_torch_cnn(weights, _TV_MODULE, "fc.", _torchvision_module)
+
+
 _EFFNET_MODULE = re.compile(
     r"(?:_(?P<top>conv_stem|bn0|conv_head|bn1)"
     r"|_blocks\.(?P<block>\d+)\._(?P<name>expand_conv|depthwise_conv|project_conv|bn[012]))"
@@ -286,28 +296,16 @@ _EFFNET_TOP = {
 _EFFNET_BLOCK_BN = {"bn0": "expand_bn", "bn1": "depthwise_bn", "bn2": "project_bn"}
 
 
+def _efficientnet_module(m: re.Match) -> Key:
+    if m["top"]:
+        return (_EFFNET_TOP[m["top"]],)
+    return (f"block{m['block']}", _EFFNET_BLOCK_BN.get(m["name"], m["name"]))
+
+
 def efficientnet_pytorch(weights: Mapping[str, np.ndarray]) -> Converted:
     """EfficientNet-PyTorch (lukemelas; efficientnet_lite_pytorch) EfficientNet-Lite state dict ->
     efficientnet.EfficientNetLite names (the table in efficientnet.py)."""
-    out = Converted()
-    for key, value in weights.items():
-        m = _EFFNET_MODULE.fullmatch(key)
-        if key.startswith("_fc."):
-            out.ignored.append(key)
-            continue
-        if m is None:
-            out.unknown.append(key)
-            continue
-        if m["leaf"] == "num_batches_tracked":
-            out.ignored.append(key)
-            continue
-        if m["top"]:
-            module: Key = (_EFFNET_TOP[m["top"]],)
-        else:
-            name = _EFFNET_BLOCK_BN.get(m["name"], m["name"])
-            module = (f"block{m['block']}", name)
-        _put_torch_leaf(out, module, m["leaf"], value, key, module[-1].endswith("_conv"))
-    return out
+    return _convert_torch_cnn(weights, _EFFNET_MODULE, "_fc.", _efficientnet_module)
 
 
 def _is_square(n: int) -> bool:
