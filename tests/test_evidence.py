@@ -437,9 +437,28 @@ def test_results_page_from_every_study(
         assert f"## {title}" in page
     assert page.count("- Command: `") == 4 and page.count("- Machine: ") == 4
     assert "EMA + CDR" in page and "one seed only" in page
+    assert "- Privileged text with little data: not measured" in page
     for png in ("robustness_robustness.png", "figures_tsne.png", "figures_case_study.png"):
         assert f"](results/{png})" in page
         _png_ok(out.parent / "results" / png)
+
+
+def test_low_data_claims_of_the_summary():
+    c = dict(variant="full", fraction=0.1, seeds=[0, 1, 2], variant_mean=0.582)
+    c |= dict(reference_mean=0.571, delta_mean=0.011, delta_std=0.006, verdict="helps")
+    report = {
+        "comparisons": [
+            c | {"reference": "baseline"},
+            c | {"variant": "aux", "reference": "baseline"},  # not MARNet's: no line
+            c | {"reference": "aux", "fraction": 0.3, "verdict": "does not help (hurts)"},
+        ]
+    }
+    assert results._low_data_claims(report) == [
+        "- With 10 % of the training data, MARNet beats the baseline: **helps** (58.2 vs 57.1 %, "
+        "difference 1.1 ± 0.6 points, seeds 0, 1, 2).",
+        "- With 30 % of the training data, MARNet beats the ingredient head: **does not help: it "
+        "lowers accuracy** (58.2 vs 57.1 %, difference 1.1 ± 0.6 points, seeds 0, 1, 2).",
+    ]
 
 
 def test_low_data_study_trains_subsets_and_shares_full_data_runs_with_the_ablation(

@@ -210,6 +210,24 @@ def _fig(c: Mapping[str, Any], side: str) -> str:
     return _pm(mean, std) + " %"
 
 
+def _low_data_claims(report: Mapping[str, Any] | None) -> list[str]:
+    """Per training fraction: MARNet against the baseline and against the ingredient head."""
+    if not report:
+        return ["- Privileged text with little data: not measured (run the low-data study)."]
+    lines = []
+    for c in report["comparisons"]:
+        if c["variant"] != "full":
+            continue
+        lines.append(
+            f"- With {100 * c['fraction']:.0f} % of the training data, MARNet beats "
+            f"{'the ingredient head' if c['reference'] == 'aux' else 'the baseline'}: "
+            f"**{_plain(c['verdict'])}** ({_pct(c['variant_mean'])} vs "
+            f"{_pct(c['reference_mean'])} %, difference {_pm(c['delta_mean'], c['delta_std'])} "
+            f"points, seeds {', '.join(str(s) for s in c['seeds'])})."
+        )
+    return lines
+
+
 def summary(studies: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """One bullet per claim of the paper with the verdict of the numbers (or that it is not run)."""
     lines = []
@@ -224,6 +242,7 @@ def summary(studies: Mapping[str, Mapping[str, Any]]) -> list[str]:
         lines.append(
             f"- Claim: {claim}: {text or 'not measured (run the ablation with both variants)'}."
         )
+    lines += _low_data_claims(studies.get("low_data", {}).get("json"))
     rb = studies.get("robustness", {}).get("json")
     found = False
     for c in rb["comparisons"] if rb else []:
