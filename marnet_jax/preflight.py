@@ -14,7 +14,12 @@ It ends with one line naming the config field to change when the batch does not 
 slice, or the step does not fit in HBM, before anyone pays for the pod.
 
 `--topology` is `GEN:SHAPE` (v4:2x2x1, v5e:2x2, v5e:16x16, v5p:2x2x2, v6e:4x4) or a Cloud TPU
-accelerator type (v4-32, v5litepod-8, v5p-16, v6e-256); see `topology_name`.
+accelerator type (v4-32, v5litepod-8, v5p-16, v6e-256); see `topology_name`. GPU nodes are
+`h100xN` / `h200xN` (N devices: 1-8 on one node, or whole nodes of 8), compiled against the XLA
+target descriptions in marnet_jax/gpu_targets/ with the CUDA plugin (a separate install, see
+`gpu_devices`); there XLA does not refuse a program larger than the GPU, so the command compares
+each step's peak with the share of HBM that jax's allocator takes (XLA_PYTHON_CLIENT_MEM_FRACTION,
+0.75 unless set).
 """
 
 from __future__ import annotations
@@ -42,13 +47,15 @@ GiB = 2**30
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """A TPU generation: what libtpu calls it, and its published per-chip HBM and dense bf16 peak."""
+    """A TPU generation or a GPU: what jax calls it, and its published per-chip HBM and dense bf16
+    peak."""
 
     kind: str  # device_kind of its devices
-    chip_config: str  # libtpu chip_config_name
+    chip_config: str  # libtpu chip_config_name (TPU)
     cores_per_chip: int  # TensorCores counted by the accelerator-type name (v4-32 = 16 chips)
     hbm_bytes: int
     peak_bf16_flops: float
+    target: str = ""  # GPU: its XLA target description in marnet_jax/gpu_targets/
 
 
 CHIPS = {
@@ -57,6 +64,16 @@ CHIPS = {
     "v5p": Chip("TPU v5p", "megacore", 2, 95 * GiB, 459e12),
     "v6e": Chip("TPU v6 lite", "default", 1, 32 * GiB, 918e12),
 }
+# GPUs of one node (NODE x N devices, N <= 8, or whole nodes of 8): SXM parts, dense bf16 peak;
+# HBM as the driver reports it (80 GB: 81,559 MiB; 141 GB: 143,771 MiB).
+GPUS = {
+    "h100": Chip("NVIDIA H100 80GB HBM3", "", 1, 81_559 * 2**20, 989e12, "h100_sxm.txtpb"),
+    "h200": Chip("NVIDIA H200", "", 1, 143_771 * 2**20, 989e12, "h200_sxm.txtpb"),
+}
+GPU_TARGETS = Path(__file__).parent / "gpu_targets"
+# On a GPU, jax's allocator takes this fraction of HBM (XLA_PYTHON_CLIENT_MEM_FRACTION, default 0.75);
+# XLA's GPU compiler does not refuse a program that needs more, so the preflight compares.
+_DEFAULT_GPU_MEM_FRACTION = 0.75
 # Accelerator-type prefixes of the Cloud TPU API, e.g. v5litepod-16 (launch/tpu_pod.sh's --type).
 _TYPE_PREFIXES = {"v4": "v4", "v5litepod": "v5e", "v5e": "v5e", "v5p": "v5p", "v6e": "v6e"}
 # Slice shapes by chip count: 2-D tori (v5e, v6e) and 3-D (v4, v5p), as Cloud TPU builds them.
@@ -140,6 +157,40 @@ def tpu_devices(topology: str, num_slices: int = 1) -> tuple[Chip, list[Any]]:
             "library must be installed (pip install -r requirements.txt)."
         ) from e
     return chip, list(desc.devices)
+
+
+def gpu_node(spec: str) -> tuple[Chip, int]:
+    """'h100x8' -> (the GPU, 8 devices)."""
+    m = re.fullmatch(r"(h100|h200)x(\d+)", spec.strip())
+    n = int(m.group(2)) if m else 0
+    if not m or n < 1 or (n > 8 and n % 8):
+        raise PreflightError(
+            f"--topology {spec!r}: expected GPUxN with GPU one of {sorted(GPUS)} and N devices "
+            "(1-8 on one node, or a multiple of 8), e.g. h100x8."
+        )
+    return GPUS[m.group(1)], n
+
+
+def gpu_devices(spec: str) -> tuple[Chip, list[Any], int]:
+    """The GPU, the abstract devices of a node spec ('h100x8', 'h200x16' = 2 nodes of 8) and the
+    bytes per device that jax's allocator may use there."""
+    from jax.experimental import topologies
+
+    chip, n = gpu_node(spec)
+    shape = f"1x1x{n}" if n <= 8 else f"1x{n // 8}x8"  # slices x hosts x devices per host
+    target = (GPU_TARGETS / chip.target).read_text()
+    try:
+        desc = topologies.get_topology_desc(
+            topology_name=shape, platform="cuda", topology=shape, target_config=target
+        )
+    except Exception as e:  # no CUDA plugin, or it did not register
+        raise PreflightError(
+            f"--topology {spec!r}: jax could not describe it ({_first_line(e)}). GPU topologies need "
+            "the CUDA plugin (pip install jax-cuda13-plugin==0.10.2 jax-cuda13-pjrt==0.10.2) and, "
+            "on a machine without a GPU, JAX_PLATFORMS=cpu."
+        ) from e
+    fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", _DEFAULT_GPU_MEM_FRACTION))
+    return chip, list(desc.devices), int(chip.hbm_bytes * fraction)
 
 
 def _first_line(e: BaseException) -> str:
@@ -232,11 +283,28 @@ def _global_train_flops(
     return cost.hlo_flops(step, state, batch)
 
 
+def _overflow(what: str, topology: str, field: str, value: Any, detail: str, fix: str):
+    return HbmOverflow(
+        f"{topology}: the {what} step does not fit in a chip's HBM at config.train.{field}="
+        f"{value}: {detail}. {fix}"
+    )
+
+
+_TRAIN_FIX = (
+    "Lower config.train.batch_size, set config.model.remat=True, or shard parameters with "
+    "config.mesh.fsdp."
+)
+
+
 def compile_train(
-    config: ml_collections.ConfigDict, devices: Sequence[Any], topology: str
+    config: ml_collections.ConfigDict,
+    devices: Sequence[Any],
+    topology: str,
+    usable_bytes: int | None = None,
 ) -> tuple[Any, float, tuple, Any]:
     """(compiled train step, compile seconds, trainer setup, abstract state) for `devices`;
-    HbmOverflow when the step does not fit in a chip's HBM."""
+    HbmOverflow when the step does not fit in a chip's HBM (XLA's verdict on TPU; on GPU, whose
+    compiler does not check, the peak against `usable_bytes`)."""
     chips = len(devices)
     _check_divisible(config, chips, topology)
     facts = datasets.shape_facts(config.data)
@@ -245,40 +313,49 @@ def compile_train(
     except ValueError as e:  # make_mesh: the mesh does not match the slice
         raise PreflightError(f"{topology}: {_first_line(e)}") from e
     t0 = time.perf_counter()
+    batch = f"{config.train.batch_size} ({config.train.batch_size // chips} per chip)"
     try:
         train = p_train.lower(state, train_batch).compile()
     except Exception as e:
         if _is_oom(e):
-            raise HbmOverflow(
-                f"{topology}: the train step does not fit in a chip's HBM at config.train."
-                f"batch_size={config.train.batch_size} ({config.train.batch_size // chips} per chip): "
-                f"{_oom_detail(e)}. Lower config.train.batch_size, set config.model.remat=True, or "
-                "shard parameters with config.mesh.fsdp."
+            raise _overflow(
+                "train", topology, "batch_size", batch, _oom_detail(e), _TRAIN_FIX
             ) from e
         raise
-    return train, time.perf_counter() - t0, setup, state
+    compile_s = time.perf_counter() - t0
+    peak = _memory(train)["peak"]
+    if usable_bytes is not None and peak > usable_bytes:
+        detail = f"peak {_gib(peak)} per device, {_gib(usable_bytes)} usable"
+        raise _overflow("train", topology, "batch_size", batch, detail, _TRAIN_FIX)
+    return train, compile_s, setup, state
 
 
 def compile_steps(
-    config: ml_collections.ConfigDict, devices: Sequence[Any], topology: str
+    config: ml_collections.ConfigDict,
+    devices: Sequence[Any],
+    topology: str,
+    usable_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Compiles the train and eval steps for `devices` with the trainer's code; per-chip numbers."""
     chips = len(devices)
-    train, compile_s, setup, state = compile_train(config, devices, topology)
+    train, compile_s, setup, state = compile_train(config, devices, topology, usable_bytes)
     facts, mesh, model, _, _, _, _, abstract, shardings = setup
     eval_batch = batch_specs(config, facts, mesh, int(config.train.eval_batch_size), eval_=True)
     rng = _spec((2,), np.uint32, sharding.replicated(mesh))
     p_eval = trainer._jit_eval(model, mesh)
+    eval_fix = "Lower config.train.eval_batch_size."
+    eval_size = config.train.eval_batch_size
     try:
         evaluate = p_eval.lower(state.variables(), eval_batch, rng).compile()
     except Exception as e:
         if _is_oom(e):
-            raise HbmOverflow(
-                f"{topology}: the eval step does not fit in a chip's HBM at config.train."
-                f"eval_batch_size={config.train.eval_batch_size}: {_oom_detail(e)}. Lower "
-                "config.train.eval_batch_size."
-            ) from e
+            detail = _oom_detail(e)
+            raise _overflow("eval", topology, "eval_batch_size", eval_size, detail, eval_fix) from e
         raise
+    eval_peak = _memory(evaluate)["peak"]
+    if usable_bytes is not None and eval_peak > usable_bytes:
+        detail = f"peak {_gib(eval_peak)} per device, {_gib(usable_bytes)} usable"
+        raise _overflow("eval", topology, "eval_batch_size", eval_size, detail, eval_fix)
     global_flops = _global_train_flops(config, facts)
     params = jax.tree.leaves(abstract.params)
     sharded = sharding.describe_shardings(shardings.params, abstract.params)
@@ -313,6 +390,7 @@ def max_batch(
     topology: str,
     hbm_bytes: int,
     granularity: int = 8,
+    usable_bytes: int | None = None,
 ) -> int:
     """Largest per-chip train batch whose train step compiles within HBM, to `granularity` (a
     multiple of it; exact below it). Only the train step is compiled per try.
@@ -332,7 +410,8 @@ def max_batch(
             trial.train.batch_size = per_chip * chips
             trial.train.eval_batch_size = chips
             try:
-                peaks[per_chip] = _memory(compile_train(trial, devices, topology)[0])["peak"]
+                compiled = compile_train(trial, devices, topology, usable_bytes)[0]
+                peaks[per_chip] = _memory(compiled)["peak"]
             except HbmOverflow:
                 peaks[per_chip] = None
         return peaks[per_chip]
@@ -371,16 +450,25 @@ def run(
     find_max_batch: bool = False,
 ) -> dict[str, Any]:
     """The preflight record of one config on one topology (see the module docstring)."""
-    name = topology_name(topology)
-    chips = math.prod(int(d) for d in name.split(":")[1].split("x")) * num_slices
-    name += f" x {num_slices} slices" if num_slices > 1 else ""
-    _check_divisible(config, chips, name)  # before libtpu is needed
-    chip, devices = tpu_devices(topology, num_slices)
-    result = compile_steps(config, devices, name)
+    usable = None
+    if topology.strip().startswith(tuple(GPUS)):
+        if num_slices != 1:
+            raise PreflightError("--num_slices is for TPU slices; give GPU nodes as GPUxN.")
+        name = topology.strip()
+        _check_divisible(config, gpu_node(name)[1], name)  # before the CUDA plugin is needed
+        chip, devices, usable = gpu_devices(name)
+    else:
+        name = topology_name(topology)
+        chips = math.prod(int(d) for d in name.split(":")[1].split("x")) * num_slices
+        name += f" x {num_slices} slices" if num_slices > 1 else ""
+        _check_divisible(config, chips, name)  # before libtpu is needed
+        chip, devices = tpu_devices(topology, num_slices)
+    result = compile_steps(config, devices, name, usable)
     record = {
         "topology": name,
         "chip": chip.kind,
         "hbm_bytes_per_chip": chip.hbm_bytes,
+        "usable_bytes_per_chip": usable,  # GPU: jax's allocator's share; TPU: XLA checks itself
         "peak_bf16_flops_per_chip": chip.peak_bf16_flops,
         "config": {
             "backbone": config.model.backbone,
@@ -393,7 +481,9 @@ def run(
         **bounds(result, chip),
     }
     if find_max_batch:
-        record["max_per_chip_batch"] = max_batch(config, devices, name, chip.hbm_bytes)
+        record["max_per_chip_batch"] = max_batch(
+            config, devices, name, usable or chip.hbm_bytes, usable_bytes=usable
+        )
     return record
 
 
@@ -419,6 +509,11 @@ def table(r: dict[str, Any]) -> str:
             f"{_gib(tm['xla_peak'])}, code {_gib(tm['code'])})",
         ),
         ("eval step memory per chip", f"peak {_gib(em['peak'])} at batch {r['eval_batch']}"),
+        *(
+            [("usable per device", f"{_gib(r['usable_bytes_per_chip'])} (jax's allocator share)")]
+            if r.get("usable_bytes_per_chip")
+            else []
+        ),
         (
             "train FLOPs per chip per step",
             "n/a"
@@ -460,13 +555,18 @@ def _main(argv: Sequence[str]) -> None:
 
 
 def cli() -> None:
+    # Abstract devices only: no accelerator is needed, and on a machine without a GPU the CUDA
+    # plugin registers (for GPU topologies) only when the CPU is the chosen platform.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from absl import app, flags
     from ml_collections import config_flags
 
     from marnet_jax.cli import flags_parser
 
     config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:arg]).")
-    flags.DEFINE_string("topology", None, "GEN:SHAPE (v5e:16x16) or accelerator type (v4-32).")
+    flags.DEFINE_string(
+        "topology", None, "GEN:SHAPE (v5e:16x16), accelerator type (v4-32) or GPUs (h100x8)."
+    )
     flags.DEFINE_integer("num_slices", 1, "Slices of that topology (multislice, data-parallel).")
     flags.DEFINE_boolean("max_batch", False, "Also find the largest per-chip batch that fits.")
     flags.DEFINE_string("json", None, "Also write the record as JSON here.")

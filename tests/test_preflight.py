@@ -145,3 +145,44 @@ def test_command_line_error_is_one_line():
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("marnet_jax.preflight: ") and "config.train.batch_size=18" in last
+
+
+def _has_cuda_plugin() -> bool:
+    try:
+        return __import__("importlib").util.find_spec("jax_plugins.xla_cuda13") is not None
+    except ModuleNotFoundError:  # no jax_plugins namespace at all
+        return False
+
+
+has_cuda_plugin = _has_cuda_plugin()
+needs_cuda_plugin = pytest.mark.skipif(
+    not has_cuda_plugin,
+    reason="GPU topologies need the CUDA plugin (jax-cuda13-plugin, jax-cuda13-pjrt)",
+)
+
+
+def test_gpu_node_specs_are_checked_first():
+    for bad in ("h100x12", "h100x0", "h300x8"):
+        with pytest.raises(preflight.PreflightError, match="expected GPUxN"):
+            preflight.gpu_devices(bad)
+    with pytest.raises(preflight.PreflightError, match="--num_slices is for TPU"):
+        preflight.run(_config(), "h100x8", num_slices=2)
+    with pytest.raises(preflight.PreflightError, match=r"batch_size=16 .* 3 chips"):
+        preflight.run(_config(), "h200x3")
+
+
+@pytest.mark.skipif(has_cuda_plugin, reason="the CUDA plugin is installed")
+def test_gpu_topology_without_the_plugin_says_what_to_install():
+    with pytest.raises(preflight.PreflightError, match="pip install jax-cuda13-plugin"):
+        preflight.gpu_devices("h100x8")
+
+
+@needs_cuda_plugin
+def test_tiny_config_compiles_for_an_h100_node_and_gpu_memory_is_checked_here():
+    record = preflight.run(_config(), "h100x8")
+    assert record["chips"] == 8 and record["mesh"] == {"data": 8, "fsdp": 1}
+    assert record["usable_bytes_per_chip"] == int(0.75 * 81_559 * 2**20)
+    assert record["train_flops_per_chip"] > 0
+    # XLA's GPU compiler accepts this; the preflight's own check refuses it.
+    with pytest.raises(preflight.HbmOverflow, match=r"config\.train\.batch_size=2097152 .*usable"):
+        preflight.run(_config(batch_size=2**21), "h100x8")
