@@ -72,7 +72,7 @@ def test_max_batch_finds_the_largest_fitting_batch_in_few_compiles(
 ):
     tried = []
 
-    def fake_compile(config, devices, topology):
+    def fake_compile(config, devices, topology, usable_bytes=None):
         per_chip = config.train.batch_size // len(devices)
         tried.append(per_chip)
         if per_chip > fits_up_to:
