@@ -283,7 +283,10 @@ def _global_train_flops(
     return cost.hlo_flops(step, state, batch)
 
 
-def _overflow(what: str, topology: str, field: str, value: Any, detail: str, fix: str):
+def _overflow(
+    what: str, topology: str, field: str, value: Any, detail: str, fix: str
+) -> HbmOverflow:
+    """The one-line error of a step that does not fit, naming the config field to change."""
     return HbmOverflow(
         f"{topology}: the {what} step does not fit in a chip's HBM at config.train.{field}="
         f"{value}: {detail}. {fix}"
