@@ -41,7 +41,7 @@ from marnet_jax.train import checkpoint, trainer
 log = logging.getLogger("marnet_jax")
 
 # What PIL raises for a missing, unreadable, truncated, corrupt or oversized image.
-_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 class PredictError(Exception):
@@ -137,7 +137,8 @@ def preprocess(data_cfg: ml_collections.ConfigDict, encoded: bytes) -> np.ndarra
     return element["image"]
 
 
-def _load_image(data_cfg: ml_collections.ConfigDict, path: str) -> np.ndarray:
+def load_image(data_cfg: ml_collections.ConfigDict, path: str) -> np.ndarray:
+    """An image file -> [S, S, 3] model input (preprocess); IMAGE_ERRORS when it cannot be read."""
     with open(path, "rb") as f:
         return preprocess(data_cfg, f.read())
 
@@ -180,8 +181,8 @@ def predict(
     loaded: list[tuple[int, np.ndarray]] = []
     for i, path in enumerate(images):
         try:
-            loaded.append((i, _load_image(config.data, path)))
-        except _IMAGE_ERRORS as e:
+            loaded.append((i, load_image(config.data, path)))
+        except IMAGE_ERRORS as e:
             results[i] = Prediction(path, error=f"{type(e).__name__}: {e}")
     size = config.data.image_size
     batch = max(1, min(batch_size, len(loaded)))

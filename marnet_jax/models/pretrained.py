@@ -774,7 +774,9 @@ def check_weights(
     image_size / crop_ratio, centre crop, normalise with the format's mean / std unless given).
     image_size defaults to the backbone's native resolution (224 where it has none).
     """
-    from marnet_jax.data import pipeline
+    import ml_collections
+
+    from marnet_jax import predict
     from marnet_jax.models.backbones import build_backbone
 
     weights = read_weights(path)
@@ -798,30 +800,26 @@ def check_weights(
     if head.kernel.shape[1] != len(names):
         names = tuple(str(i) for i in range(head.kernel.shape[1]))
     mean, std = mean_std or FORMAT_NORMALIZATION[fmt]
-    transforms = (
-        pipeline.DecodeImage(),
-        pipeline.ResizeCentreCrop(size, crop_ratio, interpolation),
-        pipeline.Normalize(mean, std),
-    )
+    # The evaluation pipeline's own preprocessing, as predict uses it.
+    data_cfg = ml_collections.ConfigDict(
+        dict(image_size=size, eval_crop_ratio=crop_ratio, interpolation=interpolation,
+             mean=tuple(mean), std=tuple(std), dtype="float32")
+    )  # fmt: skip
     variables = {"params": params, **({"batch_stats": stats} if stats else {})}
 
     @jax.jit
-    def probabilities(x: jax.Array) -> jax.Array:
+    def probabilities(variables: dict[str, Any], x: jax.Array) -> jax.Array:
         features = model.apply(variables, x, train=False)
         return jax.nn.softmax(head.logits(features).astype(jax.numpy.float32), axis=-1)
 
     results = []
     for image in images:
-        element: dict[str, Any] = {"label": 0, "ingredients": ()}
         try:
-            with open(image, "rb") as f:
-                element["image"] = f.read()
-            for t in transforms:
-                element = t.map(element)
-        except (OSError, ValueError, SyntaxError) as e:  # missing, unreadable or corrupt image
+            x = predict.load_image(data_cfg, image)
+        except predict.IMAGE_ERRORS as e:
             results.append(TopClasses(image, error=f"{type(e).__name__}: {e}"))
             continue
-        probs = np.asarray(probabilities(element["image"][None]))[0]
+        probs = np.asarray(probabilities(variables, x[None]))[0]
         order = np.argsort(-probs, kind="stable")[:top_k]
         top = tuple((int(i), names[i], float(probs[i])) for i in order)
         results.append(TopClasses(image, top=top))

@@ -97,16 +97,21 @@ class IngredientWords(nn.Module):
         return jax.lax.stop_gradient(table) if self.frozen else table
 
 
+def _word_table(module: nn.Module, vocab_size: int) -> Array:
+    """The encoder's [V, word_dim] word-vector table (frozen if module.freeze_words)."""
+    return IngredientWords(
+        vocab_size,
+        module.word_dim,
+        module.freeze_words,
+        module.param_dtype,
+        name="ingredient_words",
+    )()
+
+
 def _sequence_embedding(module: nn.Module, ids: Array, vocab_size: int, width: int) -> Array:
     """[B, L] ids -> [B, L, width or word_dim]: a learned table `embed`, or the word-vector table."""
     if module.word_dim:
-        table = IngredientWords(
-            vocab_size,
-            module.word_dim,
-            module.freeze_words,
-            module.param_dtype,
-            name="ingredient_words",
-        )()
+        table = _word_table(module, vocab_size)
         return jnp.take(table, ids, axis=0).astype(module.dtype)
     return nn.Embed(
         vocab_size,
@@ -139,13 +144,7 @@ class IngredientMLP(nn.Module):
         chex.assert_rank(x, 2)
         b = x.shape[0]
         if self.word_dim:
-            table = IngredientWords(
-                x.shape[-1],
-                self.word_dim,
-                self.freeze_words,
-                self.param_dtype,
-                name="ingredient_words",
-            )()
+            table = _word_table(self, x.shape[-1])
             weights = (x > 0.5).astype(jnp.float32)
             x = weights @ table.astype(jnp.float32)
             x = x / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1.0)
