@@ -65,6 +65,9 @@ def checkpoint_config() -> ml_collections.ConfigDict:
             every_steps=500,  # also saved at the end and on SIGTERM; 0 = only those
             keep=3,  # newest checkpoints kept
             async_save=True,  # write in the background while training continues
+            # resume from this step instead of the newest (-1), e.g. when the newest is damaged;
+            # checkpoints after it are moved to <workdir>/checkpoints_set_aside/
+            resume_step=-1,
         )
     )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Mapping
 
 import jax
@@ -138,12 +139,15 @@ def main(argv) -> None:
         maybe_initialize_distributed(_MULTIHOST.value)
     except ValueError as e:  # a bad MARNET_MULTIHOST
         raise app.UsageError(str(e)) from e
-    from marnet_jax.train import trainer  # after distributed init: it touches devices on import
+    from marnet_jax.train import checkpoint, trainer  # after distributed init: touches devices
 
-    if _MODE.value == "train":
-        trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    else:
-        trainer.evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        if _MODE.value == "train":
+            trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        else:
+            trainer.evaluate(_CONFIG.value, _WORKDIR.value)
+    except checkpoint.CheckpointError as e:
+        sys.exit(f"marnet_jax.main: {e}")
 
 
 parse_flags = cli.flags_parser("marnet_jax.main")

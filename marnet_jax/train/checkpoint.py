@@ -2,12 +2,15 @@
 
 Orbax writes every checkpoint into a temporary directory and renames it only once complete, so a crash or
 kill mid-save never leaves a step directory that restores silently. The train state is restored straight
-onto the target shardings, so a run can resume on another mesh or device count.
+onto the target shardings, so a run can resume on another mesh or device count. A checkpoint that cannot
+be read, or lacks this process's input-iterator state, stops the run with a CheckpointError that names it
+and says how to resume from an earlier one (config.checkpoint.resume_step).
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 from typing import Any
 
 import grain
@@ -15,9 +18,18 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 _STATE = "state"
 _DATA = "data_iter"
+SET_ASIDE = (
+    "checkpoints_set_aside"  # under the workdir: newer checkpoints passed over by resume_step
+)
+log = logging.getLogger("marnet_jax")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from; the message names it and the way to go on."""
 
 
 def make_manager(workdir: str | epath.Path, ckpt_cfg: ml_collections.ConfigDict):
@@ -55,32 +67,97 @@ def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
     )
 
 
+def _earlier_hint(manager, step: int) -> str:
+    earlier = [s for s in manager.all_steps() if s < step]
+    if not earlier:
+        return "No earlier checkpoint is kept: start the run afresh in a new workdir."
+    return (
+        f"Resume from the previous one with --config.checkpoint.resume_step={max(earlier)} "
+        f"(checkpoints after it are then moved to {SET_ASIDE}/ in the workdir)."
+    )
+
+
+def _restore_iterator(manager, step: int, data_iter: Any) -> None:
+    """Restores this process's iterator position; a position that is missing while the checkpoint
+    was written by as many processes as now is an error (the data stream would silently restart)."""
+    index, count = jax.process_index(), jax.process_count()
+    data_dir = epath.Path(manager.directory) / str(step) / _DATA
+    path = data_dir / f"process_{index}-of-{count}.json"
+    written = (
+        sorted(p.name for p in data_dir.glob("process_*-of-*.json")) if data_dir.exists() else []
+    )
+    if path.exists():
+        manager.restore(
+            step, args=ocp.args.Composite(**{_DATA: grain.checkpoint.CheckpointRestore(data_iter)})
+        )
+    elif written and not any(name.endswith(f"-of-{count}.json") for name in written):
+        log.warning(
+            "No input-iterator state for process %d of %d in checkpoint %d (written by another "
+            "process count: %s); the input pipeline restarts from its first batch.",
+            index,
+            count,
+            step,
+            ", ".join(written),
+        )
+    else:
+        raise CheckpointError(
+            f"{path} is missing: checkpoint {step} has no input-iterator position for process "
+            f"{index} of {count}. Resuming would restart the data stream from its first batch and "
+            f"the run would no longer match an uninterrupted one. " + _earlier_hint(manager, step)
+        )
+
+
 def restore(manager, step: int, target: Any, data_iter: Any | None) -> Any:
     """Restores the state at `step` onto `target` (see abstract_with_shardings) and the iterator.
 
     The iterator state is per process; when the checkpoint was written by a different number of
-    processes it cannot be mapped, so the iterator starts afresh and a warning says so.
+    processes it cannot be mapped, so the iterator starts afresh and a warning says so. An unreadable
+    checkpoint, or a missing iterator state otherwise, raises CheckpointError.
     """
-    restored = manager.restore(
-        step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)})
-    )
-    state = restored[_STATE]
-    if data_iter is not None:
-        index, count = jax.process_index(), jax.process_count()
-        path = (
-            epath.Path(manager.directory) / str(step) / _DATA / f"process_{index}-of-{count}.json"
+    where = epath.Path(manager.directory) / str(step)
+    try:
+        restored = manager.restore(
+            step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)})
         )
-        if path.exists():
-            manager.restore(
-                step,
-                args=ocp.args.Composite(**{_DATA: grain.checkpoint.CheckpointRestore(data_iter)}),
-            )
-        else:
-            logging.getLogger("marnet_jax").warning(
-                "No input-iterator state for process %d of %d in checkpoint %d (written by another "
-                "process count); the input pipeline restarts from its first batch.",
-                index,
-                count,
-                step,
-            )
-    return state
+        if data_iter is not None:
+            _restore_iterator(manager, step, data_iter)
+    except CheckpointError:
+        raise
+    except Exception as e:  # orbax and tensorstore raise many types for a damaged checkpoint
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise CheckpointError(
+            f"Checkpoint {where} cannot be read ({type(e).__name__}: {first}). "
+            + _earlier_hint(manager, step)
+        ) from e
+    return restored[_STATE]
+
+
+def resume_step(manager, workdir: str | epath.Path, requested: int) -> int | None:
+    """The step to resume from: the newest (`requested` < 0) or `requested`.
+
+    Checkpoints after a requested step are moved to `<workdir>/checkpoints_set_aside/` (kept, not
+    deleted) so that the resumed run can write its own at those steps.
+    """
+    steps = sorted(manager.all_steps())
+    if requested < 0:
+        return steps[-1] if steps else None
+    if requested not in steps:
+        raise ValueError(
+            f"config.checkpoint.resume_step={requested}: no such checkpoint in "
+            f"{manager.directory}; it has steps {steps}."
+        )
+    later = [s for s in steps if s > requested]
+    if later and jax.process_index() == 0:
+        aside = epath.Path(workdir) / SET_ASIDE
+        aside.mkdir(parents=True, exist_ok=True)
+        for s in later:
+            dest = aside / str(s)
+            n = 1
+            while dest.exists():
+                dest, n = aside / f"{s}.{n}", n + 1
+            shutil.move(str(epath.Path(manager.directory) / str(s)), str(dest))
+            log.warning("Resuming from step %d: moved checkpoint %d to %s.", requested, s, dest)
+    if later:
+        multihost_utils.sync_global_devices("marnet_jax_resume_step")
+        manager.reload()
+    return requested

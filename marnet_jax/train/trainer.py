@@ -306,7 +306,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         shard_count=jax.process_count(),
     )
     manager = checkpoint.make_manager(workdir, config.checkpoint)
-    start = manager.latest_step()
+    start = checkpoint.resume_step(manager, workdir, config.checkpoint.resume_step)
     if start is None:
         state = _initial_state(config, facts, init_fn, rng, shardings)
         start = 0
