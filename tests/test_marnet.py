@@ -13,11 +13,11 @@ import numpy as np
 import optax
 import pytest
 
-from marnet_jax.losses import PART_KEYS, marnet_loss
 from marnet_jax.models import build_model
 from marnet_jax.models.alignment import EMAHeads
 from marnet_jax.models.config import get_loss_config, get_model_config
 from marnet_jax.models.diffusion import CDR
+from marnet_jax.models.losses import PART_KEYS, marnet_loss
 from marnet_jax.models.marnet import MARNet
 
 B, H, V, C, E = 4, 16, 7, 5, 8

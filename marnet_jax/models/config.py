@@ -105,7 +105,7 @@ def get_model_config() -> ml_collections.ConfigDict:
 
 
 def get_loss_config() -> ml_collections.ConfigDict:
-    """config.loss: consumed by marnet_jax.losses.marnet_loss."""
+    """config.loss: consumed by marnet_jax.models.losses.marnet_loss."""
     cfg = ml_collections.ConfigDict()
     cfg.w_ema = 1.0  # weight of L_EMA (InfoNCE is O(log B), CE is O(log C): the same order)
     cfg.w_mse = 1.0  # weight of the diffusion MSE (v-targets have unit variance: it starts near 1)

@@ -31,8 +31,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from marnet_jax.models import word_vectors
 from marnet_jax.models.alignment import EMAHeads, l2_normalize
+from marnet_jax.models.backbones import build_backbone
 from marnet_jax.models.diffusion import CDR, CHAIN_GRADS
+from marnet_jax.models.text import build_text_encoder
 
 Array = jax.Array
 FUSIONS = ("concat", "sum", "gated")
@@ -269,10 +272,6 @@ def build_model(
     model_cfg: ml_collections.ConfigDict, num_classes: int, num_ingredients: int
 ) -> MARNet:
     """MARNet from config (fields documented in marnet_jax.models.config.get_model_config)."""
-    from marnet_jax.models import word_vectors
-    from marnet_jax.models.backbones import build_backbone
-    from marnet_jax.models.text import build_text_encoder
-
     cfg = model_cfg
     dtype = compute_dtype(cfg.dtype)
     backbone_kwargs = cfg.backbone_kwargs.to_dict()

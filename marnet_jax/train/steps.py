@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from marnet_jax.losses import marnet_loss
+from marnet_jax.models.losses import marnet_loss
 from marnet_jax.models.marnet import MARNet
 
 # Heads whose accuracy is reported: the fused classifier, the visual probe and the CDR head.
