@@ -8,8 +8,8 @@ For each data worker count three rates are measured, in images/s over the same n
 after warm-up:
   data:  the grain input pipeline alone (decode, augment, normalise, batch), as trainer reads it;
   model: the jitted train step alone on one device-resident batch, steps dispatched back to back;
-  both:  the trainer's loop: grain batches through trainer.DevicePrefetcher (2 batches in flight on
-         the device) into the train step, metrics checked asynchronously (trainer._PendingMetrics).
+  both:  the trainer's loop: grain batches through loop.DevicePrefetcher (2 batches in flight on
+         the device) into the train step, metrics checked asynchronously (loop.PendingMetrics).
 The bottleneck is the slower of data and model; 'both / min' near 100% means they overlap. On a
 machine whose cores are shared by the pipeline and the step (the CPU backend), both compete.
 """
@@ -29,7 +29,7 @@ from absl import flags
 
 from benchmarks import _common, train_step
 from marnet_jax.data import datasets, pipeline, synthetic_food
-from marnet_jax.train import sharding, trainer
+from marnet_jax.train import loop, sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,8 +94,8 @@ def measure(config, src, p_train, state, mesh, preset: Preset) -> tuple[dict[str
     if hasattr(it, "close"):
         it.close()
 
-    batches = trainer.DevicePrefetcher(iterator(), mesh, ("image", "label", "ingredients"))
-    pending = trainer._PendingMetrics()
+    batches = loop.DevicePrefetcher(iterator(), mesh, ("image", "label", "ingredients"))
+    pending = loop.PendingMetrics()
     for i in range(preset.warmup):
         state, metrics = p_train(state, next(batches))
         pending.add(i, metrics, None)

@@ -6,7 +6,7 @@
   python -m benchmarks.train_step --preset tiny       # seconds: configs/tiny.py (tests)
 
 Each row builds the state, the model and the jitted step with the trainer's own code
-(trainer._setup, trainer._jit_train: sharded state and batch, donated state buffers) from a config
+(Experiment.build, Experiment.jit_train_step: sharded state and batch, donated state buffers) from a config
 file, and feeds a synthetic device batch of the dataset's shapes (random images, multi-hot
 ingredients), so no dataset is needed. Reported:
   compile: wall seconds to lower (trace) and to compile the step, separately, cold unless
@@ -36,7 +36,8 @@ import ml_collections
 
 from benchmarks import _common
 from marnet_jax.data import datasets
-from marnet_jax.train import sharding, trainer
+from marnet_jax.train import sharding
+from marnet_jax.train.experiment import Experiment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,12 +118,9 @@ def setup_step(
     config: ml_collections.ConfigDict, facts: Any, with_state: bool = True
 ) -> tuple[Any, Any, Any]:
     """(jitted train step, initial state or None, mesh) built by the trainer's own code."""
-    _, mesh, model, tx, schedule, init_fn, rng, _abstract, shardings = trainer._setup(config, facts)
-    state = None
-    if with_state:
-        state = trainer._compile_once(jax.jit(init_fn, out_shardings=shardings), rng)(rng)
-    p_train = trainer._jit_train(config, model, tx, schedule, mesh, shardings)
-    return p_train, state, mesh
+    exp = Experiment.build(config, facts)
+    state = exp.initial_state() if with_state else None
+    return exp.jit_train_step(), state, exp.mesh
 
 
 @dataclasses.dataclass

@@ -30,22 +30,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging as absl_logging
-from etils import epath
 from PIL import Image
 
 from marnet_jax.data import datasets, pipeline
-from marnet_jax.models import build_model
 from marnet_jax.models.marnet import MARNet
-from marnet_jax.train import checkpoint, trainer
+from marnet_jax.train import trainer
 
 log = logging.getLogger("marnet_jax")
 
 # What PIL raises for a missing, unreadable, truncated, corrupt or oversized image.
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
-class PredictError(Exception):
-    """A workdir without the checkpoint to predict from."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,42 +60,6 @@ class Prediction:
             "image": self.image,
             "top_k": [{"class": c, "name": n, "probability": p} for c, n, p in top],
         }
-
-
-def restore_variables(
-    workdir: str | epath.Path, config: ml_collections.ConfigDict, step: int | None = None
-) -> tuple[dict[str, Any], int]:
-    """The model variables ('params', 'batch_stats') of checkpoint `step` (default: the newest),
-    on this process's first device. The optimizer state is read but dropped.
-
-    Unlike trainer.load_trained, this needs neither the dataset (the shapes come from the
-    checkpoint's own metadata) nor the run's mesh.
-    """
-    ckpt_dir = epath.Path(workdir) / "checkpoints"
-    if not ckpt_dir.exists():
-        raise PredictError(f"No checkpoints in {ckpt_dir}: train first (marnet_jax.main).")
-    manager = checkpoint.make_manager(workdir, config.checkpoint)
-    try:
-        steps = manager.all_steps()
-        if not steps:
-            raise PredictError(f"No checkpoint in {ckpt_dir}.")
-        step = max(steps) if step is None else step
-        if step not in steps:
-            raise PredictError(
-                f"No checkpoint for step {step} in {ckpt_dir}; have {sorted(steps)}."
-            )
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        saved = manager.item_metadata(step)["state"].tree
-        target = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved
-        )
-        state = checkpoint.restore(manager, step, target, None)
-    finally:
-        manager.close()
-    variables = {"params": state["params"]}
-    if state.get("batch_stats"):
-        variables["batch_stats"] = state["batch_stats"]
-    return variables, step
 
 
 def class_names(
@@ -167,13 +125,13 @@ def predict(
         config.model.cdr.num_samples = cdr_samples
     if data_dir is not None:
         config.data.data_dir = data_dir
-    variables, step = restore_variables(workdir, config, step)
-    num_classes = int(variables["params"]["fused_head"]["classifier"]["kernel"].shape[-1])
+    config.mesh.update(num_devices=1, data=-1, fsdp=1)  # whatever mesh the run trained on
+    trained = trainer.load_trained(workdir, config, step)
+    model, variables, step = trained.model, trained.variables, trained.step
+    num_classes = trained.facts.num_classes
     names, warning = class_names(config.data, num_classes)
     if warning:
         log.warning("Class names unavailable (%s): printing class indices.", warning)
-    # num_ingredients only checks the training path's text input; prediction never reads text.
-    model = build_model(config.model, num_classes, None)
     k = min(top_k, num_classes)
     run = jax.jit(functools.partial(_top_k, model=model, k=k))
 
@@ -248,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cdr_samples=args.cdr_samples,
             data_dir=args.data_dir,
         )
-    except (PredictError, FileNotFoundError) as e:  # no config.json, no checkpoint
+    except FileNotFoundError as e:  # no config.json, no checkpoint
         print(f"predict: {e}", file=sys.stderr)
         return 2
     print(f"Checkpoint step {step} of {args.workdir}", file=sys.stderr)

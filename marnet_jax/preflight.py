@@ -5,7 +5,7 @@
 
 With the TPU runtime library installed (libtpu, in requirements.txt), jax describes a TPU topology's chips
 on a plain CPU machine and compiles for them ahead of time. This command builds the model, optimizer and
-state shardings with the trainer's own code (`trainer._setup`, `_jit_train`, `_jit_eval`) for the
+state shardings with the trainer's own code (`Experiment.build`, `jit_train_step`, `jit_eval_step`) for the
 topology's chips and the config's mesh, compiles the train step and the eval step, and prints per chip:
 memory (arguments, outputs, temporaries, code) against the chip's HBM, FLOPs per step, and the images/s
 that the chip's published peak bf16 rate would allow at 100 % and 50 % MFU: bounds, not measurements.
@@ -40,7 +40,8 @@ import ml_collections
 import numpy as np
 
 from marnet_jax.data import datasets
-from marnet_jax.train import cost, sharding, trainer
+from marnet_jax.train import cost, sharding
+from marnet_jax.train.experiment import Experiment
 
 GiB = 2**30
 
@@ -262,13 +263,12 @@ def _memory(compiled: Any) -> dict[str, int]:
 
 
 def _abstract_step(config: ml_collections.ConfigDict, facts: datasets.DatasetFacts, devices: list):
-    """(jitted train step, abstract sharded state, abstract train batch, setup) as the trainer
-    builds them for `devices`."""
-    setup = trainer._setup(config, facts, devices)
-    _, mesh, model, tx, schedule, _, _, abstract, shardings = setup
-    state = jax.tree.map(lambda a, s: _spec(a.shape, a.dtype, s), abstract, shardings)
-    batch = batch_specs(config, facts, mesh, int(config.train.batch_size), eval_=False)
-    return trainer._jit_train(config, model, tx, schedule, mesh, shardings), state, batch, setup
+    """(jitted train step, abstract sharded state, abstract train batch, experiment) as the
+    trainer builds them for `devices`."""
+    exp = Experiment.build(config, facts, devices)
+    state = exp.restore_target()
+    batch = batch_specs(config, facts, exp.mesh, int(config.train.batch_size), eval_=False)
+    return exp.jit_train_step(), state, batch, exp
 
 
 def _global_train_flops(
@@ -305,14 +305,14 @@ def compile_train(
     topology: str,
     usable_bytes: int | None = None,
 ) -> tuple[Any, float, tuple, Any]:
-    """(compiled train step, compile seconds, trainer setup, abstract state) for `devices`;
+    """(compiled train step, compile seconds, Experiment, abstract state) for `devices`;
     HbmOverflow when the step does not fit in a chip's HBM (XLA's verdict on TPU; on GPU, whose
     compiler does not check, the peak against `usable_bytes`)."""
     chips = len(devices)
     _check_divisible(config, chips, topology)
     facts = datasets.shape_facts(config.data)
     try:
-        p_train, state, train_batch, setup = _abstract_step(config, facts, list(devices))
+        p_train, state, train_batch, exp = _abstract_step(config, facts, list(devices))
     except ValueError as e:  # make_mesh: the mesh does not match the slice
         raise PreflightError(f"{topology}: {_first_line(e)}") from e
     t0 = time.perf_counter()
@@ -330,7 +330,7 @@ def compile_train(
     if usable_bytes is not None and peak > usable_bytes:
         detail = f"peak {_gib(peak)} per device, {_gib(usable_bytes)} usable"
         raise _overflow("train", topology, "batch_size", batch, detail, _TRAIN_FIX)
-    return train, compile_s, setup, state
+    return train, compile_s, exp, state
 
 
 def compile_steps(
@@ -341,11 +341,11 @@ def compile_steps(
 ) -> dict[str, Any]:
     """Compiles the train and eval steps for `devices` with the trainer's code; per-chip numbers."""
     chips = len(devices)
-    train, compile_s, setup, state = compile_train(config, devices, topology, usable_bytes)
-    facts, mesh, model, _, _, _, _, abstract, shardings = setup
+    train, compile_s, exp, state = compile_train(config, devices, topology, usable_bytes)
+    facts, mesh, abstract, shardings = exp.facts, exp.mesh, exp.abstract, exp.shardings
     eval_batch = batch_specs(config, facts, mesh, int(config.train.eval_batch_size), eval_=True)
     rng = _spec((2,), np.uint32, sharding.replicated(mesh))
-    p_eval = trainer._jit_eval(model, mesh)
+    p_eval = exp.jit_eval_step()
     eval_fix = "Lower config.train.eval_batch_size."
     eval_size = config.train.eval_batch_size
     try:

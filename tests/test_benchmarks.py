@@ -14,7 +14,7 @@ from configs import default
 from marnet_jax.data import datasets
 from marnet_jax.models import build_model, resnet
 from marnet_jax.models.backbones import build_backbone
-from marnet_jax.train import sharding, trainer
+from marnet_jax.train import loop, sharding
 from marnet_jax.train.sharding import make_mesh
 
 # One device like test_trainer.py's runs: the same tiny train step, so the persistent compilation
@@ -235,7 +235,7 @@ class _CountingIterator:
 def test_device_prefetcher_position_is_the_first_batch_not_yet_returned():
     source = _CountingIterator()
     mesh = make_mesh(trainer_config_mesh())
-    batches = trainer.DevicePrefetcher(source, mesh, ("x",), size=2)
+    batches = loop.DevicePrefetcher(source, mesh, ("x",), size=2)
     assert source.next_index == 2  # two batches in flight before the first is asked for
     for expected in range(3):
         assert float(next(batches)["x"][0, 0]) == expected
@@ -253,11 +253,11 @@ def trainer_config_mesh():
 
 
 def test_pending_metrics_stop_at_the_non_finite_step():
-    pending = trainer._PendingMetrics(max_in_flight=2)
+    pending = loop.PendingMetrics(max_in_flight=2)
     good = {"loss": jnp.float32(1.0), "grad_norm": jnp.float32(1.0), "update_norm": jnp.float32(1)}
     bad = dict(good, loss=jnp.float32(np.nan))
     pending.add(1, good, None)
-    with pytest.raises(trainer.NonFiniteLossError, match=r"step 2 .*checkpoint: step 1"):
+    with pytest.raises(loop.NonFiniteLossError, match=r"step 2 .*checkpoint: step 1"):
         pending.add(2, bad, 1)  # ready at once: checked without waiting for a drain
         pending.add(3, good, 1)
         pending.drain(1)

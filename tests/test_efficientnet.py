@@ -170,7 +170,7 @@ def test_weights_of_another_variant_fail_with_one_error(lite0_file):
 def test_synthetic_food_config_from_imagenet_weights(lite0_file):
     from configs import efficientnet_lite0
     from marnet_jax.data import datasets
-    from marnet_jax.train import trainer
+    from marnet_jax.train.experiment import Experiment
 
     config = efficientnet_lite0.get_config("baseline,imagenet")
     assert config.model.init_from == lite0_file and config.optim.backbone_lr_mult == 0.1
@@ -178,7 +178,7 @@ def test_synthetic_food_config_from_imagenet_weights(lite0_file):
     assert not efficientnet_lite0.get_config("full").model.init_from
     with pytest.raises(ValueError, match="VARIANT,imagenet"):
         efficientnet_lite0.get_config("full,in21k")
-    abstract = trainer._setup(config, datasets.shape_facts(config.data))[7]
+    abstract = Experiment.build(config, datasets.shape_facts(config.data)).abstract
     params, _, _ = pretrained.import_backbone(
         lite0_file, abstract.params["backbone"], abstract.batch_stats["backbone"]
     )

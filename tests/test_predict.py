@@ -23,7 +23,8 @@ from configs import tiny
 from marnet_jax import predict
 from marnet_jax.data import datasets, pipeline
 from marnet_jax.models import build_model
-from marnet_jax.train import trainer
+from marnet_jax.train import loop, trainer
+from marnet_jax.train.experiment import Experiment
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def run(tiny_data_dir, tmp_path_factory):
     config = tiny.get_config()
     config.data.data_dir = str(tiny_data_dir)
     config.mesh.num_devices = 1  # the same compiled train step as test_trainer.py
-    abstract = trainer._setup(config)[7]
+    abstract = Experiment.build(config).abstract
     rng = np.random.default_rng(0)
     params, stats = jax.tree.map(
         lambda s: np.abs(rng.standard_normal(s.shape).astype(np.float32)) * 0.5,
@@ -42,7 +43,7 @@ def run(tiny_data_dir, tmp_path_factory):
     save_file(torchvision_names(params, stats), tmp / "backbone.safetensors")
     config.model.init_from = str(tmp / "backbone.safetensors")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(trainer._StopFlag, "should_stop", lambda self, step, every: step == 1)
+        mp.setattr(loop.StopFlag, "should_stop", lambda self, step, every: step == 1)
         assert trainer.train_and_evaluate(config, str(tmp / "work")) == {"preempted_at_step": 1}
     return tmp / "work", config, params
 
@@ -66,7 +67,8 @@ def photos(run, tmp_path_factory):
 
 def test_the_run_started_from_the_weights_file(run):
     workdir, config, params = run
-    variables, step = predict.restore_variables(workdir, config)
+    trained = trainer.load_trained(workdir, config)
+    variables, step = trained.variables, trained.step
     assert step == 1
     jax.tree.map(np.testing.assert_array_equal, variables["params"]["backbone"], params)
 
@@ -82,7 +84,7 @@ def test_predictions_are_the_evaluation_pipelines(run, photos):
         np.testing.assert_array_equal(
             predict.preprocess(config.data, record["image"]), batch["image"][i]
         )
-    variables, _ = predict.restore_variables(workdir, config)
+    variables = trainer.load_trained(workdir, config).variables
     facts = datasets.prepare(config.data)
     model = build_model(config.model, facts.num_classes, facts.num_ingredients)
     run_top5 = jax.jit(functools.partial(predict._top_k, model=model, k=5))

@@ -13,7 +13,7 @@ import pytest
 from configs import tiny
 from marnet_jax import preflight
 from marnet_jax.data import datasets
-from marnet_jax.train import trainer
+from marnet_jax.train.experiment import Experiment
 
 REPO = Path(__file__).resolve().parents[1]
 needs_libtpu = pytest.mark.skipif(
@@ -110,7 +110,7 @@ def test_tiny_config_compiles_for_v5e_with_the_trainers_parameters(variant):
     record = preflight.run(config, "v5e:2x2")
     assert record["chips"] == 4 and record["mesh"] == {"data": 4, "fsdp": 1}
     assert record["chip"] == "TPU v5 lite" and record["per_chip_batch"] == 4
-    abstract = trainer._setup(config, datasets.shape_facts(config.data))[7]
+    abstract = Experiment.build(config, datasets.shape_facts(config.data)).abstract
     assert record["parameters"] == sum(math.prod(p.shape) for p in jax.tree.leaves(abstract.params))
     memory = record["train_memory"]
     assert 0 < memory["arguments"] < memory["peak"] < record["hbm_bytes_per_chip"]

@@ -21,6 +21,7 @@ import pytest
 from configs import tiny
 from marnet_jax import main as cli
 from marnet_jax.train import checkpoint, metrics, sharding, trainer
+from marnet_jax.train.experiment import Experiment
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_STEPS = 4
@@ -78,12 +79,10 @@ def fsdp_run(tiny_data_dir, tmp_path_factory):
 
 def _restore(workdir, config, step=None):
     """The checkpointed train state, restored onto `config`'s mesh and shardings."""
-    _, _mesh, _, _, _, _, _, abstract, shardings = trainer._setup(config)
+    target = Experiment.build(config).restore_target()
     manager = checkpoint.make_manager(workdir, config.checkpoint)
     step = manager.latest_step() if step is None else step
-    state = checkpoint.restore(
-        manager, step, checkpoint.abstract_with_shardings(abstract, shardings), None
-    )
+    state = checkpoint.restore(manager, step, target, None)
     manager.close()
     return state
 
@@ -161,8 +160,7 @@ def test_fsdp_shards_large_parameters(fsdp_run, caplog):
     assert sum(_sharded_over_fsdp(x.sharding) for x in momentum) == len(sharded)
 
     with caplog.at_level(logging.INFO, logger="marnet_jax"):
-        _, mesh, _, _, _, _, _, abstract, shardings = trainer._setup(config)
-        trainer._log_layout(mesh, abstract, shardings)
+        Experiment.build(config).log_layout()
     text = caplog.text
     assert "{'data': 2, 'fsdp': 4}" in text
     assert f"Sharded parameters ({len(sharded)}):" in text

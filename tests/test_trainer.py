@@ -15,7 +15,8 @@ import pytest
 
 from configs import tiny
 from marnet_jax.config import apply_variant
-from marnet_jax.train import checkpoint, trainer
+from marnet_jax.train import checkpoint, loop, trainer
+from marnet_jax.train.experiment import Experiment
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,14 +32,9 @@ def _config(data_dir, **train):
 
 
 def _params(workdir, config):
-    _, _mesh, _, _, _, _, _, abstract, shardings = trainer._setup(config)
+    target = Experiment.build(config).restore_target()
     manager = checkpoint.make_manager(workdir, config.checkpoint)
-    state = checkpoint.restore(
-        manager,
-        manager.latest_step(),
-        checkpoint.abstract_with_shardings(abstract, shardings),
-        None,
-    )
+    state = checkpoint.restore(manager, manager.latest_step(), target, None)
     manager.close()
     return jax.device_get(state.params), int(state.step)
 
@@ -89,7 +85,7 @@ def test_resume_matches_uninterrupted_run(straight_run, tiny_data_dir, tmp_path,
     expected, _ = _params(workdir, config)
     stop_at = config.train.num_steps // 2
     # Interrupt the same run half-way (as a preemption would), then restart it from the workdir.
-    monkeypatch.setattr(trainer._StopFlag, "should_stop", lambda self, step, every: step == stop_at)
+    monkeypatch.setattr(loop.StopFlag, "should_stop", lambda self, step, every: step == stop_at)
     out = trainer.train_and_evaluate(_config(tiny_data_dir), str(tmp_path))
     assert out == {"preempted_at_step": stop_at}
     monkeypatch.undo()
@@ -121,9 +117,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(straight_run, tiny_data_d
     bad = _config(tiny_data_dir)
     bad.train.num_steps = last + 4
     bad.optim.lr = float("nan")
-    with pytest.raises(
-        trainer.NonFiniteLossError, match=rf"step {last + 1}.*checkpoint: step {last}"
-    ):
+    with pytest.raises(loop.NonFiniteLossError, match=rf"step {last + 1}.*checkpoint: step {last}"):
         trainer.train_and_evaluate(bad, str(tmp_path))
     params, step = _params(tmp_path, config)
     assert step == last

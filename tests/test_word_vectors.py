@@ -15,7 +15,7 @@ from marnet_jax.data import synthetic_food
 from marnet_jax.models import word_vectors
 from marnet_jax.models.text import build_text_encoder
 from marnet_jax.models.word_vectors import words_of
-from marnet_jax.train import trainer
+from marnet_jax.train.experiment import Experiment
 from marnet_jax.train.optim import make_optimizer
 
 
@@ -113,7 +113,7 @@ def test_the_default_datasets_names_are_covered_by_glove():
 
 
 def test_a_fresh_run_starts_from_glove_vectors(tiny_data_dir, caplog):
-    """What the trainer does when a run starts (trainer._initial_state); that a frozen table then
+    """What the trainer does when a run starts (Experiment.initial_state); that a frozen table then
     stays as loaded is the optimizer test above."""
     config = tiny.get_config()
     config.data.data_dir = str(tiny_data_dir)
@@ -121,9 +121,10 @@ def test_a_fresh_run_starts_from_glove_vectors(tiny_data_dir, caplog):
     config.model.text_kwargs = {"hidden_dim": 16, "max_len": 8}
     config.model.word_vectors = "glove_6b_50d"
     config.model.freeze_word_vectors = True
-    facts, _, _, _, _, init_fn, rng, _, shardings = trainer._setup(config)
+    exp = Experiment.build(config)
+    facts = exp.facts
     with caplog.at_level("INFO", logger="marnet_jax"):
-        state = trainer._initial_state(config, facts, init_fn, rng, shardings)
+        state = exp.initial_state()
     summary = [r.message for r in caplog.records if "Ingredient word vectors" in r.message]
     assert summary == [
         f"Ingredient word vectors from glove_6b_50d: {facts.num_ingredients} of "
@@ -133,5 +134,5 @@ def test_a_fresh_run_starts_from_glove_vectors(tiny_data_dir, caplog):
         facts.ingredient_names, word_vectors.load("glove_6b_50d")
     ).vectors
     table = state.params["text_encoder"]["ingredient_words"]["embedding"]
-    assert table.sharding == shardings.params["text_encoder"]["ingredient_words"]["embedding"]
+    assert table.sharding == exp.shardings.params["text_encoder"]["ingredient_words"]["embedding"]
     np.testing.assert_array_equal(np.asarray(table), expected)

@@ -43,7 +43,7 @@ class DatasetFacts:
     name: str  # tfds builder name.
     builder_config: str | None  # tfds builder config name (None: the builder has none).
     num_classes: int
-    num_ingredients: int  # Length V of the 'ingredients' multi-hot.
+    num_ingredients: int | None  # Length V of the 'ingredients' multi-hot; None: not known
     class_names: tuple[str, ...]
     ingredient_names: tuple[str, ...]
     split_sizes: Mapping[str, int]  # Examples per split, e.g. {'train': 10000, ...}.

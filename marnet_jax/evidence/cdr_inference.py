@@ -273,7 +273,6 @@ def run(
     command: str = "",
 ) -> dict[str, Any]:
     """Evaluates every chain setting on the selected runs; writes the study files."""
-    from marnet_jax.train import trainer
 
     workdir = Path(workdir)
     out_dir = workdir / STUDY
@@ -293,7 +292,7 @@ def run(
         cfg = common.run_config(run_dir, config)
         if not cfg.model.use_cdr:
             raise common.UsageError(f"Variant {variant!r} ({run_dir}) has no CDR to study.")
-        trained = trainer.load_trained(run_dir, cfg)
+        trained = common.load_run(run_dir, cfg)
         cdr = cfg.model.cdr
         steps = cdr.num_steps if cdr.sampler == "ddpm" else cdr.sample_steps
         own = (cdr.sampler, steps, cdr.num_samples)

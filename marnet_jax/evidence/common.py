@@ -335,6 +335,15 @@ def run_config(run_dir: Path, study_config: Any) -> Any:
     return config
 
 
+def load_run(run_dir: Path, config: Any) -> Any:
+    """A finished run restored for a study (trainer.Trained), with `config` from run_config and the
+    dataset's own facts (class names)."""
+    from marnet_jax.data import datasets
+    from marnet_jax.train import trainer
+
+    return trainer.load_trained(run_dir, config, facts=datasets.prepare(config.data))
+
+
 def latest_step(run_dir: Path) -> int | None:
     """The newest checkpoint step in `<run_dir>/checkpoints` (None: none), without restoring it."""
     ckpt = Path(run_dir) / "checkpoints"

@@ -502,7 +502,6 @@ def run(
     command: str = "",
 ) -> dict[str, Any]:
     """Scores every selected run, draws the figures from the first seed, writes the study files."""
-    from marnet_jax.train import trainer
 
     workdir = Path(workdir)
     out_dir = workdir / STUDY
@@ -522,7 +521,7 @@ def run(
     figure_seed = min(runs[variant])
     for label, by_seed in runs.items():
         for s, run_dir in sorted(by_seed.items()):
-            trained = trainer.load_trained(run_dir, common.run_config(run_dir, config))
+            trained = common.load_run(run_dir, common.run_config(run_dir, config))
             out = common.predict(trained, common.predict_fn(trained, OUTPUTS), split)
             if label != variant:  # only the comparison's backbone feature and heads
                 out = {k: v for k, v in out.items() if k not in ("x_ema", "x_cdr")}

@@ -77,7 +77,6 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """{'clean': accuracies, 'corrupted': {name: {severity: accuracies}}} of one trained run, read
     from `cache` when it holds the same settings and checkpoint."""
-    from marnet_jax.train import trainer
 
     settings = {
         "run_dir": str(run_dir.resolve()),
@@ -92,7 +91,7 @@ def evaluate_run(
         if cached.get("settings") == settings:
             log.info("%s: cached results reused.", run_dir)
             return cached
-    trained = trainer.load_trained(run_dir, common.run_config(run_dir, config))
+    trained = common.load_run(run_dir, common.run_config(run_dir, config))
     if trained.step != settings["step"]:
         raise RuntimeError(
             f"{run_dir}: restored step {trained.step}, newest is {settings['step']}."
