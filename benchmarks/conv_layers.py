@@ -196,4 +196,7 @@ def _ratio(ms: dict[str, float]) -> str:
 
 
 if __name__ == "__main__":
+    from marnet_jax import cpu
+
+    cpu.configure_xla()
     main()

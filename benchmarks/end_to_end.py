@@ -202,4 +202,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    from marnet_jax import cpu
+
+    cpu.configure_xla()
     main()

@@ -207,4 +207,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from marnet_jax import cpu
+
+    cpu.configure_xla()
     main()

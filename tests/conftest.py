@@ -20,6 +20,10 @@ import jax
 import pytest
 from absl import flags
 
+from marnet_jax import cpu
+
+cpu.configure_xla()  # as the entry points do
+
 flags.FLAGS.mark_as_parsed()
 jax.config.update("jax_threefry_partitionable", True)
 

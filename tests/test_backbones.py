@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import marnet_jax
+from marnet_jax import cpu
 from marnet_jax.models import resnet, vit
 from marnet_jax.models.backbones import BACKBONES, build_backbone, feature_dim
 
@@ -380,7 +380,7 @@ def test_resnet50_imagenet_224_forward():
 
 
 def test_cpu_conv_flag_is_added_unless_the_user_set_it():
-    add = marnet_jax._with_cpu_conv_flag
+    add = cpu.xla_flags_with_cpu_conv
     flag = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
     assert add("", "0.10.2") == flag
     assert add("--xla_force_host_platform_device_count=8", "0.10.2").split() == [
@@ -392,13 +392,18 @@ def test_cpu_conv_flag_is_added_unless_the_user_set_it():
     assert add("", "0.11.0") == ""  # a jaxlib that may not know the flag is left alone
 
 
-def test_importing_the_package_keeps_convolutions_on_xlas_own_cpu_path():
-    """The ResNet's convolutions (forward and both gradients) compile to XLA's own CPU convolution,
-    not a YNNPACK fusion (about twice as slow on these models, see marnet_jax/__init__.py)."""
+def test_entry_points_keep_convolutions_on_xlas_own_cpu_path():
+    """Importing the package leaves XLA_FLAGS alone; after cpu.configure_xla (what the entry points
+    call) the ResNet's convolutions (forward and both gradients) compile to XLA's own CPU
+    convolution, not a YNNPACK fusion (slower on these models: benchmarks.backbones)."""
     code = (
-        "import marnet_jax, jax, jax.numpy as jnp\n"
-        "from marnet_jax.models import resnet\n"
-        "f = lambda x, k: jnp.sum(resnet._xla_conv(x, k, 1, 1) ** 2)\n"
+        "import os, marnet_jax.models, marnet_jax.train.trainer\n"
+        "assert 'ynn' not in os.environ.get('XLA_FLAGS', ''), os.environ['XLA_FLAGS']\n"
+        "from marnet_jax import cpu\n"
+        "cpu.configure_xla()\n"
+        "import jax, jax.numpy as jnp\n"
+        "from marnet_jax.models import layers\n"
+        "f = lambda x, k: jnp.sum(layers.conv_nhwc(x, k, 1, 1) ** 2)\n"
         "g = jax.jit(jax.grad(f, argnums=(0, 1)))\n"
         "hlo = g.lower(jnp.ones((4, 8, 8, 4)), jnp.ones((3, 3, 4, 4))).compile().as_text()\n"
         "print('convolutions', hlo.count(' convolution('), 'ynn', hlo.count('__ynn'))\n"

@@ -525,4 +525,7 @@ def cli() -> None:
 
 
 if __name__ == "__main__":
+    from marnet_jax import cpu
+
+    cpu.configure_xla()
     cli()

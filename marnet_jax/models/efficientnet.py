@@ -43,7 +43,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from marnet_jax.models import layers, resnet
+from marnet_jax import cpu
+from marnet_jax.models import layers
 
 Array = jax.Array
 Dtype = Any
@@ -102,32 +103,9 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-def depthwise_shifts(x: Array, kernel: Array, stride: int) -> Array:
-    """Depthwise convolution (TF 'SAME' padding) as a sum of k * k strided slices of the padded input,
-    each times its per-channel weights: the same result as the grouped convolution, from elementwise
-    ops whose gradients XLA's CPU backend runs far faster than its grouped-convolution gradients."""
-    k = kernel.shape[0]
-    b, h, w, c = x.shape
-    (top, bottom), (left, right) = (same_padding(x.shape[d], k, stride) for d in (1, 2))
-    xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
-    ho, wo = -(-h // stride), -(-w // stride)
-    out = None
-    for i in range(k):
-        for j in range(k):
-            window = lax.slice(
-                xp,
-                (0, i, j, 0),
-                (b, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
-                (1, stride, stride, 1),
-            )
-            term = window * kernel[i, j, 0]
-            out = term if out is None else out + term
-    return out
-
-
 class SameConv(nn.Module):
     """Bias-free convolution with TF 'SAME' padding; `depthwise` gives one filter per channel.
-    conv_impl: as in resnet.py ('auto': depthwise_shifts on the CPU backend, XLA's elsewhere)."""
+    conv_impl: as in resnet.py ('auto': marnet_jax/cpu.py's depthwise_shifts on the CPU backend)."""
 
     features: int
     kernel_size: int
@@ -147,13 +125,14 @@ class SameConv(nn.Module):
         shape = (k, k, 1 if self.depthwise else cin, self.features)
         kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        if self.depthwise and resnet.resolve_conv_impl(self.conv_impl) == "cpu":
-            return depthwise_shifts(x, kernel, self.strides)
+        padding = tuple(same_padding(x.shape[d], k, self.strides) for d in (1, 2))
+        if self.depthwise and cpu.resolve_conv_impl(self.conv_impl) == "cpu":
+            return cpu.depthwise_shifts(x, kernel, self.strides, padding)
         return lax.conv_general_dilated(
             x,
             kernel,
             window_strides=(self.strides, self.strides),
-            padding=[same_padding(x.shape[d], k, self.strides) for d in (1, 2)],
+            padding=padding,
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
             feature_group_count=cin if self.depthwise else 1,
         )
@@ -232,7 +211,7 @@ class EfficientNetLite(nn.Module):
         width, depth, _, _ = self._variant()
         chex.assert_rank(x, 4)
         batch = x.shape[0]
-        resnet.resolve_conv_impl(self.conv_impl)  # a bad value fails here, before any layer
+        cpu.resolve_conv_impl(self.conv_impl)  # a bad value fails here, before any layer
         conv = functools.partial(
             SameConv, conv_impl=self.conv_impl, dtype=self.dtype, param_dtype=self.param_dtype
         )

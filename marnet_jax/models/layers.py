@@ -1,4 +1,4 @@
-"""Initializers and dropout that draw their random numbers as flat vectors.
+"""Initializers and dropout that draw their random numbers as flat vectors; the plain NHWC conv.
 
 With partitionable threefry (JAX's default), XLA on CPU compiles the sampling of a rank-3 or rank-4
 array (a conv kernel [kh, kw, in, out], a position embedding [1, N, D], a dropout mask [B, L, D])
@@ -77,3 +77,14 @@ class Dropout(nn.Module):
         mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.size,))
         mask = jnp.reshape(mask, x.shape)
         return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
+
+
+def conv_nhwc(x: Array, kernel: Array, stride: int, pad: int) -> Array:
+    """XLA's NHWC x HWIO convolution with symmetric padding `pad` (torch's k // 2 layout)."""
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )

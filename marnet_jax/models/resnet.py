@@ -20,11 +20,8 @@ Options:
   dtype: compute dtype (e.g. jnp.bfloat16); param_dtype: parameter dtype (float32 by default). BatchNorm
     statistics are computed in float32 whatever the compute dtype.
   conv_impl: 'xla' (lax.conv_general_dilated and XLA's autodiff), 'cpu' or 'auto' (the default: 'cpu'
-    on the CPU backend, 'xla' elsewhere). 'cpu' computes the same with two changes that XLA's CPU
-    backend needs: maps smaller than the kernel (2x2 under a 3x3) run as patches + matmul (XLA's
-    CPU conv is up to 75 times slower there), and the kernel gradient of a stride-1 conv is computed
-    with the output gradient as the convolution's image (`_kernel_grad_stride1`). Same parameters,
-    same results up to float rounding.
+    on the CPU backend, 'xla' elsewhere). 'cpu' is marnet_jax/cpu.py's conv2d: the same parameters
+    and results, computed the way XLA's CPU backend runs fastest.
 
 Parameter naming (collections 'params' and 'batch_stats'), torchvision name -> this module:
   conv1.weight                      -> conv_init/kernel            (OIHW -> HWIO: transpose(2, 3, 1, 0))
@@ -48,8 +45,8 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 
+from marnet_jax import cpu
 from marnet_jax.models import layers
 
 Array = jax.Array
@@ -60,109 +57,13 @@ Dtype = Any
 conv_kernel_init = layers.variance_scaling(2.0, "fan_out", "untruncated_normal")
 
 STEMS = ("imagenet", "small")
-CONV_IMPLS = ("auto", "xla", "cpu")
-
-
-def _xla_conv(x: Array, kernel: Array, stride: int, pad: int) -> Array:
-    return lax.conv_general_dilated(
-        x,
-        kernel,
-        window_strides=(stride, stride),
-        padding=((pad, pad), (pad, pad)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    )
-
-
-def _patches(x: Array, kh: int, kw: int, stride: int, pad: int) -> Array:
-    """[B, H, W, C] -> [B, Ho, Wo, kh * kw * C] by strided slices; ordered (kh, kw, C) like HWIO."""
-    b, h, w, c = x.shape
-    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    ho = (h + 2 * pad - kh) // stride + 1
-    wo = (w + 2 * pad - kw) // stride + 1
-    cols = [
-        lax.slice(
-            xp,
-            (0, i, j, 0),
-            (b, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
-            (1, stride, stride, 1),
-        )
-        for i in range(kh)
-        for j in range(kw)
-    ]
-    return jnp.concatenate(cols, axis=-1)
-
-
-def _im2col_conv(x: Array, kernel: Array, stride: int, pad: int) -> Array:
-    """Convolution as patch extraction (slices only) + one matmul; NHWC input, HWIO kernel."""
-    kh, kw, cin, cout = kernel.shape
-    patches = _patches(x, kh, kw, stride, pad)
-    return jnp.einsum("bhwk,ko->bhwo", patches, kernel.reshape(kh * kw * cin, cout))
-
-
-def _kernel_grad_stride1(x: Array, g: Array, k: int, pad: int) -> Array:
-    """Kernel gradient [k, k, Cin, Cout] of a stride-1 conv, from its input x and output gradient g.
-
-    XLA differentiates a conv's kernel with a convolution that needs x with the batch as its minor
-    dimension. On the CPU that transpose is fused with the elementwise ops that produced x (BatchNorm,
-    ReLU, the residual sums of up to three blocks) and runs several times slower than a plain
-    transpose. Here g is the convolution's image instead (batch = Cout, features = the batch) and x
-    its kernel: x needs only a cheap transpose (batch to third place), and g, which the input
-    gradient has already materialised, takes the batch-minor one. The result comes out flipped.
-    (Strided convs keep XLA's gradient: rewritten this way, through space-to-depth, they were slower.)
-    """
-    lo = k - 1 - pad
-    # Padded here, not as conv padding: XLA swaps the operands back when the kernel is the larger.
-    g = jnp.pad(
-        g,
-        ((0, 0), (lo, pad + x.shape[1] - g.shape[1]), (lo, pad + x.shape[2] - g.shape[2]), (0, 0)),
-    )
-    flipped = lax.conv_general_dilated(
-        g,
-        x,
-        window_strides=(1, 1),
-        padding="VALID",
-        dimension_numbers=("CHWN", "IHWO", "NHWC"),
-        preferred_element_type=jnp.float32,
-    )  # [Cout, k, k, Cin]
-    return jnp.transpose(flipped[:, ::-1, ::-1, :], (1, 2, 3, 0))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv_stride1_cpu(x: Array, kernel: Array, pad: int) -> Array:
-    """XLA's stride-1 conv; its kernel gradient from `_kernel_grad_stride1`."""
-    return _xla_conv(x, kernel, 1, pad)
-
-
-def _conv_stride1_cpu_fwd(x: Array, kernel: Array, pad: int):
-    return _xla_conv(x, kernel, 1, pad), (x, kernel)
-
-
-def _conv_stride1_cpu_bwd(pad: int, res: tuple[Array, Array], g: Array):
-    x, kernel = res
-    (dx,) = jax.linear_transpose(lambda x_: _xla_conv(x_, kernel, 1, pad), x)(g)
-    return dx, _kernel_grad_stride1(x, g, kernel.shape[0], pad).astype(kernel.dtype)
-
-
-_conv_stride1_cpu.defvjp(_conv_stride1_cpu_fwd, _conv_stride1_cpu_bwd)
-
-
-def resolve_conv_impl(impl: str) -> str:
-    """'auto' -> 'cpu' on the CPU backend, else 'xla'."""
-    if impl not in CONV_IMPLS:
-        raise ValueError(f"unknown conv_impl {impl!r}; expected one of {CONV_IMPLS}")
-    if impl == "auto":
-        return "cpu" if jax.default_backend() == "cpu" else "xla"
-    return impl
 
 
 def conv2d(x: Array, kernel: Array, stride: int, pad: int, impl: str = "auto") -> Array:
     """NHWC x HWIO convolution with symmetric padding `pad`, computed the way `impl` says."""
-    if resolve_conv_impl(impl) == "cpu":
-        if min(x.shape[1], x.shape[2]) < kernel.shape[0]:
-            return _im2col_conv(x, kernel, stride, pad)
-        if stride == 1:
-            return _conv_stride1_cpu(x, kernel, pad)
-    return _xla_conv(x, kernel, stride, pad)
+    if cpu.resolve_conv_impl(impl) == "cpu":
+        return cpu.conv2d(x, kernel, stride, pad)
+    return layers.conv_nhwc(x, kernel, stride, pad)
 
 
 class Conv2D(nn.Module):
@@ -296,7 +197,7 @@ class ResNet(nn.Module):
     def __call__(self, x: Array, train: bool) -> Array:
         if self.stem not in STEMS:
             raise ValueError(f"unknown stem {self.stem!r}; expected one of {STEMS}")
-        resolve_conv_impl(self.conv_impl)  # a bad value fails here, before any layer is built
+        cpu.resolve_conv_impl(self.conv_impl)  # a bad value fails here, before any layer is built
         chex.assert_rank(x, 4)
         batch = x.shape[0]
         conv = functools.partial(
