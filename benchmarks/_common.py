@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks: timing, machine facts, FLOPs, synthetic batches, tables, JSON.
+"""Shared pieces of the benchmarks: timing, FLOPs, synthetic batches, the common options (the
+machine facts, tables and JSON files are marnet_jax.reporting's, shared with the studies).
 
 Every benchmark prints a markdown table and writes the same rows as JSON with the machine and the
 load average next to them (on a shared machine wall-clock times depend on the load).
@@ -6,12 +7,8 @@ load average next to them (on a shared machine wall-clock times depend on the lo
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import os
-import pathlib
-import platform
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -20,7 +17,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
+from marnet_jax import cli
 from marnet_jax.train import cost
 
 
@@ -102,71 +101,42 @@ def time_in_turns(
     return [timing_of(w, c) for w, c in zip(wall, cpu, strict=True)], round_medians
 
 
-def load_average() -> tuple[float, float, float]:
-    return tuple(round(x, 2) for x in os.getloadavg())
+def parse_args(
+    name: str,
+    doc: str,
+    argv: Sequence[str] | None,
+    presets: Sequence[str],
+    default_preset: str,
+    define: Callable[[flags.FlagValues], None] = lambda fv: None,
+) -> flags.FlagValues:
+    """The benchmark's absl flags: the shared --preset, --json, --compile_cache and `define`'s."""
+
+    def define_all(fv: flags.FlagValues) -> None:
+        flags.DEFINE_enum("preset", default_preset, sorted(presets), "cases to run", flag_values=fv)
+        flags.DEFINE_string(
+            "json",
+            os.path.join(tempfile.gettempdir(), "marnet_benchmarks", f"{name}.json"),
+            "where to write the results",
+            flag_values=fv,
+        )
+        flags.DEFINE_boolean(
+            "compile_cache",
+            False,
+            "keep JAX's persistent compilation cache (compile times are then not cold)",
+            flag_values=fv,
+        )
+        define(fv)
+
+    args, rest = cli.parse_flags(f"benchmarks.{name}", define_all, argv, doc=doc)
+    if rest:
+        cli.usage_error(f"benchmarks.{name}", f"unexpected arguments {rest}")
+    return args
 
 
-def machine_info() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    devices = jax.devices()
-    return {
-        "backend": jax.default_backend(),
-        "device_kind": devices[0].device_kind,
-        "device_count": len(devices),
-        "cpus": os.cpu_count(),
-        "processor": platform.processor() or platform.machine(),
-        "jax": jax.__version__,
-        "load_average": load_average(),
-    }
-
-
-def machine_line(info: dict[str, Any]) -> str:
-    return (
-        f"{info['backend']} ({info['device_count']} x {info['device_kind']}), {info['cpus']} CPUs "
-        f"({info['processor']}), jax {info['jax']}, 1/5/15-min load average "
-        f"{'/'.join(f'{x:.1f}' for x in info['load_average'])}"
-    )
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def fmt(x: float | None, digits: int = 1) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
-
-
-def parser(doc: str, presets: Sequence[str], default_preset: str, name: str):
-    """argparse with the options every benchmark shares: --preset, --json, --compile_cache."""
-    p = argparse.ArgumentParser(
-        description=doc.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--preset", choices=sorted(presets), default=default_preset)
-    p.add_argument(
-        "--json",
-        default=os.path.join(tempfile.gettempdir(), "marnet_benchmarks", f"{name}.json"),
-        help="where to write the results",
-    )
-    p.add_argument(
-        "--compile_cache",
-        action="store_true",
-        help="keep JAX's persistent compilation cache (compile times are then not cold)",
-    )
-    return p
-
-
-def setup_jax(args: argparse.Namespace) -> None:
+def setup_jax(args: flags.FlagValues) -> None:
     """Cold compiles unless --compile_cache (a cache hit would make compile times meaningless)."""
     if not args.compile_cache:
         jax.config.update("jax_enable_compilation_cache", False)
-
-
-def write_json(path: str, payload: dict[str, Any]) -> None:
-    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(path).write_text(json.dumps(payload, indent=2))
-    print(f"wrote {path}")
 
 
 def synthetic_batch(

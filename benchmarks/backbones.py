@@ -8,14 +8,15 @@ Each row: one jitted step, compile excluded, median of --iters timed calls after
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import flags
 
+from marnet_jax import cli
 from marnet_jax.models.backbones import build_backbone
 
 
@@ -64,17 +65,23 @@ def bench(
     return t_train, t_fwd
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--names", default="resnet18")
-    p.add_argument("--image_size", type=int, default=64)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--stem", default="small", help="ResNet stem: small | imagenet")
-    p.add_argument("--conv_impl", default="xla,cpu", help="ResNet conv_impl values to compare")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=5)
-    a = p.parse_args()
+def _define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("names", "resnet18", "comma-separated backbone names", flag_values=fv)
+    flags.DEFINE_integer("image_size", 64, "input size", flag_values=fv)
+    flags.DEFINE_integer("batch", 32, "batch size", flag_values=fv)
+    flags.DEFINE_string("stem", "small", "ResNet stem: small | imagenet", flag_values=fv)
+    flags.DEFINE_string(
+        "conv_impl", "xla,cpu", "ResNet conv_impl values to compare", flag_values=fv
+    )
+    flags.DEFINE_string("dtype", "float32", "compute dtype", flag_values=fv)
+    flags.DEFINE_integer("warmup", 2, "untimed calls", flag_values=fv)
+    flags.DEFINE_integer("iters", 5, "timed calls", flag_values=fv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    a, rest = cli.parse_flags("benchmarks.backbones", _define_flags, argv, doc=__doc__)
+    if rest:
+        cli.usage_error("benchmarks.backbones", f"unexpected arguments {rest}")
     dtype = jnp.dtype(a.dtype)
     print(f"backend={jax.default_backend()} devices={jax.device_count()} dtype={a.dtype}")
     print(

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from benchmarks import _common
+from marnet_jax import reporting
 from marnet_jax.data import datasets
 from marnet_jax.models import build_model
 from marnet_jax.models.diffusion import CDR
@@ -111,7 +112,7 @@ def _cdr(config: ml_collections.ConfigDict, sampler: str, steps: int) -> tuple[C
     config.model.cdr.sample_steps = steps
     facts = datasets.shape_facts(config.data)
     model = build_model(config.model, facts.num_classes, facts.num_ingredients)
-    on_x_v = config.model.cdr.condition_on == "x_v"
+    on_x_v = config.model.cdr_condition_on == "x_v"
     return model.cdr, model.backbone.feature_dim if on_x_v else config.model.embed_dim
 
 
@@ -199,11 +200,10 @@ def predict_rows(preset: Preset) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     default_preset = "small" if jax.default_backend() == "cpu" else "gpu"
-    p = _common.parser(__doc__, PRESETS, default_preset, "cdr_sampler")
-    args = p.parse_args(argv)
+    args = _common.parse_args("cdr_sampler", __doc__, argv, PRESETS, default_preset)
     _common.setup_jax(args)
     preset = PRESETS[args.preset]
-    load_before = _common.load_average()
+    load_before = reporting.load_average()
     pending = preset.gpu_only and jax.default_backend() == "cpu"
     chains, predicts = [], []
     if pending:
@@ -214,22 +214,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             lat = chains[-1]["latency"]["median_s"]
             print(f"{sampler}-{steps} batch {batch}: {lat * 1e3:.1f} ms", flush=True)
         predicts = predict_rows(preset)
-    info = _common.machine_info()
+    info = reporting.machine()
     info["load_average_before"] = load_before
-    print(f"\n{args.preset} preset (configs/{preset.config}.py) on {_common.machine_line(info)}")
     print(
-        _common.markdown_table(
+        f"\n{args.preset} preset (configs/{preset.config}.py) on {reporting.machine_line(info, load=True)}"
+    )
+    print(
+        reporting.markdown_table(
             CHAIN_HEADERS,
             [
                 [
                     r["sampler"],
                     r["steps"],
                     r["batch"],
-                    _common.fmt(r["compile_s"]),
-                    _common.fmt(r["latency"]["median_s"] * 1e3, 2),
+                    reporting.fmt(r["compile_s"]),
+                    reporting.fmt(r["latency"]["median_s"] * 1e3, 2),
                     f"{r['latency']['p25_s'] * 1e3:.2f}-{r['latency']['p75_s'] * 1e3:.2f}",
-                    _common.fmt(r["samples_per_s"]),
-                    _common.fmt(r["gflop_per_call"], 3),
+                    reporting.fmt(r["samples_per_s"]),
+                    reporting.fmt(r["gflop_per_call"], 3),
                 ]
                 for r in chains
             ],
@@ -238,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if predicts:
         print("\nImage-only prediction (MARNet.predict), with and without CDR:")
         print(
-            _common.markdown_table(
+            reporting.markdown_table(
                 PREDICT_HEADERS,
                 [
                     [
@@ -247,8 +249,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         r["image_size"],
                         r["batch"],
                         r["chain"],
-                        _common.fmt(r["latency"]["median_s"] * 1e3, 2),
-                        _common.fmt(r["images_per_s"]),
+                        reporting.fmt(r["latency"]["median_s"] * 1e3, 2),
+                        reporting.fmt(r["images_per_s"]),
                         f"{100 * r['cdr_overhead']:.1f}%" if "cdr_overhead" in r else "-",
                     ]
                     for r in predicts
@@ -264,7 +266,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         chains=chains,
         predict=predicts,
     )
-    _common.write_json(args.json, out)
+    reporting.write_json(args.json, out)
+    print(f"wrote {args.json}")
     return out
 
 

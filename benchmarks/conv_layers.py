@@ -26,8 +26,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import flags
 
 from benchmarks import _common
+from marnet_jax import reporting
 from marnet_jax.models import resnet
 from marnet_jax.models.backbones import build_backbone
 
@@ -133,9 +135,10 @@ def torch_fns(layer: ConvLayer, x: np.ndarray, w: np.ndarray) -> dict[str, Calla
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = _common.parser(__doc__, PRESETS, "small", "conv_layers")
-    p.add_argument("--torch_threads", type=int, default=0, help="0: torch's default")
-    args = p.parse_args(argv)
+    def define(fv: flags.FlagValues) -> None:
+        flags.DEFINE_integer("torch_threads", 0, "0: torch's default", flag_values=fv)
+
+    args = _common.parse_args("conv_layers", __doc__, argv, PRESETS, "small", define)
     _common.setup_jax(args)
     import torch
 
@@ -145,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = importlib.import_module(f"configs.{module}").get_config()
     impl = config.model.backbone_kwargs.get("conv_impl", "auto")
     batch = config.train.batch_size
-    load_before = _common.load_average()
+    load_before = reporting.load_average()
     rows = []
     for layer, count in backbone_convs(config).items():
         x, w = layer_data(layer, batch)
@@ -154,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         timings, _ = _common.time_in_turns(list(fns.values()), warmup, rounds, per_round, 0.05)
         ms = {name: t.median_s * 1e3 for name, t in zip(fns, timings, strict=True)}
         rows.append(dataclasses.asdict(layer) | dict(count=count, batch=batch, ms=ms))
-    info = _common.machine_info()
+    info = reporting.machine()
     info["load_average_before"] = load_before
     info["torch_threads"] = torch.get_num_threads()
 
@@ -163,16 +166,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     table = []
     for r in rows:
         layer = ConvLayer(**{f.name: r[f.name] for f in dataclasses.fields(ConvLayer)})
-        table.append([layer.label(), r["count"], *(_common.fmt(r["ms"].get(c)) for c in columns)])
+        table.append([layer.label(), r["count"], *(reporting.fmt(r["ms"].get(c)) for c in columns)])
         table[-1].append(_ratio(r["ms"]))
     table.append(["**per step (x count)**", sum(r["count"] for r in rows)])
-    table[-1] += [_common.fmt(totals[c]) for c in columns] + [_ratio(totals)]
+    table[-1] += [reporting.fmt(totals[c]) for c in columns] + [_ratio(totals)]
     print(
         f"\nconfigs/{module}.py backbone convolutions (conv_impl={impl!r}), batch {batch}, ms, "
-        f"on {_common.machine_line(info)}, torch {torch.__version__} ({info['torch_threads']} threads)"
+        f"on {reporting.machine_line(info, load=True)}, torch {torch.__version__} ({info['torch_threads']} threads)"
     )
     headers = ["conv (input -> cout, k/stride)", "count", *(f"{c} ms" for c in columns)]
-    print(_common.markdown_table([*headers, "jax / torch (sum)"], table))
+    print(reporting.markdown_table([*headers, "jax / torch (sum)"], table))
     out = dict(
         benchmark="conv_layers",
         preset=args.preset,
@@ -183,7 +186,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows=rows,
         per_step_ms={c: round(v, 3) for c, v in totals.items()},
     )
-    _common.write_json(args.json, out)
+    reporting.write_json(args.json, out)
+    print(f"wrote {args.json}")
     return out
 
 

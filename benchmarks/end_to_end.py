@@ -28,6 +28,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 
 from benchmarks import _common, train_step
+from marnet_jax import reporting
 from marnet_jax.data import datasets, pipeline, synthetic_food
 from marnet_jax.train import loop, sharding
 
@@ -122,16 +123,17 @@ def measure(config, src, p_train, state, mesh, preset: Preset) -> tuple[dict[str
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = _common.parser(__doc__, PRESETS, "small", "end_to_end")
-    p.add_argument("--data_dir", default=None, help="tfds data_dir (default: a temp dir)")
-    p.add_argument("--devices", type=int, default=-1, help="devices to use (-1: all)")
-    args = p.parse_args(argv)
+    def define(fv: flags.FlagValues) -> None:
+        flags.DEFINE_string("data_dir", None, "tfds data_dir (default: a temp dir)", flag_values=fv)
+        flags.DEFINE_integer("devices", -1, "devices to use (-1: all)", flag_values=fv)
+
+    args = _common.parse_args("end_to_end", __doc__, argv, PRESETS, "small", define)
     _common.setup_jax(args)
     flags.FLAGS.mark_as_parsed()  # grain worker processes read absl flags.
     preset = PRESETS[args.preset]
     config = importlib.import_module(f"configs.{preset.config}").get_config(preset.arg)
     config.mesh.num_devices = args.devices
-    load_before = _common.load_average()
+    load_before = reporting.load_average()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = args.data_dir or str(pathlib.Path(tmp) / "tfds")
@@ -164,25 +166,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"{row['model_images_per_s']} both {row['both_images_per_s']} images/s",
                 flush=True,
             )
-    info = _common.machine_info()
+    info = reporting.machine()
     info["load_average_before"] = load_before
     print(
         f"\nconfigs/{preset.config}.py:{preset.arg}, {args.preset} preset, batch "
-        f"{config.train.batch_size}, on {_common.machine_line(info)}"
+        f"{config.train.batch_size}, on {reporting.machine_line(info, load=True)}"
     )
     headers = ["workers", "read threads", "px", "data images/s", "model images/s"]
     headers += ["both images/s", "bottleneck", "both / min"]
     print(
-        _common.markdown_table(
+        reporting.markdown_table(
             headers,
             [
                 [
                     r["workers"],
                     r["read_threads"],
                     r["image_size"],
-                    _common.fmt(r["data_images_per_s"]),
-                    _common.fmt(r["model_images_per_s"]),
-                    _common.fmt(r["both_images_per_s"]),
+                    reporting.fmt(r["data_images_per_s"]),
+                    reporting.fmt(r["model_images_per_s"]),
+                    reporting.fmt(r["both_images_per_s"]),
                     r["bottleneck"],
                     f"{100 * r['both_over_min']:.0f}%",
                 ]
@@ -197,7 +199,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         machine=info,
         rows=rows,
     )
-    _common.write_json(args.json, out)
+    reporting.write_json(args.json, out)
+    print(f"wrote {args.json}")
     return out
 
 

@@ -17,12 +17,9 @@ load; images/CPU-s (main process, 0 workers) is the load-independent single-core
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
 import os
 import pathlib
-import platform
 import tempfile
 import time
 
@@ -31,6 +28,8 @@ import tensorflow_datasets as tfds
 from absl import flags
 from PIL import Image
 
+from benchmarks import _common
+from marnet_jax import reporting
 from marnet_jax.data import config as data_config
 from marnet_jax.data import datasets, pipeline, synthetic_food
 
@@ -118,17 +117,12 @@ def measure(cfg, src, *, batch: int, warmup: int, batches: int) -> tuple[float, 
     return rate, cpu_rate, first
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    p.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
-    p.add_argument("--data_dir", default=None, help="tfds data_dir (default: a temp dir)")
-    p.add_argument(
-        "--json",
-        default=os.path.join(tempfile.gettempdir(), "marnet_benchmarks", "input_pipeline.json"),
-        help="where to write the results",
-    )
-    args = p.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    def define(fv: flags.FlagValues) -> None:
+        flags.DEFINE_string("workers", "0,1,2", "comma-separated worker counts", flag_values=fv)
+        flags.DEFINE_string("data_dir", None, "tfds data_dir (default: a temp dir)", flag_values=fv)
+
+    args = _common.parse_args("input_pipeline", __doc__, argv, PRESETS, "small", define)
     flags.FLAGS.mark_as_parsed()  # grain worker processes read absl flags.
     preset = PRESETS[args.preset]
     workers = [int(w) for w in args.workers.split(",")]
@@ -179,30 +173,27 @@ def main() -> None:
                     flush=True,
                 )
 
-    header = "| case | px | workers | read threads | images/s | images/CPU-s | first batch (s) |"
-    load = (load_before, os.getloadavg()[0])
+    info = reporting.machine()
     print(
-        f"\n{args.preset} preset, batch {preset['batch']}, {os.cpu_count()} CPUs "
-        f"({platform.processor() or platform.machine()}), 1-min load average "
-        f"{load[0]:.1f} before / {load[1]:.1f} after (other processes share the CPUs)"
+        f"\n{args.preset} preset, batch {preset['batch']}, on {reporting.machine_line(info)}; "
+        f"1-min load average {load_before:.1f} before the run (other processes share the CPUs)"
     )
-    print(header)
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        cpu = "-" if r["images_per_cpu_s"] is None else f"{r['images_per_cpu_s']:.0f}"
-        print(
-            f"| {r['case']} | {r['image_size']} | {r['workers']} | {r['read_threads']} | "
-            f"{r['images_per_s']:.0f} | {cpu} | {r['first_batch_s']:.2f} |"
-        )
-    out = dict(
-        preset=args.preset,
-        cpus=os.cpu_count(),
-        machine=platform.machine(),
-        load_average=load,
-        rows=rows,
-    )
-    pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(args.json).write_text(json.dumps(out, indent=2))
+    table = [
+        [
+            r["case"],
+            r["image_size"],
+            r["workers"],
+            r["read_threads"],
+            reporting.fmt(r["images_per_s"], 0),
+            reporting.fmt(r["images_per_cpu_s"], 0),
+            reporting.fmt(r["first_batch_s"], 2),
+        ]
+        for r in rows
+    ]
+    headers = ["case", "px", "workers", "read threads", "images/s", "images/CPU-s"]
+    print(reporting.markdown_table([*headers, "first batch (s)"], table))
+    out = dict(preset=args.preset, machine=info, load_average_before=load_before, rows=rows)
+    reporting.write_json(args.json, out)
     print(f"wrote {args.json}")
 
 

@@ -32,8 +32,10 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from absl import flags
 
 from benchmarks import _common
+from marnet_jax import reporting
 from marnet_jax.data import datasets
 from marnet_jax.models import diffusion
 
@@ -55,11 +57,10 @@ _SUPPORTED = {
     "model.cdr.eta": 0.0,
     "model.cdr.num_samples": 1,
     "model.cdr.clip_mode": "none",
-    "model.cdr.target_norm": "sqrt_dim",
-    "model.cdr.target_grad": "straight_through",
-    "model.cdr.train_estimate": "chain",
-    "model.cdr.condition_on": "x_v",
-    "model.cdr.init_from": "noise",
+    "model.cdr_target_grad": "straight_through",
+    "model.cdr_train_estimate": "chain",
+    "model.cdr_condition_on": "x_v",
+    "model.cdr_chain_start": "noise",
     "model.cdr.conditioning": "film",
     "model.cdr.dropout": 0.0,
     "model.ema.learnable_temperature": True,
@@ -84,8 +85,8 @@ def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
 # Fields where the port implements several values.
 _SUPPORTED_ANY = {
     "model.backbone": ("resnet10", "resnet18"),
-    "model.cdr.chain_grad": ("all", "last_step"),
-    "model.cdr.head_input": ("chain", "one_step"),
+    "model.cdr_chain_grad": ("all", "last_step"),
+    "model.cdr_head_input": ("chain", "one_step"),
     "model.use_aux": (False,),
 }
 _STAGES = {"resnet10": 1, "resnet18": 2}  # basic blocks per stage
@@ -172,9 +173,9 @@ def build_torch_model(config: ml_collections.ConfigDict, num_classes: int, num_i
     def projection(din: int) -> nn.Module:
         e = m.ema
         mods, d = [], din
-        for _ in range(e.proj_layers - 1):  # flax nn.gelu defaults to the tanh form
-            mods += [nn.Linear(d, e.proj_hidden_dim), ln(e.proj_hidden_dim), nn.GELU("tanh")]
-            d = e.proj_hidden_dim
+        for _ in range(e.num_layers - 1):  # flax nn.gelu defaults to the tanh form
+            mods += [nn.Linear(d, e.hidden_dim), ln(e.hidden_dim), nn.GELU("tanh")]
+            d = e.hidden_dim
         mods.append(nn.Linear(d, m.embed_dim))
         return nn.Sequential(*mods)
 
@@ -258,7 +259,7 @@ def build_torch_model(config: ml_collections.ConfigDict, num_classes: int, num_i
 
         def ddim_chain(self, cond):
             x = torch.randn(cond.shape[0], m.embed_dim)
-            last_only = m.cdr.chain_grad == "last_step"
+            last_only = m.cdr_chain_grad == "last_step"
             for i, (t, sa, s1a, ap) in enumerate(self.chain):
                 tb = torch.full((cond.shape[0],), t, dtype=torch.long)
                 with torch.set_grad_enabled(not last_only or i == len(self.chain) - 1):
@@ -296,7 +297,7 @@ def build_torch_model(config: ml_collections.ConfigDict, num_classes: int, num_i
                 parts["mse"] = F.mse_loss(out, sa * noise - s1a * x0)
                 s0_hat = sa * x_t - s1a * out + (s0 - x0)  # straight-through into s0
                 x_cdr = self.ddim_chain(x_v)
-                head_in = x_cdr if m.cdr.head_input == "chain" else s0_hat
+                head_in = x_cdr if m.cdr_head_input == "chain" else s0_hat
                 parts["ce_cdr"] = F.cross_entropy(self.cdr_head(self.cdr_norm(head_in)), labels)
                 feats.append(x_cdr)
             normed = [norm(f) for norm, f in zip(self.fused_norms, feats)]
@@ -400,24 +401,28 @@ def _race(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = _common.parser(__doc__, PRESETS, "small", "torch_marnet")
-    p.add_argument("--frameworks", default="torch,jax", help="torch and/or jax")
-    p.add_argument("--devices", type=int, default=-1, help="JAX devices to use (-1: all)")
-    p.add_argument("--variants", default="", help="comma-separated subset of full,baseline")
-    p.add_argument(
-        "--torch_threads",
-        type=int,
-        default=0,
-        help="torch intra-op threads (0: torch's default, one per core). On a loaded machine "
-        "torch's OpenMP threads slow down far more than XLA's thread pool: compare idle.",
-    )
-    p.add_argument(
-        "--jax_conv_impls",
-        default="auto,xla",
-        help="ResNet conv_impl values of the JAX rows ('auto' is what the config trains with; "
-        "'xla' is XLA's own conv gradients)",
-    )
-    args = p.parse_args(argv)
+    def define(fv: flags.FlagValues) -> None:
+        flags.DEFINE_string("frameworks", "torch,jax", "torch and/or jax", flag_values=fv)
+        flags.DEFINE_integer("devices", -1, "JAX devices to use (-1: all)", flag_values=fv)
+        flags.DEFINE_string(
+            "variants", "", "comma-separated subset of full,baseline", flag_values=fv
+        )
+        flags.DEFINE_integer(
+            "torch_threads",
+            0,
+            "torch intra-op threads (0: torch's default, one per core). On a loaded machine "
+            "torch's OpenMP threads slow down far more than XLA's thread pool: compare idle.",
+            flag_values=fv,
+        )
+        flags.DEFINE_string(
+            "jax_conv_impls",
+            "auto,xla",
+            "ResNet conv_impl values of the JAX rows ('auto' is what the config trains with; "
+            "'xla' is XLA's own conv gradients)",
+            flag_values=fv,
+        )
+
+    args = _common.parse_args("torch_marnet", __doc__, argv, PRESETS, "small", define)
     _common.setup_jax(args)
     import torch
 
@@ -427,7 +432,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     frameworks = args.frameworks.split(",")
     if args.variants:
         variants = tuple(v for v in variants if v in args.variants.split(","))
-    load_before = _common.load_average()
+    load_before = reporting.load_average()
     rows = []
     for variant in variants:
         config = importlib.import_module(f"configs.{module}").get_config(variant)
@@ -463,10 +468,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows += _race(contenders, warmup, rounds, per_round)
         for r in rows[-len(contenders) :]:
             print(f"{r['framework']} {variant}: {r['step']['median_s'] * 1e3:.0f} ms", flush=True)
-    info = _common.machine_info()
+    info = reporting.machine()
     info["load_average_before"] = load_before
     info["torch_threads"] = torch.get_num_threads()
-    print(f"\nconfigs/{module}.py, {args.preset} preset on {_common.machine_line(info)}")
+    print(
+        f"\nconfigs/{module}.py, {args.preset} preset on {reporting.machine_line(info, load=True)}"
+    )
     table = []
     for r in rows:
         s = r["step"]
@@ -478,16 +485,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 r["framework"],
                 r["batch"],
                 r["image_size"],
-                _common.fmt(s["median_s"] * 1e3),
+                reporting.fmt(s["median_s"] * 1e3),
                 f"{s['p25_s'] * 1e3:.0f}-{s['p75_s'] * 1e3:.0f}",
-                _common.fmt(s["cpu_s"], 2),
-                _common.fmt(r["images_per_s"]),
+                reporting.fmt(s["cpu_s"], 2),
+                reporting.fmt(r["images_per_s"]),
                 ratio,
             ]
         )
     headers = ["variant", "framework", "batch", "px", "step ms (median)", "IQR ms"]
     headers += ["CPU s/step", "images/s", "speed vs torch (range over rounds)"]
-    print(_common.markdown_table(headers, table))
+    print(reporting.markdown_table(headers, table))
     out = dict(
         benchmark="torch_marnet",
         preset=args.preset,
@@ -496,7 +503,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
         rows=rows,
     )
-    _common.write_json(args.json, out)
+    reporting.write_json(args.json, out)
+    print(f"wrote {args.json}")
     return out
 
 

@@ -33,8 +33,10 @@ from typing import Any
 
 import jax
 import ml_collections
+from absl import flags
 
 from benchmarks import _common
+from marnet_jax import reporting
 from marnet_jax.data import datasets
 from marnet_jax.train import sharding
 from marnet_jax.train.experiment import Experiment
@@ -252,32 +254,35 @@ def print_table(rows: list[dict[str, Any]]) -> None:
                 r["batch"],
                 r["dtype"],
                 r["remat"],
-                _common.fmt(r["lower_s"]),
-                _common.fmt(r["compile_s"]),
-                _common.fmt(s["median_s"] * 1e3),
+                reporting.fmt(r["lower_s"]),
+                reporting.fmt(r["compile_s"]),
+                reporting.fmt(s["median_s"] * 1e3),
                 f"{s['p25_s'] * 1e3:.0f}-{s['p75_s'] * 1e3:.0f}",
-                _common.fmt(r["images_per_s"]),
-                _common.fmt(r["pipelined_images_per_s"]),
-                _common.fmt(r["gflop_per_step"], 2),
-                _common.fmt(r["achieved_tflop_per_s"], 3),
+                reporting.fmt(r["images_per_s"]),
+                reporting.fmt(r["pipelined_images_per_s"]),
+                reporting.fmt(r["gflop_per_step"], 2),
+                reporting.fmt(r["achieved_tflop_per_s"], 3),
                 "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
             ]
         )
-    print(_common.markdown_table(headers, table))
+    print(reporting.markdown_table(headers, table))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     default_preset = "small" if jax.default_backend() == "cpu" else "gpu"
-    p = _common.parser(__doc__, PRESETS, default_preset, "train_step")
-    p.add_argument("--devices", type=int, default=-1, help="devices to use (-1: all)")
-    p.add_argument("--no_flops", action="store_true", help="skip the FLOPs count (one trace)")
-    p.add_argument(
-        "--cases",
-        default="",
-        help="comma-separated case names (all their batches and dtypes) or keys such as "
-        "'resnet50 224px full b256 bfloat16' to keep",
-    )
-    args = p.parse_args(argv)
+
+    def define(fv: flags.FlagValues) -> None:
+        flags.DEFINE_integer("devices", -1, "devices to use (-1: all)", flag_values=fv)
+        flags.DEFINE_boolean("no_flops", False, "skip the FLOPs count (one trace)", flag_values=fv)
+        flags.DEFINE_string(
+            "cases",
+            "",
+            "comma-separated case names (all their batches and dtypes) or keys such as "
+            "'resnet50 224px full b256 bfloat16' to keep",
+            flag_values=fv,
+        )
+
+    args = _common.parse_args("train_step", __doc__, argv, PRESETS, default_preset, define)
     _common.setup_jax(args)
     cases = PRESETS[args.preset]
     if args.cases:
@@ -294,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if measured_cases and not args.no_flops:
         for dtype in sorted({c.dtype for c in measured_cases}):
             peak[dtype] = _common.matmul_rate(dtype)["flops_per_s"]
-    load_before = _common.load_average()
+    load_before = reporting.load_average()
     rows = []
     for case in cases:
         if case.gpu_only and on_cpu:
@@ -303,9 +308,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             row = run_case(case, args.devices, flops=not args.no_flops, peak=peak)
         rows.append(row)
         print(f"{case.name} batch {case.batch} {case.dtype}: {row['status']}", flush=True)
-    info = _common.machine_info()
+    info = reporting.machine()
     info["load_average_before"] = load_before
-    print(f"\n{args.preset} preset on {_common.machine_line(info)}")
+    print(f"\n{args.preset} preset on {reporting.machine_line(info, load=True)}")
     if peak:
         print(
             "measured dense matmul rate: "
@@ -319,7 +324,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         matmul_flops_per_s=peak,
         rows=rows,
     )
-    _common.write_json(args.json, out)
+    reporting.write_json(args.json, out)
+    print(f"wrote {args.json}")
     return out
 
 

@@ -1,16 +1,18 @@
-"""Command-line plumbing shared by marnet_jax.main and the evidence commands."""
+"""Command-line plumbing shared by every command: absl flags, with one-line errors."""
 
 from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from absl import flags
 
 
 def flags_parser(prog: str) -> Callable[[list[str]], list[str]]:
-    """absl flag parsing for `prog`; a mistyped config field ends the program with one line that
-    names it, not a traceback."""
-    from absl import flags
+    """absl flag parsing of the global FLAGS for `prog` (app.run commands: main, the studies); a
+    mistyped config field ends the program with one line that names it, not a traceback."""
 
     def parse(argv: list[str]) -> list[str]:
         try:
@@ -28,3 +30,33 @@ def flags_parser(prog: str) -> Callable[[list[str]], list[str]]:
             sys.exit(f"{prog}: {e}")
 
     return parse
+
+
+def usage_error(prog: str, message: str) -> NoReturn:
+    """Ends a command with one line on stderr and exit status 2 (a usage error)."""
+    print(f"{prog}: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def parse_flags(
+    prog: str,
+    define: Callable[[flags.FlagValues], None],
+    argv: Sequence[str] | None,
+    usage: str = "[flags]",
+    doc: str = "",
+) -> tuple[flags.FlagValues, list[str]]:
+    """absl flags of one command, defined by `define` on a FlagValues of their own (so commands
+    never clash and tests can call a command's main(argv)); returns them and the positional
+    arguments. argv defaults to sys.argv[1:]. --help prints the flags and exits 0; a bad flag exits
+    2 with one line that names it."""
+    values = flags.FlagValues()
+    define(values)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help", "--helpfull") for a in args):
+        print(f"usage: python -m {prog} {usage}\n{doc.strip()}\n\n{values.get_help()}")
+        raise SystemExit(0)
+    try:
+        rest = values([prog, *args])
+    except flags.Error as e:
+        usage_error(prog, str(e))
+    return values, rest[1:]

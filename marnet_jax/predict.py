@@ -15,7 +15,6 @@ The CDR chain starts from noise drawn from config.seed: the same call gives the 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -29,9 +28,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import flags
 from absl import logging as absl_logging
 from PIL import Image
 
+from marnet_jax import cli
 from marnet_jax.data import datasets, pipeline
 from marnet_jax.models.marnet import MARNet
 from marnet_jax.train import trainer
@@ -170,36 +171,39 @@ def format_prediction(p: Prediction) -> str:
     return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m marnet_jax.predict",
-        description="Top-k dishes of each image with a trained MARNet (image only, no text).",
+def _define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("workdir", None, "the training run's workdir", flag_values=fv)
+    flags.mark_flag_as_required("workdir", flag_values=fv)
+    flags.DEFINE_integer("top_k", 5, "classes shown per image", lower_bound=1, flag_values=fv)
+    flags.DEFINE_string(
+        "json", None, "also write the predictions as JSON to this file", flag_values=fv
     )
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG/PNG/... files")
-    parser.add_argument("--workdir", required=True, help="the training run's workdir")
-    parser.add_argument("--top_k", type=int, default=5, help="classes shown per image (5)")
-    parser.add_argument("--json", metavar="PATH", help="also write the predictions as JSON")
-    parser.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
-    parser.add_argument("--batch_size", type=int, default=32, help="images per forward pass")
-    parser.add_argument(
-        "--cdr_samples", type=int, help="CDR chains averaged per image (default: the config's)"
+    flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 32, "images per forward pass", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer(
+        "cdr_samples",
+        None,
+        "CDR chains averaged per image (default: the config's)",
+        lower_bound=1,
+        flag_values=fv,
     )
-    parser.add_argument("--data_dir", help="where the dataset's tfds metadata is (class names)")
-    return parser
+    flags.DEFINE_string(
+        "data_dir", None, "where the dataset's tfds metadata is (class names)", flag_values=fv
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    for name in ("top_k", "batch_size", "cdr_samples"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            _parser().error(f"--{name} must be >= 1, got {value}")
+    args, images = cli.parse_flags(
+        "marnet_jax.predict", _define_flags, argv, "--workdir DIR IMAGE [IMAGE ...]", __doc__
+    )
+    if not images:
+        cli.usage_error("marnet_jax.predict", "give at least one IMAGE.")
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
     try:
         predictions, step = predict(
             args.workdir,
-            args.images,
+            images,
             top_k=args.top_k,
             step=args.step,
             batch_size=args.batch_size,

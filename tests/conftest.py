@@ -3,13 +3,13 @@
 
 import os
 
-# Tests are compile-bound on tiny models: skipping LLVM optimisation compiles ~40% faster.
+# Tests are compile-bound on tiny models: skipping LLVM optimisation compiles them much faster.
 os.environ.setdefault(
     "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 )
 # No persistent compilation cache, for this process or the subprocesses the tests start: with jaxlib
 # 0.10.2 a process that loaded a cached executable of the 8-device sharded train step aborted
-# (SIGABRT inside XLA, no Python error). The suite takes about 6 minutes on 2 cores without it.
+# (SIGABRT inside XLA, no Python error).
 os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
 # CPU only, here and in subprocesses: with the TPU runtime library installed (for the preflight), jax
 # would otherwise probe for TPU chips and print libtpu's warnings into the stderr the tests read.

@@ -124,7 +124,7 @@ def test_logit_scale_learnable_clipped_and_fixed():
 
 
 def test_ema_heads_shapes_and_dtypes():
-    heads = alignment.EMAHeads(embed_dim=8, hidden_dim=16, dtype=jnp.bfloat16)
+    heads = alignment.EMAHeads(embed_dim=8, hidden_dim=16, num_layers=2, dtype=jnp.bfloat16)
     x_v, x_s = jnp.ones((4, 12)), jnp.ones((4, 6))
     variables = jax.jit(heads.init)(jax.random.key(0), x_v, x_s)
     assert set(variables["params"]) == {"g_v", "g_s", "temperature"}

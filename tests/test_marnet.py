@@ -9,13 +9,14 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 
 from marnet_jax.models import build_model
 from marnet_jax.models.alignment import EMAHeads
-from marnet_jax.models.config import get_loss_config, get_model_config
+from marnet_jax.models.config import get_loss_config, get_model_config, upgrade_model_config
 from marnet_jax.models.diffusion import CDR
 from marnet_jax.models.losses import PART_KEYS, marnet_loss
 from marnet_jax.models.marnet import MARNet
@@ -52,7 +53,7 @@ def make_model(use_ema=True, use_cdr=True, fusion="concat", dtype=jnp.float32, c
     return MARNet(
         backbone=TinyBackbone(dtype=dtype),
         text_encoder=TinyText(),
-        ema=EMAHeads(embed_dim=E, hidden_dim=16, dtype=dtype),
+        ema=EMAHeads(embed_dim=E, hidden_dim=16, num_layers=2, dtype=dtype),
         cdr=cdr,
         num_classes=C,
         num_ingredients=V,
@@ -196,7 +197,7 @@ def test_variant_shapes_keys_and_collections(use_ema, use_cdr, fusion):
 
 def test_one_step_training_estimate_feeds_s0_hat_to_the_fused_head():
     # Neither head reads the chain: training runs no reverse chain at all.
-    model = make_model(train_estimate="one_step", cdr_head_input="one_step")
+    model = make_model(cdr_train_estimate="one_step", cdr_head_input="one_step")
     images, ingredients, _ = batch()
     variables = jax.eval_shape(lambda r: model.init(r, images, ingredients), rngs())
     out, _ = jax.eval_shape(lambda v: train_apply(model, v, images, ingredients), variables)
@@ -272,13 +273,13 @@ def test_aux_variant_predicts_ingredients_in_training_only():
 def test_invalid_combinations_raise():
     images, ingredients, _ = batch()
     bad = [
-        make_model(use_ema=False, condition_on="x_ema"),
-        make_model(use_ema=False, cdr_init="visual"),
+        make_model(use_ema=False, cdr_condition_on="x_ema"),
+        make_model(use_ema=False, cdr_chain_start="visual"),
         make_model(fusion="product"),
         make_model(cdr_kw={"prediction": "score"}),
         make_model(visual_probe_on="x_cdr"),
-        make_model(target_grad="detach"),
-        make_model(train_estimate="two_step"),
+        make_model(cdr_target_grad="detach"),
+        make_model(cdr_train_estimate="two_step"),
         make_model(cdr_head_input="s0"),
     ]
     for model in bad:
@@ -317,7 +318,7 @@ def test_predict_needs_no_ingredients_and_is_deterministic(full_vars):
 
 def test_predict_options_ddpm_multi_sample_visual_start():
     cdr_kw = dict(sampler="ddpm", num_samples=3, clip_mode="sphere")
-    model = make_model(cdr_kw=cdr_kw, cdr_init="visual", condition_on="x_ema")
+    model = make_model(cdr_kw=cdr_kw, cdr_chain_start="visual", cdr_condition_on="x_ema")
     images, ingredients, _ = batch()
     variables = host_init(model, images, ingredients)
     out = jax.jit(lambda v: predict(model, v, images, jax.random.key(0)))(variables)
@@ -479,6 +480,47 @@ def test_build_model_default_config_small_stem_64px():
     assert set(v0["params"]) == {"backbone", "fused_head", "visual_head"}
 
 
+def test_config_sections_are_the_modules_defaults():
+    """One source of each default: config.model's ema / cdr sections and MARNet fields are the
+    modules' attributes, and build_model passes them back unchanged."""
+    cfg = get_model_config()
+    model = build_model(cfg, C, V)
+    for section, module in (("ema", model.ema), ("cdr", model.cdr)):
+        for key, value in cfg[section].items():
+            assert getattr(module, key) == value, (section, key)
+    assert model.ema.num_layers == EMAHeads.num_layers == 1
+    assert model.cdr_chain_start == cfg.cdr_chain_start == "noise"
+
+
+def test_a_run_config_of_the_earlier_layout_still_builds():
+    """config.json of runs written before the model section was reshaped: the moved fields keep
+    their values, the fields added since take their defaults."""
+    old = get_model_config().to_dict()
+    for key in ("word_vectors", "freeze_word_vectors"):
+        del old[key]
+    old["ema"]["proj_layers"] = old["ema"].pop("num_layers")
+    old["ema"]["proj_hidden_dim"] = 64
+    del old["ema"]["hidden_dim"]
+    for new, name in (("cdr_head_input", "head_input"), ("cdr_chain_start", "init_from")):
+        old["cdr"][name] = old.pop(new)
+    old["cdr"]["head_input"] = "one_step"
+    old["cdr"]["chain_grad"] = False
+    del old["cdr_chain_grad"]
+    old["cdr"]["target_norm"] = "sqrt_dim"
+    new = upgrade_model_config(ml_collections.ConfigDict(old))
+    expected = get_model_config()
+    expected.ema.hidden_dim, expected.cdr_head_input, expected.cdr_chain_grad = (
+        64,
+        "one_step",
+        "none",
+    )
+    assert new.to_dict() == expected.to_dict()
+    assert build_model(new, C, V).cdr_chain_grad == "none"
+    old["cdr"]["target_norm"] = "unit"
+    with pytest.raises(ValueError, match="target_norm='unit'"):
+        upgrade_model_config(ml_collections.ConfigDict(old))
+
+
 @pytest.mark.slow
 def test_resnet50_forward_224px():
     model = _configured({"backbone": "resnet50"}, stem="imagenet")
@@ -522,8 +564,8 @@ def test_training_estimate_decides_test_accuracy_of_the_fused_head():
 
     def accuracy(train_estimate):
         cdr = CDR(dim=emb, num_steps=50, hidden_dim=64, num_blocks=2, time_embed_dim=32)
-        ema = EMAHeads(embed_dim=emb, hidden_dim=64)
-        model = MARNet(VectorBackbone(), Text(), ema, cdr, n_cls, train_estimate=train_estimate)
+        ema = EMAHeads(embed_dim=emb, hidden_dim=64, num_layers=2)
+        model = MARNet(VectorBackbone(), Text(), ema, cdr, n_cls, cdr_train_estimate=train_estimate)
         split = lambda k: dict(zip(("params", "dropout", "diffusion"), jax.random.split(k, 3)))
         x, ing, _ = data(jax.random.key(100), 8)
         params = jax.jit(lambda k: model.init(split(k), x, ing))(jax.random.key(0))["params"]

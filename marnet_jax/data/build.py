@@ -11,13 +11,14 @@ the split sizes when done; exits with status 1 and the builder's message on bad 
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 from collections.abc import Sequence
 
 import tensorflow_datasets as tfds
+from absl import flags
 
+from marnet_jax import cli
 from marnet_jax.data import manual_release
 
 # Modules that register builders; a module not (yet) present in the package is passed over.
@@ -94,20 +95,28 @@ def summary(builder: tfds.core.DatasetBuilder) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit status."""
     available = register_builders()
-    parser = argparse.ArgumentParser(
-        description="Build a marnet_jax tfds dataset (ArrayRecord) without TensorFlow."
-    )
-    parser.add_argument("--dataset", required=True, choices=available)
-    parser.add_argument("--data_dir", required=True, help="tfds data_dir to write into")
-    parser.add_argument("--config", default=None, help="builder config (default: the builder's)")
-    parser.add_argument("--manual_dir", default=None, help="folder holding the extracted release")
-    parser.add_argument(
-        "--skip_bad_records",
-        action="store_true",
-        help="leave bad records out (counted in the metadata) instead of stopping",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="rebuild an existing dataset")
-    args = parser.parse_args(argv)
+
+    def define(fv: flags.FlagValues) -> None:
+        flags.DEFINE_enum("dataset", None, available, "the dataset to build", flag_values=fv)
+        flags.DEFINE_string("data_dir", None, "tfds data_dir to write into", flag_values=fv)
+        flags.mark_flags_as_required(["dataset", "data_dir"], flag_values=fv)
+        flags.DEFINE_string(
+            "config", None, "builder config (default: the builder's)", flag_values=fv
+        )
+        flags.DEFINE_string(
+            "manual_dir", None, "folder holding the extracted release", flag_values=fv
+        )
+        flags.DEFINE_boolean(
+            "skip_bad_records",
+            False,
+            "leave bad records out (counted in the metadata) instead of stopping",
+            flag_values=fv,
+        )
+        flags.DEFINE_boolean("overwrite", False, "rebuild an existing dataset", flag_values=fv)
+
+    args, rest = cli.parse_flags("marnet_jax.data.build", define, argv, doc=__doc__)
+    if rest:
+        cli.usage_error("marnet_jax.data.build", f"unexpected arguments {rest}")
     try:
         builder = build(
             args.dataset,

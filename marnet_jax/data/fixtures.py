@@ -17,14 +17,16 @@ contain and which faults it must report where.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import pathlib
 from collections.abc import Sequence
 
 import numpy as np
+from absl import flags
 from PIL import Image
+
+from marnet_jax import cli
 
 SPLITS = ("train", "validation", "test")
 
@@ -367,13 +369,18 @@ WRITERS = {"vireo_food172": write_vireo_food172, "ingredient101": write_ingredie
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line: write one fixture release into --out."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", required=True, choices=sorted(WRITERS))
-    parser.add_argument("--out", required=True, help="manual_dir to write")
-    parser.add_argument("--num_classes", type=int, default=4)
-    parser.add_argument("--extra_top_level", default=None)
-    parser.add_argument("--faults", nargs="*", default=[])
-    args = parser.parse_args(argv)
+
+    def define(fv: flags.FlagValues) -> None:
+        flags.DEFINE_enum("dataset", None, sorted(WRITERS), "the release layout", flag_values=fv)
+        flags.DEFINE_string("out", None, "manual_dir to write", flag_values=fv)
+        flags.mark_flags_as_required(["dataset", "out"], flag_values=fv)
+        flags.DEFINE_integer("num_classes", 4, "classes in the fixture", flag_values=fv)
+        flags.DEFINE_string("extra_top_level", None, "an extra top-level folder", flag_values=fv)
+        flags.DEFINE_list("faults", [], "faults to plant (FAULTS names)", flag_values=fv)
+
+    args, rest = cli.parse_flags("marnet_jax.data.fixtures", define, argv, doc=__doc__)
+    if rest:
+        cli.usage_error("marnet_jax.data.fixtures", f"unexpected arguments {rest}")
     fixture = WRITERS[args.dataset](
         args.out,
         num_classes=args.num_classes,

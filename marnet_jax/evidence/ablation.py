@@ -23,20 +23,21 @@ import json
 import logging
 import resource
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import ml_collections
 
-from marnet_jax.cli import flags_parser
+from marnet_jax import reporting
 from marnet_jax.config import VARIANTS, apply_variant
 from marnet_jax.evidence import common
+from marnet_jax.train.steps import EVAL_HEADS
 
 log = logging.getLogger("marnet_jax")
 
 MARKER = common.RUN_MARKER
-HEADS = ("fused", "visual", "cdr")
+HEADS = tuple(EVAL_HEADS)
 # (name, variant, reference): what each paired comparison tests (the paper's claims).
 COMPARISONS = (
     ("EMA alone", "ema", "baseline"),
@@ -66,8 +67,7 @@ CSV_COLUMNS = [
 ]
 
 
-class Preempted(RuntimeError):
-    """A run stopped on SIGTERM with a checkpoint; rerunning the command resumes it."""
+Preempted = common.Preempted
 
 
 # --------------------------------------------------------------------------------------------------
@@ -221,10 +221,10 @@ def train_run(config: ml_collections.ConfigDict, run_dir: Path) -> dict[str, Any
         "validation": results[config.data.eval_split],
         "test": results[config.data.test_split],
         "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": common.machine(),  # load averages: over the end of the training
+        "machine": reporting.machine(),  # load averages: over the end of the training
         "config": wanted,
     }
-    common.write_json(run_dir / MARKER, record)
+    reporting.write_json(run_dir / MARKER, record)
     return record
 
 
@@ -280,8 +280,8 @@ def compare(
 def _sentence(c: Mapping[str, Any]) -> str:
     return (
         f"{c['name']} ({c['variant']} vs {c['reference']}): **{c['verdict']}**; fused test top-1 "
-        f"{common.pct(c['variant_mean'])} vs {common.pct(c['reference_mean'])} %, difference "
-        f"{common.pct_pm(c['delta_mean'], c['delta_std'])} points over seeds "
+        f"{reporting.pct(c['variant_mean'])} vs {reporting.pct(c['reference_mean'])} %, difference "
+        f"{reporting.pct_pm(c['delta_mean'], c['delta_std'])} points over seeds "
         f"{', '.join(str(s) for s in c['seeds'])}."
     )
 
@@ -302,10 +302,10 @@ def markdown(report: Mapping[str, Any]) -> str:
                 "yes" if v["use_cdr"] else "no",
                 "yes" if v.get("use_aux") else "no",
                 ", ".join(str(r["seed"]) for r in v["runs"]),
-                common.pct_pm(s.get("fused_top1_mean"), s.get("fused_top1_std")),
-                common.pct_pm(s.get("fused_top5_mean"), s.get("fused_top5_std")),
-                common.pct_pm(s.get("visual_top1_mean"), s.get("visual_top1_std")),
-                common.pct_pm(s.get("cdr_top1_mean"), s.get("cdr_top1_std")),
+                reporting.pct_pm(s.get("fused_top1_mean"), s.get("fused_top1_std")),
+                reporting.pct_pm(s.get("fused_top5_mean"), s.get("fused_top5_std")),
+                reporting.pct_pm(s.get("visual_top1_mean"), s.get("visual_top1_std")),
+                reporting.pct_pm(s.get("cdr_top1_mean"), s.get("cdr_top1_std")),
                 f"{minutes:.1f}" + (" *" if resumed else ""),
             ]
         )
@@ -317,7 +317,7 @@ def markdown(report: Mapping[str, Any]) -> str:
         "(x_EMA with EMA, x_v without); `CDR head` classifies x_CDR from the image-only reverse chain; "
         "`aux` is the visual-only model trained with an extra ingredient-prediction head (BCE).",
         "",
-        common.md_table(
+        reporting.markdown_table(
             [
                 "variant",
                 "EMA",
@@ -451,61 +451,16 @@ def run(
     first = next(iter(next(iter(records.values())).values()))
     report["num_test_examples"] = int(first["test"]["num_examples"])
     report["provenance"] = prov.finish()
-    common.write_json(out_dir / "ablation.json", report)
-    common.write_csv(out_dir / "ablation.csv", CSV_COLUMNS, csv_rows(report))
+    reporting.write_json(out_dir / "ablation.json", report)
+    reporting.write_csv(out_dir / "ablation.csv", CSV_COLUMNS, csv_rows(report))
     (out_dir / "ablation.md").write_text(markdown(report))
     log.info("Wrote %s/ablation.{json,csv,md}", out_dir)
     return report
 
 
-def training_study_main(
-    prog: str, argv: Sequence[str], train: Callable[[], Any], fragment: Callable[[], Path]
-) -> None:
-    """The absl main of a study that trains runs: `train()`, then print its markdown fragment.
-
-    A run stopped by SIGTERM (a checkpoint was saved) exits 0 with the resume hint, as
-    marnet_jax.main does; bad flags and missing files end with one line (common.run_cli).
-    """
-    if len(argv) > 1:
-        raise common.UsageError(f"Unexpected arguments {argv[1:]}.")
-    logging.getLogger("marnet_jax").setLevel(logging.INFO)
-
-    def main() -> None:
-        try:
-            train()
-        except Preempted as e:
-            log.warning("%s", e)
-            return
-        print(fragment().read_text())
-
-    common.run_cli(prog, main)
-
-
-def _main(argv: Sequence[str]) -> None:
+def _define_flags() -> None:
     from absl import flags
 
-    f = flags.FLAGS
-    training_study_main(
-        "marnet_jax.evidence.ablation",
-        argv,
-        lambda: run(
-            f.config,
-            f.workdir,
-            variants=f.variants,
-            seeds=common.parse_ints(f.seeds, "--seeds"),
-            extra_variants=f.extra_variant or (),
-            seeds_of=parse_seeds_of(f.seeds_of or ()),
-            command=common.command_line(),
-        ),
-        lambda: Path(f.workdir) / common.ABLATION / "ablation.md",
-    )
-
-
-def cli() -> None:
-    from absl import app, flags
-    from absl import logging as absl_logging
-
-    common.define_common_flags()
     flags.DEFINE_list("variants", ["baseline", "ema", "cdr", "full"], "Variants to train.")
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (config.seed) of every variant.")
     flags.DEFINE_multi_string(
@@ -520,8 +475,23 @@ def cli() -> None:
         "Seeds of some variants instead of --seeds: 'VARIANT[,VARIANT...]=SEED[,SEED...]', e.g. "
         "'baseline,full=0,1,2,3,4'. Repeatable.",
     )
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    app.run(_main, flags_parser=flags_parser("marnet_jax.evidence.ablation"))
+
+
+def _run_from_flags(f: Any) -> Path:
+    run(
+        f.config,
+        f.workdir,
+        variants=f.variants,
+        seeds=common.parse_ints(f.seeds, "--seeds"),
+        extra_variants=f.extra_variant or (),
+        seeds_of=parse_seeds_of(f.seeds_of or ()),
+        command=common.command_line(),
+    )
+    return Path(f.workdir) / common.ABLATION / "ablation.md"
+
+
+def cli() -> None:
+    common.study_cli("marnet_jax.evidence.ablation", _define_flags, _run_from_flags, training=True)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from marnet_jax.cli import flags_parser
+from marnet_jax import reporting
 from marnet_jax.evidence import common
 
 log = logging.getLogger("marnet_jax")
@@ -185,7 +184,7 @@ def markdown(report: Mapping[str, Any]) -> str:
         f"up to {report['repeats']} calls (at least 3; fewer once they took 10 s), in ms per "
         "image at batch "
         + " and ".join(str(b) for b in batches)
-        + f". Trained with: {report['trained_setting']} (with model.cdr.train_estimate='chain' the "
+        + f". Trained with: {report['trained_setting']} (with model.cdr_train_estimate='chain' the "
         "fused classifier was trained on that chain's x_CDR: other settings change its input).",
         "",
     ]
@@ -198,13 +197,13 @@ def markdown(report: Mapping[str, Any]) -> str:
             [
                 _label(r) + trained,
                 r["num_samples"],
-                common.pct_pm(*r["cdr_top1"]),
-                common.pct_pm(*r["fused_top1"]),
-                common.pct_pm(*r["cdr_top5"]),
+                reporting.pct_pm(*r["cdr_top1"]),
+                reporting.pct_pm(*r["fused_top1"]),
+                reporting.pct_pm(*r["cdr_top5"]),
                 *[f"{1e3 * r['latency_s'][str(b)] / b:.3g}" for b in batches],
             ]
         )
-    lines += [common.md_table(header, table), ""]
+    lines += [reporting.markdown_table(header, table), ""]
     bb = report["backbone_latency_s"]
     lines.append(
         "For scale, the visual path (backbone) takes "
@@ -221,8 +220,8 @@ def markdown(report: Mapping[str, Any]) -> str:
         lines.append(
             f"- Cheapest setting within {c['tolerance_points']} points of the best "
             f"{'fused classifier' if c['head'] == 'fused' else 'CDR head'} "
-            f"top-1 ({common.pct(c['best'])} %): **{c['setting']}** at "
-            f"{common.pct(c['accuracy'])} %, {c['ms_per_image']:.3g} ms/image at batch {c['batch']}."
+            f"top-1 ({reporting.pct(c['best'])} %): **{c['setting']}** at "
+            f"{reporting.pct(c['accuracy'])} %, {c['ms_per_image']:.3g} ms/image at batch {c['batch']}."
         )
     return "\n".join(lines) + "\n"
 
@@ -391,48 +390,17 @@ def run(
         "runs": {s: str(p) for s, p in runs.items()},
     }
     report["provenance"] = prov.finish()
-    common.write_json(out_dir / "cdr_inference.json", report)
+    reporting.write_json(out_dir / "cdr_inference.json", report)
     columns = CSV_COLUMNS + [f"ms_per_image_batch_{b}" for b in batch_sizes]
-    common.write_csv(out_dir / "cdr_inference.csv", columns, csv_rows(report))
+    reporting.write_csv(out_dir / "cdr_inference.csv", columns, csv_rows(report))
     (out_dir / "cdr_inference.md").write_text(markdown(report))
     log.info("Wrote %s/cdr_inference.{json,csv,md}", out_dir)
     return report
 
 
-def _main(argv: Sequence[str]) -> None:
+def _define_flags() -> None:
     from absl import flags
 
-    if len(argv) > 1:
-        sys.exit(f"marnet_jax.evidence.cdr_inference: unexpected arguments {argv[1:]}.")
-    f = flags.FLAGS
-    logging.getLogger("marnet_jax").setLevel(logging.INFO)
-
-    def main() -> None:
-        run(
-            f.config,
-            f.workdir,
-            variant=f.variant,
-            seeds=common.parse_ints(f.seeds, "--seeds") if f.seeds else None,
-            ddim_steps=common.parse_ints(f.ddim_steps, "--ddim_steps"),
-            num_samples=common.parse_ints(f.num_samples, "--num_samples"),
-            ddpm=f.ddpm,
-            num_examples=f.num_examples,
-            repeats=f.repeats,
-            latency_batch_sizes=common.parse_ints(f.latency_batch_sizes, "--latency_batch_sizes")
-            or None,
-            tolerance=f.tolerance / 100,
-            command=common.command_line(),
-        )
-        print((Path(f.workdir) / STUDY / "cdr_inference.md").read_text())
-
-    common.run_cli("marnet_jax.evidence.cdr_inference", main)
-
-
-def cli() -> None:
-    from absl import app, flags
-    from absl import logging as absl_logging
-
-    common.define_common_flags()
     flags.DEFINE_string("variant", "full", "Ablation variant to study (must have CDR).")
     flags.DEFINE_list("seeds", [], "Seeds (default: the first seed the ablation trained).")
     flags.DEFINE_list("ddim_steps", ["1", "5", "10", "50"], "DDIM step counts (<= T are used).")
@@ -446,8 +414,29 @@ def cli() -> None:
         "latency_batch_sizes", [], "Batch sizes of the latency (default: 1 and the eval batch)."
     )
     flags.DEFINE_float("tolerance", 0.5, "Accuracy (points) a cheaper setting may lose.")
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    app.run(_main, flags_parser=flags_parser("marnet_jax.evidence.cdr_inference"))
+
+
+def _run_from_flags(f: Any) -> Path:
+    run(
+        f.config,
+        f.workdir,
+        variant=f.variant,
+        seeds=common.parse_ints(f.seeds, "--seeds") if f.seeds else None,
+        ddim_steps=common.parse_ints(f.ddim_steps, "--ddim_steps"),
+        num_samples=common.parse_ints(f.num_samples, "--num_samples"),
+        ddpm=f.ddpm,
+        num_examples=f.num_examples,
+        repeats=f.repeats,
+        latency_batch_sizes=common.parse_ints(f.latency_batch_sizes, "--latency_batch_sizes")
+        or None,
+        tolerance=f.tolerance / 100,
+        command=common.command_line(),
+    )
+    return Path(f.workdir) / STUDY / "cdr_inference.md"
+
+
+def cli() -> None:
+    common.study_cli("marnet_jax.evidence.cdr_inference", _define_flags, _run_from_flags)
 
 
 if __name__ == "__main__":

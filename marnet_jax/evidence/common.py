@@ -7,12 +7,10 @@ number and its provenance (machine, config, seeds, exact command), a markdown fr
 
 from __future__ import annotations
 
-import csv
 import datetime
-import json
+import logging
 import math
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -23,8 +21,15 @@ from typing import Any
 
 import numpy as np
 
+from marnet_jax import reporting
+from marnet_jax.train.steps import EVAL_HEADS
+
 ABLATION = "ablation"  # the study folder whose runs/<variant>/seed_<s>/ the other studies read
 RUN_MARKER = "evidence_run.json"  # written into a run directory once its training and test are done
+
+
+class Preempted(RuntimeError):
+    """A run stopped on SIGTERM with a checkpoint; rerunning the command resumes it."""
 
 
 class UsageError(ValueError):
@@ -54,6 +59,45 @@ def run_cli(prog: str, main: Callable[[], None]) -> None:
         sys.exit(f"{prog}: {e}")
 
 
+def study_cli(
+    prog: str,
+    define_flags: Callable[[], None],
+    run_from_flags: Callable[[Any], Path],
+    training: bool = False,
+) -> None:
+    """The command line of a study: --config, --workdir and `define_flags()`'s flags (absl, one-line
+    errors for a mistyped field), then `run_from_flags(FLAGS)`, whose markdown fragment is printed.
+    A UsageError or a missing file ends the program with one line. `training`: a run stopped by
+    SIGTERM (a checkpoint was saved) exits 0 with the resume hint, as marnet_jax.main does."""
+    from absl import app, flags
+    from absl import logging as absl_logging
+
+    from marnet_jax.cli import flags_parser
+
+    define_common_flags()
+    define_flags()
+    absl_logging.set_verbosity(absl_logging.WARNING)
+
+    def main(argv: Sequence[str]) -> None:
+        if len(argv) > 1:
+            sys.exit(f"{prog}: unexpected arguments {argv[1:]}.")
+        logging.getLogger("marnet_jax").setLevel(logging.INFO)
+
+        def body() -> None:
+            try:
+                fragment = run_from_flags(flags.FLAGS)
+            except Preempted as e:
+                if not training:
+                    raise
+                logging.getLogger("marnet_jax").warning("%s", e)
+                return
+            print(fragment.read_text())
+
+        run_cli(prog, body)
+
+    app.run(main, flags_parser=flags_parser(prog))
+
+
 def command_line() -> str:
     """The command that started this process, as a user would type it."""
     argv = list(getattr(sys, "orig_argv", sys.argv))
@@ -80,16 +124,6 @@ def check_seeds(seeds: Sequence[int], what: str) -> None:
 # Provenance.
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _git_commit() -> str | None:
     repo = Path(__file__).resolve().parents[2]
     try:
@@ -114,25 +148,6 @@ def _git_commit() -> str | None:
     return head + ("+uncommitted changes" if dirty else "")
 
 
-def machine() -> dict[str, Any]:
-    """The machine the numbers come from: CPU, cores this process may use, JAX devices, load."""
-    import jax
-
-    devices = jax.devices()
-    kinds = sorted({d.device_kind for d in devices})
-    return {
-        "platform": platform.platform(),
-        "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "jax_backend": jax.default_backend(),
-        "jax_devices": f"{len(devices)} x {', '.join(kinds)}",
-        "jax_version": jax.__version__,
-        "python": platform.python_version(),
-        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
-    }
-
-
 def config_summary(config: Any) -> dict[str, Any]:
     """The config facts a reader needs next to a number (the full config is saved alongside)."""
     model = config.model
@@ -146,8 +161,8 @@ def config_summary(config: Any) -> dict[str, Any]:
         "batch_size": config.train.batch_size,
         "lr": config.optim.lr,
         "loss_weights": {k: v for k, v in config.loss.items() if k.startswith("w_")},
-        "cdr_training": f"head_input={model.cdr.get('head_input', 'one_step')}, "
-        f"chain_grad={model.cdr.chain_grad}",
+        "cdr_training": f"head_input={model.get('cdr_head_input', 'one_step')}, "
+        f"chain_grad={model.cdr_chain_grad}",
         "cdr_test_chain": f"{model.cdr.sampler} {model.cdr.sample_steps} steps x "
         f"{model.cdr.num_samples} samples (T={model.cdr.num_steps})",
         "fusion": model.fusion,
@@ -164,7 +179,7 @@ class Provenance:
         self.started = datetime.datetime.now(datetime.UTC)
         self._t0 = time.perf_counter()
         self._cpu0 = time.process_time()
-        self.machine = machine()
+        self.machine = reporting.machine()
 
     def finish(self) -> dict[str, Any]:
         return {
@@ -182,71 +197,6 @@ class Provenance:
 
 # --------------------------------------------------------------------------------------------------
 # Files.
-
-
-def _clean(obj: Any) -> Any:
-    """JSON-able copy: NumPy scalars/arrays to Python, NaN/Inf to None (strict JSON)."""
-    if isinstance(obj, Mapping):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _clean(obj.tolist())
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, float | np.floating):
-        return float(obj) if math.isfinite(obj) else None
-    return obj
-
-
-def write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_clean(obj), indent=2, allow_nan=False) + "\n")
-    tmp.replace(path)  # a killed study never leaves half a JSON
-
-
-def read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: {what}")
-    return json.loads(path.read_text())
-
-
-def write_csv(path: Path, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _csv_cell(row.get(k)) for k in columns})
-
-
-def _csv_cell(v: Any) -> Any:
-    if isinstance(v, float | np.floating):
-        return "" if not math.isfinite(v) else f"{float(v):.6g}"
-    if isinstance(v, list | tuple):
-        return " ".join(str(x) for x in v)
-    return "" if v is None else v
-
-
-def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def pct(x: float | None, digits: int = 1) -> str:
-    """A fraction as a percentage, '-' when missing."""
-    if x is None or not math.isfinite(x):
-        return "-"
-    return f"{100 * x:.{digits}f}"
-
-
-def pct_pm(mean: float | None, std: float | None, digits: int = 1) -> str:
-    """'41.2 ± 1.3' (percent); the spread is left out when there is one seed."""
-    if std is None or not math.isfinite(std):
-        return pct(mean, digits)
-    return f"{pct(mean, digits)} ± {pct(std, digits)}"
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -443,7 +393,7 @@ def predict(trained: Any, fn: Callable[..., dict[str, Any]], split: str, **kwarg
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-HEADS = {"fused": "logits", "visual": "visual_logits", "cdr": "cdr_logits"}
+HEADS = EVAL_HEADS  # head name -> the model output holding its logits
 
 
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from marnet_jax.cli import flags_parser
+from marnet_jax import reporting
 from marnet_jax.evidence import common
 from marnet_jax.evidence.robustness import config_name
 
@@ -399,7 +398,7 @@ def _fmt(metric: str, ms: Sequence[float]) -> str:
     mean, std = ms
     if metric == "silhouette":
         return f"{mean:.3f}" + (f" ± {std:.3f}" if std is not None and math.isfinite(std) else "")
-    return common.pct_pm(mean, std)
+    return reporting.pct_pm(mean, std)
 
 
 def markdown(report: Mapping[str, Any]) -> str:
@@ -422,7 +421,10 @@ def markdown(report: Mapping[str, Any]) -> str:
                     _fmt("knn", m["knn_accuracy"]),
                 ]
             )
-    lines += [common.md_table(["variant", "space", "silhouette", "k-NN accuracy"], rows), ""]
+    lines += [
+        reporting.markdown_table(["variant", "space", "silhouette", "k-NN accuracy"], rows),
+        "",
+    ]
     rows = []
     for label, summary in report["summary"].items():
         for head, m in summary["confidence"].items():
@@ -430,7 +432,7 @@ def markdown(report: Mapping[str, Any]) -> str:
                 [
                     label,
                     HEAD_NAMES[head],
-                    common.pct_pm(*m["accuracy"]),
+                    reporting.pct_pm(*m["accuracy"]),
                     _fmt("conf", m["mean_confidence_correct"]),
                     _fmt("conf", m["mean_confidence_wrong"]),
                 ]
@@ -438,7 +440,7 @@ def markdown(report: Mapping[str, Any]) -> str:
     lines += [
         "Confidence (%): mean top-1 softmax probability of the correct and of the wrong predictions.",
         "",
-        common.md_table(
+        reporting.markdown_table(
             ["variant", "head", "top-1", "confidence when correct", "confidence when wrong"], rows
         ),
         "",
@@ -580,45 +582,15 @@ def run(
     }
     report["claims"] = claims(report)
     report["provenance"] = prov.finish()
-    common.write_json(out_dir / "figures.json", report)
+    reporting.write_json(out_dir / "figures.json", report)
     (out_dir / "figures.md").write_text(markdown(report))
     log.info("Wrote %s/figures.{json,md}, tsne.png, case_study.png", out_dir)
     return report
 
 
-def _main(argv: Sequence[str]) -> None:
+def _define_flags() -> None:
     from absl import flags
 
-    if len(argv) > 1:
-        sys.exit(f"marnet_jax.evidence.figures: unexpected arguments {argv[1:]}.")
-    f = flags.FLAGS
-    logging.getLogger("marnet_jax").setLevel(logging.INFO)
-
-    def main() -> None:
-        run(
-            f.config,
-            f.workdir,
-            variant=f.variant,
-            compare=f.compare or None,
-            seeds=common.parse_ints(f.seeds, "--seeds") if f.seeds else None,
-            num_examples=f.num_examples,
-            grid=f.grid,
-            grid_seed=f.grid_seed,
-            perplexity=f.perplexity,
-            tsne_max_iter=f.tsne_max_iter,
-            knn_k=f.knn_k,
-            command=common.command_line(),
-        )
-        print((Path(f.workdir) / STUDY / "figures.md").read_text())
-
-    common.run_cli("marnet_jax.evidence.figures", main)
-
-
-def cli() -> None:
-    from absl import app, flags
-    from absl import logging as absl_logging
-
-    common.define_common_flags()
     flags.DEFINE_string("variant", "full", "Ablation variant whose features are drawn.")
     flags.DEFINE_string(
         "compare", "baseline", "Variant whose x_v is scored for comparison ('' for none)."
@@ -630,8 +602,28 @@ def cli() -> None:
     flags.DEFINE_float("perplexity", 30.0, "t-SNE perplexity (capped at (N - 1) / 3).")
     flags.DEFINE_integer("tsne_max_iter", 1000, "t-SNE optimisation steps (>= 250).")
     flags.DEFINE_integer("knn_k", 10, "k of the k-NN accuracy.")
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    app.run(_main, flags_parser=flags_parser("marnet_jax.evidence.figures"))
+
+
+def _run_from_flags(f: Any) -> Path:
+    run(
+        f.config,
+        f.workdir,
+        variant=f.variant,
+        compare=f.compare or None,
+        seeds=common.parse_ints(f.seeds, "--seeds") if f.seeds else None,
+        num_examples=f.num_examples,
+        grid=f.grid,
+        grid_seed=f.grid_seed,
+        perplexity=f.perplexity,
+        tsne_max_iter=f.tsne_max_iter,
+        knn_k=f.knn_k,
+        command=common.command_line(),
+    )
+    return Path(f.workdir) / STUDY / "figures.md"
+
+
+def cli() -> None:
+    common.study_cli("marnet_jax.evidence.figures", _define_flags, _run_from_flags)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from typing import Any
 
 import ml_collections
 
-from marnet_jax.cli import flags_parser
+from marnet_jax import reporting
 from marnet_jax.config import VARIANTS
 from marnet_jax.evidence import ablation, common
 
@@ -110,8 +110,8 @@ def run(
     report["provenance"] = prov.finish()
     out = workdir / STUDY
     out.mkdir(parents=True, exist_ok=True)
-    common.write_json(out / f"{STUDY}.json", report)
-    common.write_csv(out / f"{STUDY}.csv", CSV_COLUMNS, csv_rows(report))
+    reporting.write_json(out / f"{STUDY}.json", report)
+    reporting.write_csv(out / f"{STUDY}.csv", CSV_COLUMNS, csv_rows(report))
     plot(report, out / f"{STUDY}.png")
     (out / f"{STUDY}.md").write_text(markdown(report))
     return report
@@ -138,11 +138,13 @@ def markdown(report: Mapping[str, Any]) -> str:
             r["variant"],
             f"{100 * r['fraction']:g} % ({r['num_train']})",
             len(r["seeds"]),
-            common.pct_pm(r["summary"].get("fused_top1_mean"), r["summary"].get("fused_top1_std")),
-            common.pct_pm(
+            reporting.pct_pm(
+                r["summary"].get("fused_top1_mean"), r["summary"].get("fused_top1_std")
+            ),
+            reporting.pct_pm(
                 r["summary"].get("visual_top1_mean"), r["summary"].get("visual_top1_std")
             ),
-            common.pct_pm(r["summary"].get("cdr_top1_mean"), r["summary"].get("cdr_top1_std")),
+            reporting.pct_pm(r["summary"].get("cdr_top1_mean"), r["summary"].get("cdr_top1_std")),
         ]
         for r in sorted(report["rows"], key=lambda r: (r["fraction"], r["variant"]))
     ]
@@ -151,7 +153,7 @@ def markdown(report: Mapping[str, Any]) -> str:
         "Test top-1 (%) by the fraction of the training split trained on (a fixed random subset, "
         "the same for every seed and variant), mean ± sample std over seeds.",
         "",
-        common.md_table(header, rows),
+        reporting.markdown_table(header, rows),
         "",
         "Paired by seed (fused test top-1):",
         "",
@@ -159,9 +161,9 @@ def markdown(report: Mapping[str, Any]) -> str:
     for c in report["comparisons"]:
         text.append(
             f"- {100 * c['fraction']:g} % of the data, {c['name']} ({c['variant']} vs "
-            f"{c['reference']}): **{c['verdict']}**; {common.pct(c['variant_mean'])} vs "
-            f"{common.pct(c['reference_mean'])} %, difference "
-            f"{common.pct_pm(c['delta_mean'], c['delta_std'])} points."
+            f"{c['reference']}): **{c['verdict']}**; {reporting.pct(c['variant_mean'])} vs "
+            f"{reporting.pct(c['reference_mean'])} %, difference "
+            f"{reporting.pct_pm(c['delta_mean'], c['delta_std'])} points."
         )
     text += ["", f"![fused test top-1 against the training fraction]({STUDY}.png)"]
     return "\n".join(text) + "\n"
@@ -195,35 +197,28 @@ def plot(report: Mapping[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _main(argv: Sequence[str]) -> None:
+def _define_flags() -> None:
     from absl import flags
 
-    f = flags.FLAGS
-    ablation.training_study_main(
-        "marnet_jax.evidence.low_data",
-        argv,
-        lambda: run(
-            f.config,
-            f.workdir,
-            fractions=_parse_fractions(f.fractions),
-            variants=f.variants,
-            seeds=common.parse_ints(f.seeds, "--seeds"),
-            command=common.command_line(),
-        ),
-        lambda: Path(f.workdir) / STUDY / f"{STUDY}.md",
-    )
-
-
-def cli() -> None:
-    from absl import app, flags
-    from absl import logging as absl_logging
-
-    common.define_common_flags()
     flags.DEFINE_list("fractions", ["0.1", "0.3", "1.0"], "Fractions of the training split.")
     flags.DEFINE_list("variants", ["baseline", "aux", "full"], "Variants to train.")
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (config.seed) of every variant.")
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    app.run(_main, flags_parser=flags_parser("marnet_jax.evidence.low_data"))
+
+
+def _run_from_flags(f: Any) -> Path:
+    run(
+        f.config,
+        f.workdir,
+        fractions=_parse_fractions(f.fractions),
+        variants=f.variants,
+        seeds=common.parse_ints(f.seeds, "--seeds"),
+        command=common.command_line(),
+    )
+    return Path(f.workdir) / STUDY / f"{STUDY}.md"
+
+
+def cli() -> None:
+    common.study_cli("marnet_jax.evidence.low_data", _define_flags, _run_from_flags, training=True)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from marnet_jax import reporting
+
 STUDIES = {
     "tuning": "1. Tuning on the validation split",
     "ablation": "2. Ablation: what EMA and CDR add, and the ingredient-head reference",
@@ -78,7 +80,7 @@ def tuning_markdown(reports: Sequence[Mapping[str, Any]]) -> str:
         if not values:
             return "-"
         mean, std = common.mean_std(values)
-        return _pm(mean, std if len(values) > 1 else None)
+        return reporting.pct_pm(mean, std if len(values) > 1 else None)
 
     rows, commands = [], []
     for report in reports:
@@ -99,20 +101,17 @@ def tuning_markdown(reports: Sequence[Mapping[str, Any]]) -> str:
         "",
     ]
     lines += [f"- {c}" for c in commands]
-    lines += ["", "Validation top-1 (%) of every setting tried:", "", common.md_table(header, rows)]
+    lines += [
+        "",
+        "Validation top-1 (%) of every setting tried:",
+        "",
+        reporting.markdown_table(header, rows),
+    ]
     return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------------------------------
 # Provenance.
-
-
-def _machine_line(m: Mapping[str, Any]) -> str:
-    cores = m.get("usable_cores") or m.get("cpu_count")
-    return (
-        f"{m['cpu']} ({cores} usable of {m['cpu_count']} cores), {m['platform']}; JAX "
-        f"{m['jax_version']} on {m['jax_devices']} ({m['jax_backend']})"
-    )
 
 
 def _config_line(c: Mapping[str, Any]) -> str:
@@ -132,7 +131,7 @@ def provenance_block(p: Mapping[str, Any]) -> str:
         f"- Command: `{p['command'] or '(called from Python)'}`",
         f"- Config: {_config_line(p['config'])}",
         f"- Seeds: {', '.join(str(s) for s in p['seeds'])}",
-        f"- Machine: {_machine_line(p['machine'])}; load average (1/5/15 min) {load0} at the start, "
+        f"- Machine: {reporting.machine_line(p['machine'])}; load average (1/5/15 min) {load0} at the start, "
         f"{load1} at the end",
         f"- This command: started {p['started_utc']} UTC, {p['wall_s'] / 60:.1f} min wall, "
         f"{p['process_cpu_s'] / 60:.1f} min process CPU; code {p['git_commit'] or 'unknown'}",
@@ -148,7 +147,7 @@ def training_machines(ablation: Mapping[str, Any]) -> str:
         for r in v["runs"]:
             m = r.get("machine")
             if m:
-                seen.setdefault(_machine_line(m), []).append(m["load_average_1_5_15"][1])
+                seen.setdefault(reporting.machine_line(m), []).append(m["load_average_1_5_15"][1])
     runs = [r for v in ablation["variants"].values() for r in v["runs"]]
     wall = sum(r["train_wall_s"] for r in runs) / 60
     cpu = sum(r["train_cpu_s"] for r in runs) / 60
@@ -184,20 +183,12 @@ def _claim_ablation(report: Mapping[str, Any], name: str) -> str | None:
     for c in report["comparisons"]:
         if c["name"] == name:
             return (
-                f"**{_plain(c['verdict'])}** ({c['variant']} {_pct(c['variant_mean'])} vs "
-                f"{c['reference']} {_pct(c['reference_mean'])} % fused test top-1, difference "
-                f"{_pm(c['delta_mean'], c['delta_std'])} points, seeds "
+                f"**{_plain(c['verdict'])}** ({c['variant']} {reporting.pct(c['variant_mean'])} vs "
+                f"{c['reference']} {reporting.pct(c['reference_mean'])} % fused test top-1, difference "
+                f"{reporting.pct_pm(c['delta_mean'], c['delta_std'])} points, seeds "
                 f"{', '.join(str(s) for s in c['seeds'])})"
             )
     return None
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
-
-
-def _pm(mean: float | None, std: float | None) -> str:
-    return _pct(mean) if std is None else f"{_pct(mean)} ± {_pct(std)}"
 
 
 _HEADS = {"fused": "fused classifier", "cdr": "CDR head", "visual": "visual probe"}
@@ -207,7 +198,7 @@ def _fig(c: Mapping[str, Any], side: str) -> str:
     mean, std = c[side]
     if c["metric"] == "silhouette":
         return f"{mean:.3f}" + ("" if std is None else f" ± {std:.3f}")
-    return _pm(mean, std) + " %"
+    return reporting.pct_pm(mean, std) + " %"
 
 
 def _low_data_claims(report: Mapping[str, Any] | None) -> list[str]:
@@ -221,8 +212,8 @@ def _low_data_claims(report: Mapping[str, Any] | None) -> list[str]:
         lines.append(
             f"- With {100 * c['fraction']:.0f} % of the training data, MARNet beats "
             f"{'the ingredient head' if c['reference'] == 'aux' else 'the baseline'}: "
-            f"**{_plain(c['verdict'])}** ({_pct(c['variant_mean'])} vs "
-            f"{_pct(c['reference_mean'])} %, difference {_pm(c['delta_mean'], c['delta_std'])} "
+            f"**{_plain(c['verdict'])}** ({reporting.pct(c['variant_mean'])} vs "
+            f"{reporting.pct(c['reference_mean'])} %, difference {reporting.pct_pm(c['delta_mean'], c['delta_std'])} "
             f"points, seeds {', '.join(str(s) for s in c['seeds'])})."
         )
     return lines
@@ -251,9 +242,9 @@ def summary(studies: Mapping[str, Mapping[str, Any]]) -> list[str]:
             model = "MARNet (full)" if c["model"] == "full" else c["model"]
             lines.append(
                 f"- Claim: {model} resists {c['group']} corruptions better than the baseline: "
-                f"**{c['drop_verdict']}** (relative drop {_pm(*c['relative_drop'])} % vs "
-                f"{_pm(*c['reference_relative_drop'])} %); **{c['mca_verdict']}** (mean corruption "
-                f"accuracy {_pm(*c['mca'])} vs {_pm(*c['reference_mca'])} %)."
+                f"**{c['drop_verdict']}** (relative drop {reporting.pct_pm(*c['relative_drop'])} % vs "
+                f"{reporting.pct_pm(*c['reference_relative_drop'])} %); **{c['mca_verdict']}** (mean corruption "
+                f"accuracy {reporting.pct_pm(*c['mca'])} vs {reporting.pct_pm(*c['reference_mca'])} %)."
             )
     if not found:
         lines.append(

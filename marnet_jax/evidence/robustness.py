@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import shlex
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from marnet_jax.cli import flags_parser
+from marnet_jax import reporting
 from marnet_jax.evidence import common, corruptions
 
 log = logging.getLogger("marnet_jax")
@@ -87,7 +86,7 @@ def evaluate_run(
         "corruption_seed": corruption_seed,
     }
     if cache.exists():
-        cached = common.read_json(cache, "")
+        cached = reporting.read_json(cache, "")
         if cached.get("settings") == settings:
             log.info("%s: cached results reused.", run_dir)
             return cached
@@ -119,7 +118,7 @@ def evaluate_run(
             result["clean"]["fused_top1"],
             [round(result["corrupted"][name][str(s)]["fused_top1"], 3) for s in severities],
         )
-    common.write_json(cache, result)
+    reporting.write_json(cache, result)
     return result
 
 
@@ -391,20 +390,20 @@ def markdown(report: Mapping[str, Any]) -> str:
                 [
                     _model_label(label, s),
                     head,
-                    common.pct_pm(*h["clean_top1"]),
-                    common.pct_pm(*g["mca"]),
-                    common.pct_pm(*g["relative_drop"]),
+                    reporting.pct_pm(*h["clean_top1"]),
+                    reporting.pct_pm(*g["mca"]),
+                    reporting.pct_pm(*g["relative_drop"]),
                 ]
             )
-    lines += [common.md_table(header, rows), ""]
+    lines += [reporting.markdown_table(header, rows), ""]
     if report["comparisons"]:
         lines += ["Paired by seed against the baseline (fused head):", ""]
         for c in report["comparisons"]:
             lines.append(
                 f"- {c['model']}, {c['group']} corruptions: relative drop "
-                f"{common.pct_pm(*c['relative_drop'])} % vs {common.pct_pm(*c['reference_relative_drop'])} % "
-                f"(**{c['drop_verdict']}**); mCA {common.pct_pm(*c['mca'])} vs "
-                f"{common.pct_pm(*c['reference_mca'])} % (**{c['mca_verdict']}**)."
+                f"{reporting.pct_pm(*c['relative_drop'])} % vs {reporting.pct_pm(*c['reference_relative_drop'])} % "
+                f"(**{c['drop_verdict']}**); mCA {reporting.pct_pm(*c['mca'])} vs "
+                f"{reporting.pct_pm(*c['reference_mca'])} % (**{c['mca_verdict']}**)."
             )
         lines.append("")
     sev = [str(s) for s in report["severities"]]
@@ -418,13 +417,13 @@ def markdown(report: Mapping[str, Any]) -> str:
                 [
                     f"{name} ({corruptions.GROUPS[name]})",
                     label,
-                    common.pct(h["clean_top1"][0]),
-                    *[common.pct(v) for v in curve],
-                    common.pct(float(np.mean(curve))),
+                    reporting.pct(h["clean_top1"][0]),
+                    *[reporting.pct(v) for v in curve],
+                    reporting.pct(float(np.mean(curve))),
                 ]
             )
     lines += ["Fused top-1 (%) per corruption and severity (mean over seeds):", ""]
-    lines += [common.md_table(header, rows), ""]
+    lines += [reporting.markdown_table(header, rows), ""]
     lines += [
         "![fused top-1 against corruption severity](robustness.png)",
         "",
@@ -501,44 +500,16 @@ def run(
     report["provenance"] = prov.finish()
     plot(report, out_dir / "robustness.png")
     plot_examples(config, split, names, corruption_seed, out_dir / "corruptions.png")
-    common.write_json(out_dir / "robustness.json", report)
-    common.write_csv(out_dir / "robustness.csv", CSV_COLUMNS, csv_rows(summaries))
+    reporting.write_json(out_dir / "robustness.json", report)
+    reporting.write_csv(out_dir / "robustness.csv", CSV_COLUMNS, csv_rows(summaries))
     (out_dir / "robustness.md").write_text(markdown(report))
     log.info("Wrote %s/robustness.{json,csv,md,png}", out_dir)
     return report
 
 
-def _main(argv: Sequence[str]) -> None:
+def _define_flags() -> None:
     from absl import flags
 
-    if len(argv) > 1:
-        sys.exit(f"marnet_jax.evidence.robustness: unexpected arguments {argv[1:]}.")
-    f = flags.FLAGS
-    logging.getLogger("marnet_jax").setLevel(logging.INFO)
-
-    def main() -> None:
-        run(
-            f.config,
-            f.workdir,
-            variants=f.variants,
-            seeds=common.parse_ints(f.seeds, "--seeds") if f.seeds else None,
-            names=f.corruptions,
-            severities=common.parse_ints(f.severities, "--severities"),
-            split=f.split,
-            num_examples=f.num_examples,
-            corruption_seed=f.corruption_seed,
-            command=common.command_line(),
-        )
-        print((Path(f.workdir) / STUDY / "robustness.md").read_text())
-
-    common.run_cli("marnet_jax.evidence.robustness", main)
-
-
-def cli() -> None:
-    from absl import app, flags
-    from absl import logging as absl_logging
-
-    common.define_common_flags()
     flags.DEFINE_list("variants", ["baseline", "full"], "Ablation variants to evaluate.")
     flags.DEFINE_list("seeds", [], "Seeds to evaluate (default: every seed the ablation trained).")
     flags.DEFINE_list("corruptions", list(corruptions.NAMES), "Corruptions to apply.")
@@ -548,8 +519,26 @@ def cli() -> None:
         "num_examples", 1000, "Use the first N examples of the split (0: all; 41 passes over them)."
     )
     flags.DEFINE_integer("corruption_seed", 0, "Seed of the random parts of the corruptions.")
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    app.run(_main, flags_parser=flags_parser("marnet_jax.evidence.robustness"))
+
+
+def _run_from_flags(f: Any) -> Path:
+    run(
+        f.config,
+        f.workdir,
+        variants=f.variants,
+        seeds=common.parse_ints(f.seeds, "--seeds") if f.seeds else None,
+        names=f.corruptions,
+        severities=common.parse_ints(f.severities, "--severities"),
+        split=f.split,
+        num_examples=f.num_examples,
+        corruption_seed=f.corruption_seed,
+        command=common.command_line(),
+    )
+    return Path(f.workdir) / STUDY / "robustness.md"
+
+
+def cli() -> None:
+    common.study_cli("marnet_jax.evidence.robustness", _define_flags, _run_from_flags)
 
 
 if __name__ == "__main__":

@@ -68,12 +68,14 @@ class EMAHeads(nn.Module):
     defines the semantic target s0 = g_s(x_s)).
     """
 
-    embed_dim: int = 128
-    hidden_dim: int = 512
-    num_layers: int = 2
-    temperature: float = 0.07
-    learnable_temperature: bool = True
-    max_logit_scale: float = 100.0
+    embed_dim: int = 128  # E: the shared space of g_v, g_s and of the diffusion
+    hidden_dim: int = 512  # hidden width of MLP heads (num_layers > 1)
+    # 1 = linear projection (CLIP); 2 = MLP (SimCLR-style). Linear: the fused classifier reads x_EMA,
+    # and an MLP between it and the backbone slowed the backbone's training (docs/method.md).
+    num_layers: int = 1
+    temperature: float = 0.07  # initial (or fixed) InfoNCE temperature: CLIP's initial value
+    learnable_temperature: bool = True  # learn log(1 / temperature) as in CLIP
+    max_logit_scale: float = 100.0  # CLIP's cap on 1 / temperature: the softmax cannot saturate
     dtype: jnp.dtype = jnp.float32
 
     def setup(self) -> None:

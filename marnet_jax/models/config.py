@@ -1,13 +1,17 @@
-"""Model and loss config: every open choice of the method, with its default and why.
+"""Model and loss config: every open choice of the method, with its default.
 
 The paper (Zheng et al., ICANN 2024) leaves these unspecified; the defaults suit the 64 px
 synthetic_food dataset trained on a CPU and are sensible starting points on the real datasets
-(configs/ override them).
+(configs/ override them). The encoders' and the pretrained parts' fields are documented here; the
+MARNet fields and the `ema` and `cdr` sections are the attributes of MARNet, EMAHeads and CDR, whose
+defaults and reasons live with those modules (docs/method.md tabulates them all).
 """
 
 from __future__ import annotations
 
 import ml_collections
+
+from marnet_jax.models import alignment, diffusion, marnet
 
 
 def get_model_config() -> ml_collections.ConfigDict:
@@ -38,70 +42,66 @@ def get_model_config() -> ml_collections.ConfigDict:
     cfg.init_reinit = ()  # regexes over 'params/...' backbone paths kept at init, e.g. ('layer4/',)
     # resize of a ViT position embedding for another image size: 'bicubic' (timm) | 'bilinear'
     cfg.init_posemb_interpolation = "bicubic"
-    # --- variant: both off = visual-only baseline, one on = +EMA / +CDR, both on = full MARNet
-    cfg.use_ema = True  # EMA: align g_v(x_v) with g_s(x_s) contrastively; fusion reads x_EMA
-    cfg.use_cdr = True  # CDR: diffusion from the image to the text embedding; fusion reads x_CDR
-    # the 'aux' reference: visual-only plus a multi-label ingredient head on x_v (BCE, training only),
-    # the simplest use of the same privileged text; set by the 'aux' variant
-    cfg.use_aux = False
-    cfg.embed_dim = 128  # shared space of g_v, g_s and of the diffusion (E)
-    # --- fusion and heads
-    cfg.fusion = "concat"  # 'concat' | 'sum' | 'gated' of x_EMA (x_v when EMA is off) and x_CDR
-    cfg.fusion_dropout = 0.0  # dropout before the fused classifier (small data may want 0.1-0.3)
-    cfg.visual_probe_on = "auto"  # probe input: 'auto' (x_EMA if use_ema else x_v) | 'x_v'
-
-    # --- EMA (alignment.py); the loss form is in get_loss_config, since marnet_loss computes it
-    cfg.ema = ml_collections.ConfigDict()
-    cfg.ema.proj_hidden_dim = 512  # hidden width of the MLP heads g_v, g_s
-    # 1 = linear projection (CLIP); 2 = MLP (SimCLR-style). Linear: the fused classifier reads x_EMA,
-    # and an MLP between it and the backbone slowed the backbone down (synthetic_food, seed 0, 600
-    # steps: test top-1 25.6% with the MLP, 40.3% linear; the visual-only baseline 45.5%).
-    cfg.ema.proj_layers = 1
-    cfg.ema.temperature = 0.07  # initial (or fixed) InfoNCE temperature: CLIP's initial value
-    cfg.ema.learnable_temperature = True  # learn log(1 / temperature) as in CLIP
-    cfg.ema.max_logit_scale = 100.0  # CLIP's cap on 1 / temperature: the softmax cannot saturate
-
-    # --- CDR (diffusion.py)
-    cfg.cdr = ml_collections.ConfigDict()
-    cfg.cdr.schedule = "cosine"  # 'linear' | 'cosine' | 'diffrec'; cosine: even noise levels
-    cfg.cdr.num_steps = 100  # T: 128-d vectors need far fewer steps than pixels; 50-100 is plenty
-    cfg.cdr.beta_start = 1e-4  # 'linear': DDPM's beta_1 for T=1000 (scaled by 1000 / T)
-    cfg.cdr.beta_end = 0.02  # 'linear': DDPM's beta_T for T=1000 (scaled by 1000 / T)
-    cfg.cdr.cosine_s = 0.008  # 'cosine': offset s of Nichol & Dhariwal
-    cfg.cdr.noise_scale = 1.0  # 'diffrec': scale of the linear-in-variance schedule
-    cfg.cdr.noise_min = 1e-3  # 'diffrec': 1 - alpha_bar at t=0 (before scaling)
-    cfg.cdr.noise_max = 0.999  # 'diffrec': 1 - alpha_bar at t=T-1; ~1 as sampling starts at N(0,I)
-    cfg.cdr.prediction = "v"  # 'eps' | 'x0' | 'v'; v keeps s0_hat bounded at all t (eps: not)
-    cfg.cdr.sampler = "ddim"  # 'ddim' (sample_steps, eta) | 'ddpm' (ancestral over all T steps)
-    cfg.cdr.sample_steps = 10  # DDIM steps at test: 10x cheaper than the chain, enough in 128-d
-    cfg.cdr.eta = 0.0  # DDIM eta: 0 = deterministic given the start noise, 1 = ancestral
-    cfg.cdr.num_samples = 1  # chains averaged per image at test (>1 lowers variance, costs K x)
-    cfg.cdr.clip_mode = "none"  # x0 clipping while sampling: 'none' | 'box' | 'sphere'
-    cfg.cdr.clip_value = 3.0  # 'box' bound (targets have unit variance per coordinate)
-    cfg.cdr.target_norm = "sqrt_dim"  # s0 = g_s(x_s) rescaled to norm sqrt(E): unit-variance coords
-    # gradient into s0: 'stop' | 'straight_through' (the CE on s0_hat reaches the text side, the MSE
-    # never does: no collapse, and +CDR without EMA still trains g_s) | 'none' (s0 may collapse)
-    cfg.cdr.target_grad = "straight_through"
-    # x_CDR read by the fused classifier in training: 'chain' (the test-time reverse chain, i.e.
-    # sample_steps denoiser passes, T with 'ddpm': the classifier trains on what it sees at test) |
-    # 'one_step' (s0_hat: nearly the text embedding at small t, which the classifier then trusts)
-    cfg.cdr.train_estimate = "chain"
-    # x_CDR read by the CDR head in training: 'chain' (what it reads at test) | 'one_step' (the
-    # paper's literal CE on s0_hat: the head then meets the chain's output only at test)
-    cfg.cdr.head_input = "chain"
-    # 'chain': which of the chain's denoiser passes the CEs back-propagate through: 'all' | 'last_step'
-    # (the same x_CDR for one pass's backward instead of sample_steps', but the CDR head then carries
-    # much less of the class: docs/method.md) | 'none'
-    cfg.cdr.chain_grad = "all"
-    cfg.cdr.condition_on = "x_v"  # denoiser condition: 'x_v' (backbone) | 'x_ema' (needs use_ema)
-    cfg.cdr.init_from = "noise"  # test chain start: 'noise' | 'visual' (noised x_EMA, use_ema)
-    cfg.cdr.conditioning = "film"  # how the condition enters the denoiser: 'film' | 'concat'
-    cfg.cdr.hidden_dim = 256  # denoiser MLP width (2 x embed_dim)
-    cfg.cdr.num_blocks = 3  # residual blocks of the denoiser
-    cfg.cdr.time_embed_dim = 128  # sinusoidal timestep embedding size
-    cfg.cdr.mlp_ratio = 2  # expansion inside each residual block
-    cfg.cdr.dropout = 0.0  # dropout inside the denoiser blocks
+    # --- MARNet's own choices (variant, fusion, how CDR is wired in): the MARNet attributes, with
+    # their defaults and reasons in models/marnet.py. Both use_ema and use_cdr off = the visual-only
+    # baseline; 'aux' (use_aux) adds an ingredient head on x_v; set them with apply_variant.
+    defaults = marnet.module_fields(marnet.MARNet)
+    for name in marnet.marnet_fields():
+        cfg[name] = defaults[name]
+    # E: the shared space of g_v, g_s and of the diffusion (EMAHeads.embed_dim, CDR.dim)
+    cfg.embed_dim = marnet.module_fields(alignment.EMAHeads)["embed_dim"]
+    # --- EMA: EMAHeads' attributes (models/alignment.py; the loss form is in get_loss_config)
+    cfg.ema = _section(alignment.EMAHeads, "embed_dim")
+    # --- CDR: the CDR module's attributes (models/diffusion.py)
+    cfg.cdr = _section(diffusion.CDR, "dim")
     return cfg
+
+
+# Where fields of earlier config layouts live now: (section, old name) -> (section, new name).
+_MOVED = {
+    ("ema", "proj_hidden_dim"): ("ema", "hidden_dim"),
+    ("ema", "proj_layers"): ("ema", "num_layers"),
+    ("cdr", "target_grad"): ("", "cdr_target_grad"),
+    ("cdr", "condition_on"): ("", "cdr_condition_on"),
+    ("cdr", "init_from"): ("", "cdr_chain_start"),
+    ("cdr", "train_estimate"): ("", "cdr_train_estimate"),
+    ("cdr", "head_input"): ("", "cdr_head_input"),
+    ("cdr", "chain_grad"): ("", "cdr_chain_grad"),
+}
+
+
+def upgrade_model_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """config.model as a run of an earlier layout wrote it (config.json) -> this layout, so that its
+    checkpoints still load. Values are kept; fields this layout no longer has must hold the only
+    value it supports; fields it added take their defaults."""
+    model = model.to_dict()
+    for (section, old), (new_section, new) in _MOVED.items():
+        if old in model.get(section, {}):
+            value = model[section].pop(old)
+            if new == "cdr_chain_grad" and isinstance(value, bool):
+                value = "all" if value else "none"
+            (model[new_section] if new_section else model)[new] = value
+    norm = model.get("cdr", {}).pop("target_norm", "sqrt_dim")
+    if norm != "sqrt_dim":
+        raise ValueError(f"model.cdr.target_norm={norm!r}: only 'sqrt_dim' is supported now.")
+    # Fields added since then take their defaults, which are what those runs did.
+    defaults = get_model_config().to_dict()
+    for key, value in model.items():
+        if key in ("ema", "cdr"):  # module sections; backbone_kwargs etc. are taken whole
+            defaults[key].update(value)
+        else:
+            defaults[key] = value
+    return ml_collections.ConfigDict(defaults)
+
+
+def _section(module: type, *built: str) -> ml_collections.ConfigDict:
+    """A module's attributes with their defaults, less those build_model sets itself: the one
+    source of the section's defaults (the module's), which build_model passes back as
+    `module(**section)`."""
+    fields = marnet.module_fields(module)
+    return ml_collections.ConfigDict(
+        {k: v for k, v in fields.items() if k not in (*built, "dtype")}
+    )
 
 
 def get_loss_config() -> ml_collections.ConfigDict:

@@ -33,7 +33,6 @@ DenoiseFn = Callable[
 ClipFn = Callable[[Array], Array]
 
 SCHEDULES = ("linear", "cosine", "diffrec")
-PREDICTIONS = ("eps", "x0", "v")
 SAMPLERS = ("ddpm", "ddim")
 
 
@@ -174,55 +173,48 @@ def q_posterior(
     return mean, var, log_var
 
 
+# Each parameterisation as coefficients of two linear maps, with a = sqrt(alpha_bar_t),
+# s = sqrt(1 - alpha_bar_t) and x_t = a x0 + s eps: its regression target from (x0, noise) and the
+# x0 and eps it implies from (x_t, model output). v = a eps - s x0 (Salimans & Ho).
+_COEFFICIENTS: dict[str, Callable[[Array, Array], dict[str, tuple]]] = {
+    "eps": lambda a, s: {"target": (0.0, 1.0), "x0": (1 / a, -s / a), "eps": (0.0, 1.0)},
+    "x0": lambda a, s: {"target": (1.0, 0.0), "x0": (0.0, 1.0), "eps": (1 / s, -a / s)},
+    "v": lambda a, s: {"target": (-s, a), "x0": (a, -s), "eps": (s, a)},
+}
+PREDICTIONS = tuple(_COEFFICIENTS)
+
+
+def _combine(
+    schedule: DiffusionSchedule, t: Array, prediction: str, what: str, first: Array, second: Array
+) -> Array:
+    """c1 * first + c2 * second with the coefficients of `what` under `prediction` at steps t."""
+    if prediction not in _COEFFICIENTS:
+        raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
+    a = _extract(schedule.sqrt_alphas_cumprod, t, first)
+    s = _extract(schedule.sqrt_one_minus_alphas_cumprod, t, first)
+    c1, c2 = _COEFFICIENTS[prediction](a, s)[what]
+    return c1 * first + c2 * second
+
+
 def training_target(
     schedule: DiffusionSchedule, x0: Array, t: Array, noise: Array, prediction: str
 ) -> Array:
     """Regression target: eps, x0, or v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho)."""
-    if prediction == "eps":
-        return noise
-    if prediction == "x0":
-        return x0
-    if prediction == "v":
-        return (
-            _extract(schedule.sqrt_alphas_cumprod, t, x0) * noise
-            - _extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * x0
-        )
-    raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
+    return _combine(schedule, t, prediction, "target", x0, noise)
 
 
 def predict_x0(
     schedule: DiffusionSchedule, x_t: Array, t: Array, out: Array, prediction: str
 ) -> Array:
     """x0 implied by the model output `out` under the given parameterisation."""
-    if prediction == "eps":
-        return (
-            _extract(schedule.sqrt_recip_alphas_cumprod, t, x_t) * x_t
-            - _extract(schedule.sqrt_recipm1_alphas_cumprod, t, x_t) * out
-        )
-    if prediction == "x0":
-        return out
-    if prediction == "v":
-        return (
-            _extract(schedule.sqrt_alphas_cumprod, t, x_t) * x_t
-            - _extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t) * out
-        )
-    raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
+    return _combine(schedule, t, prediction, "x0", x_t, out)
 
 
 def predict_eps(
     schedule: DiffusionSchedule, x_t: Array, t: Array, out: Array, prediction: str
 ) -> Array:
     """Noise implied by the model output `out` under the given parameterisation."""
-    if prediction == "eps":
-        return out
-    if prediction == "x0":
-        return eps_from_x0(schedule, x_t, t, out)
-    if prediction == "v":
-        return (
-            _extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t
-            + _extract(schedule.sqrt_alphas_cumprod, t, x_t) * out
-        )
-    raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
+    return _combine(schedule, t, prediction, "eps", x_t, out)
 
 
 def eps_from_x0(schedule: DiffusionSchedule, x_t: Array, t: Array, x0: Array) -> Array:
@@ -244,7 +236,7 @@ def mse_loss(out: Array, target: Array, mask: Array | None = None) -> Array:
 
 def make_x0_clip(mode: str, value: float) -> ClipFn | None:
     """x0 clipping during sampling: 'none'; 'box' clips each coordinate to [-value, value]; 'sphere'
-    rescales to norm `value` (the semantic target lies on that sphere, see CDR.target_norm)."""
+    rescales to norm `value` (the semantic target lies on that sphere, see CDR.semantic_target)."""
     if mode == "none":
         return None
     if mode == "box":
@@ -546,7 +538,6 @@ class Denoiser(nn.Module):
 # The CDR module
 
 
-TARGET_NORMS = ("sqrt_dim", "unit", "none")
 TARGET_GRADS = ("stop", "straight_through", "none")
 CHAIN_GRADS = ("all", "last_step", "none")
 
@@ -559,36 +550,34 @@ class CDR(nn.Module):
     chain from noise, or from the noised x_init when given), averaged over `num_samples` chains.
     """
 
-    dim: int
-    schedule: str = "cosine"
-    num_steps: int = 100
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
-    cosine_s: float = 0.008
-    noise_scale: float = 1.0
-    noise_min: float = 1e-3
-    noise_max: float = 0.999
-    prediction: str = "v"
-    sampler: str = "ddim"
-    sample_steps: int = 10
-    eta: float = 0.0
-    num_samples: int = 1
-    clip_mode: str = "none"
-    clip_value: float = 3.0
-    target_norm: str = "sqrt_dim"
-    hidden_dim: int = 256
-    num_blocks: int = 3
-    time_embed_dim: int = 128
-    mlp_ratio: int = 2
-    conditioning: str = "film"
-    dropout: float = 0.0
+    dim: int  # E, the shared embedding size (MARNet's embed_dim)
+    schedule: str = "cosine"  # 'linear' | 'cosine' | 'diffrec'; cosine: even noise levels
+    num_steps: int = 100  # T: 128-d vectors need far fewer steps than pixels
+    beta_start: float = 1e-4  # 'linear': DDPM's beta_1 for T=1000 (scaled by 1000 / T)
+    beta_end: float = 0.02  # 'linear': DDPM's beta_T for T=1000 (scaled by 1000 / T)
+    cosine_s: float = 0.008  # 'cosine': offset s of Nichol & Dhariwal
+    noise_scale: float = 1.0  # 'diffrec': scale of the linear-in-variance schedule
+    noise_min: float = 1e-3  # 'diffrec': 1 - alpha_bar at t=0 (before scaling)
+    noise_max: float = 0.999  # 'diffrec': 1 - alpha_bar at t=T-1; ~1 as sampling starts at N(0,I)
+    prediction: str = "v"  # 'eps' | 'x0' | 'v'; v keeps s0_hat bounded at all t (eps: not)
+    sampler: str = "ddim"  # 'ddim' (sample_steps, eta) | 'ddpm' (ancestral over all T steps)
+    sample_steps: int = 10  # DDIM steps at test
+    eta: float = 0.0  # DDIM eta: 0 = deterministic given the start noise, 1 = ancestral
+    num_samples: int = 1  # chains averaged per image at test (>1 lowers variance, costs K x)
+    clip_mode: str = "none"  # x0 clipping while sampling: 'none' | 'box' | 'sphere'
+    clip_value: float = 3.0  # 'box' bound (targets have unit variance per coordinate)
+    hidden_dim: int = 256  # denoiser MLP width
+    num_blocks: int = 3  # residual blocks of the denoiser
+    time_embed_dim: int = 128  # sinusoidal timestep embedding size
+    mlp_ratio: int = 2  # expansion inside each residual block
+    conditioning: str = "film"  # how the condition enters the denoiser: 'film' | 'concat'
+    dropout: float = 0.0  # dropout inside the denoiser blocks
     dtype: jnp.dtype = jnp.float32
 
     def setup(self) -> None:
         for name, value, allowed in (
             ("prediction", self.prediction, PREDICTIONS),
             ("sampler", self.sampler, SAMPLERS),
-            ("target_norm", self.target_norm, TARGET_NORMS),
         ):
             if value not in allowed:
                 raise ValueError(f"CDR.{name}={value!r}; expected one of {allowed}")
@@ -617,16 +606,13 @@ class CDR(nn.Module):
 
     @property
     def target_radius(self) -> float:
-        return math.sqrt(self.dim) if self.target_norm == "sqrt_dim" else 1.0
+        return math.sqrt(self.dim)
 
     def semantic_target(self, g_s: Array) -> Array:
-        """s0 from g_s(x_s): on the sphere of radius sqrt(dim) ('sqrt_dim': unit variance per
-        coordinate, the scale the N(0, I) prior assumes), the unit sphere ('unit') or raw ('none').
-        A fixed norm also means the target cannot shrink towards 0 to make the regression easy."""
-        g_s = g_s.astype(jnp.float32)
-        if self.target_norm == "none":
-            return g_s
-        return self.target_radius * l2_normalize(g_s)
+        """s0 from g_s(x_s): on the sphere of radius sqrt(dim), i.e. unit variance per coordinate,
+        the scale the N(0, I) prior assumes. A fixed norm also means the target cannot shrink
+        towards 0 to make the regression easy."""
+        return self.target_radius * l2_normalize(g_s.astype(jnp.float32))
 
     def _clip(self) -> ClipFn | None:
         value = self.target_radius if self.clip_mode == "sphere" else self.clip_value

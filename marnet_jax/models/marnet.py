@@ -4,13 +4,13 @@ One code path gives the four variants of the ablation:
   baseline (use_ema=False, use_cdr=False): classifier on x_v; the text is never read.
   +EMA     (use_ema=True,  use_cdr=False): classifier on x_EMA = g_v(x_v), aligned to g_s(x_s).
   +CDR     (use_ema=False, use_cdr=True):  classifier on [x_v, x_CDR]; s0 = g_s(x_s) is trained
-           only through the CE on s0_hat (target_grad='straight_through'): no alignment loss.
+           only through the CE on s0_hat (cdr_target_grad='straight_through'): no alignment loss.
   full     (use_ema=True,  use_cdr=True):  classifier on [x_EMA, x_CDR].
 Every classifier is LayerNorm + Dense on its inputs (the same for all variants), so the variants
 differ only in what they read.
 
 CDR in training: the MSE uses the one-step estimate s0_hat (noise s0 at a random t, denoise once).
-What the classifiers read as x_CDR in training is chosen per head: `train_estimate` for the fused
+What the classifiers read as x_CDR in training is chosen per head: `cdr_train_estimate` for the fused
 classifier, `cdr_head_input` for the CDR head. 'chain' (default) runs the same image-only reverse
 chain as `predict`, so the head is trained on exactly what it sees at test; 'one_step' feeds it
 s0_hat, which at small t is nearly the text embedding itself, so the head learns to trust a branch
@@ -22,6 +22,7 @@ a multi-label ingredient head on x_v, trained with BCE and never read at test.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,7 +35,7 @@ import ml_collections
 from marnet_jax.models import word_vectors
 from marnet_jax.models.alignment import EMAHeads, l2_normalize
 from marnet_jax.models.backbones import build_backbone
-from marnet_jax.models.diffusion import CDR, CHAIN_GRADS
+from marnet_jax.models.diffusion import CDR, CHAIN_GRADS, TARGET_GRADS
 from marnet_jax.models.text import build_text_encoder
 
 Array = jax.Array
@@ -89,20 +90,27 @@ class MARNet(nn.Module):
         `__call__(x, train)`; may be None for the baseline.
       ema: projection heads g_v, g_s and the temperature (CDR uses g_s even with use_ema False).
       cdr: the diffusion module; may be None when use_cdr is False. cdr.dim == ema.embed_dim.
-      target_grad: gradient into s0 in the CDR training path: 'stop' | 'straight_through' |
-        'none' (see CDR.estimate).
-      condition_on: the denoiser's condition: 'x_v' (backbone feature) or 'x_ema' (needs use_ema).
-      cdr_init: where the image-only chain starts: 'noise' (N(0, I)) or 'visual' (x_EMA put on
-        the target sphere and noised to step T-1; needs use_ema).
+      use_ema, use_cdr: the variant (both off: the visual-only baseline).
+      use_aux: add the ingredient head on x_v (training only; 'aux_logits', 'aux_targets').
+      fusion: 'concat' | 'sum' | 'gated' of x_EMA (x_v with EMA off) and x_CDR; fusion_dropout
+        before the fused classifier.
       visual_probe_on: input of the stop-gradient linear probe: 'auto' (x_EMA if use_ema else
         x_v) or 'x_v'.
-      train_estimate: x_CDR read by the fused classifier in training: 'chain' (the test-time
-        reverse chain) or 'one_step' (s0_hat).
+      cdr_target_grad: gradient into s0 in the CDR training path: 'stop' | 'straight_through'
+        (the CE on s0_hat reaches the text side, the MSE never does: no collapse, and +CDR
+        without EMA still trains g_s) | 'none' (s0 may collapse); see CDR.estimate.
+      cdr_condition_on: the denoiser's condition: 'x_v' (backbone feature) or 'x_ema' (needs
+        use_ema).
+      cdr_chain_start: where the image-only chain starts: 'noise' (N(0, I)) or 'visual' (x_EMA
+        put on the target sphere and noised to step T-1; needs use_ema).
+      cdr_train_estimate: x_CDR read by the fused classifier in training: 'chain' (the test-time
+        reverse chain: it trains on what it sees at test) or 'one_step' (s0_hat).
       cdr_head_input: x_CDR read by the CDR head in training: 'chain' or 'one_step' (the paper's
         literal form: the CE on s0_hat, which also trains the text side through target_grad).
-      chain_grad: with 'chain', how the CEs back-propagate through the chain (into the denoiser
-        and the image side): 'all' of its passes, its 'last_step' only, or 'none' (a constant).
-      use_aux: add the ingredient head on x_v (training only; 'aux_logits', 'aux_targets').
+      cdr_chain_grad: with 'chain', how the CEs back-propagate through the chain (into the
+        denoiser and the image side): 'all' of its passes, its 'last_step' only (one pass's
+        backward, but the CDR head then carries much less of the class: docs/method.md), or
+        'none' (a constant).
     """
 
     backbone: nn.Module
@@ -113,16 +121,16 @@ class MARNet(nn.Module):
     num_ingredients: int | None = None
     use_ema: bool = True
     use_cdr: bool = True
+    use_aux: bool = False
     fusion: str = "concat"
     fusion_dropout: float = 0.0
-    target_grad: str = "straight_through"
-    condition_on: str = "x_v"
-    cdr_init: str = "noise"
     visual_probe_on: str = "auto"
-    train_estimate: str = "chain"
+    cdr_target_grad: str = "straight_through"
+    cdr_condition_on: str = "x_v"
+    cdr_chain_start: str = "noise"
+    cdr_train_estimate: str = "chain"
     cdr_head_input: str = "chain"
-    chain_grad: str = "all"
-    use_aux: bool = False
+    cdr_chain_grad: str = "all"
 
     def setup(self) -> None:
         if self.use_cdr:
@@ -130,18 +138,22 @@ class MARNet(nn.Module):
                 raise ValueError("use_cdr=True needs a CDR module")
             if self.cdr.dim != self.ema.embed_dim:
                 raise ValueError(f"cdr.dim={self.cdr.dim} != ema.embed_dim={self.ema.embed_dim}")
-            if not self.use_ema and (self.condition_on == "x_ema" or self.cdr_init == "visual"):
-                raise ValueError("condition_on='x_ema' and cdr_init='visual' need use_ema=True")
+            if not self.use_ema and (
+                self.cdr_condition_on == "x_ema" or self.cdr_chain_start == "visual"
+            ):
+                raise ValueError(
+                    "cdr_condition_on='x_ema' and cdr_chain_start='visual' need use_ema=True"
+                )
         if (self.use_ema or self.use_cdr) and self.text_encoder is None:
             raise ValueError("EMA and CDR need a text encoder")
         for name, value, allowed in (
-            ("condition_on", self.condition_on, ("x_v", "x_ema")),
-            ("cdr_init", self.cdr_init, ("noise", "visual")),
+            ("cdr_condition_on", self.cdr_condition_on, ("x_v", "x_ema")),
+            ("cdr_chain_start", self.cdr_chain_start, ("noise", "visual")),
             ("visual_probe_on", self.visual_probe_on, ("auto", "x_v")),
-            ("target_grad", self.target_grad, ("stop", "straight_through", "none")),
-            ("train_estimate", self.train_estimate, ("chain", "one_step")),
+            ("cdr_target_grad", self.cdr_target_grad, TARGET_GRADS),
+            ("cdr_train_estimate", self.cdr_train_estimate, ("chain", "one_step")),
             ("cdr_head_input", self.cdr_head_input, ("chain", "one_step")),
-            ("chain_grad", self.chain_grad, CHAIN_GRADS),
+            ("cdr_chain_grad", self.cdr_chain_grad, CHAIN_GRADS),
         ):
             if value not in allowed:
                 raise ValueError(f"MARNet.{name}={value!r}; expected one of {allowed}")
@@ -166,9 +178,9 @@ class MARNet(nn.Module):
 
     def _chain(self, out: dict[str, Array], grad: str = "all") -> Array:
         """x_CDR from the configured reverse chain, conditioned on the image only."""
-        cond = out["x_v"] if self.condition_on == "x_v" else out["x_ema"]
+        cond = out["x_v"] if self.cdr_condition_on == "x_v" else out["x_ema"]
         x_init = None
-        if self.cdr_init == "visual":
+        if self.cdr_chain_start == "visual":
             x_init = self.cdr.semantic_target(out["x_ema"])
         return self.cdr.sample(cond, x_init=x_init, grad=grad)
 
@@ -226,8 +238,8 @@ class MARNet(nn.Module):
                 out["ema_logit_scale"] = self.ema.logit_scale()
             if self.use_cdr:
                 s0 = self.cdr.semantic_target(g_s)
-                cond = out["x_v"] if self.condition_on == "x_v" else out["x_ema"]
-                est = self.cdr(s0, cond, train=train, target_grad=self.target_grad)
+                cond = out["x_v"] if self.cdr_condition_on == "x_v" else out["x_ema"]
+                est = self.cdr(s0, cond, train=train, target_grad=self.cdr_target_grad)
                 out.update(
                     s0=s0,
                     s0_hat=est.x0_hat,
@@ -236,10 +248,10 @@ class MARNet(nn.Module):
                     cdr_t=est.t,
                 )
                 chain = None
-                if "chain" in (self.train_estimate, self.cdr_head_input):
-                    chain = out["x_cdr"] = self._chain(out, self.chain_grad)
+                if "chain" in (self.cdr_train_estimate, self.cdr_head_input):
+                    chain = out["x_cdr"] = self._chain(out, self.cdr_chain_grad)
                 pick = lambda how: chain if how == "chain" else est.x0_hat
-                x_cdr, head_in = pick(self.train_estimate), pick(self.cdr_head_input)
+                x_cdr, head_in = pick(self.cdr_train_estimate), pick(self.cdr_head_input)
         return self._heads(out, x_cdr, train, cdr_head_input=head_in)
 
     def predict(self, images: Array, train: bool = False) -> dict[str, Array]:
@@ -263,67 +275,35 @@ def compute_dtype(name: str) -> Any:
     return _DTYPES[name]
 
 
-def _chain_grad(value: str | bool) -> str:
-    """model.cdr.chain_grad; True / False are what configs before 'last_step' existed wrote."""
-    return {True: "all", False: "none"}.get(value, value) if isinstance(value, bool) else value
+# MARNet's fields that are sub-modules or come from the dataset, not from config.model.
+_BUILT = ("backbone", "text_encoder", "ema", "cdr", "num_classes", "num_ingredients")
+
+
+def marnet_fields() -> tuple[str, ...]:
+    """MARNet's own choices: the config.model fields passed to it as they are."""
+    return tuple(f for f in module_fields(MARNet) if f not in _BUILT)
 
 
 def build_model(
-    model_cfg: ml_collections.ConfigDict, num_classes: int, num_ingredients: int
+    model_cfg: ml_collections.ConfigDict, num_classes: int, num_ingredients: int | None
 ) -> MARNet:
-    """MARNet from config (fields documented in marnet_jax.models.config.get_model_config)."""
+    """MARNet from config.model (marnet_jax.models.config): the encoders from their fields, EMAHeads
+    from the `ema` section, CDR from the `cdr` section, MARNet's own choices from the rest."""
     cfg = model_cfg
     dtype = compute_dtype(cfg.dtype)
     backbone_kwargs = cfg.backbone_kwargs.to_dict()
-    if cfg.get("remat", False):
+    if cfg.remat:
         backbone_kwargs["remat"] = True
     backbone = build_backbone(cfg.backbone, dtype, **backbone_kwargs)
     text_encoder = None
     if cfg.use_ema or cfg.use_cdr:
         text_kwargs = cfg.text_kwargs.to_dict()
-        if cfg.get("word_vectors"):
+        if cfg.word_vectors:
             text_kwargs["word_dim"] = word_vectors.dim(cfg.word_vectors)
             text_kwargs["freeze_words"] = cfg.freeze_word_vectors
         text_encoder = build_text_encoder(cfg.text_encoder, dtype, **text_kwargs)
-    e = cfg.ema
-    ema = EMAHeads(
-        embed_dim=cfg.embed_dim,
-        hidden_dim=e.proj_hidden_dim,
-        num_layers=e.proj_layers,
-        temperature=e.temperature,
-        learnable_temperature=e.learnable_temperature,
-        max_logit_scale=e.max_logit_scale,
-        dtype=dtype,
-    )
-    cdr = None
-    if cfg.use_cdr:
-        c = cfg.cdr
-        cdr = CDR(
-            dim=cfg.embed_dim,
-            schedule=c.schedule,
-            num_steps=c.num_steps,
-            beta_start=c.beta_start,
-            beta_end=c.beta_end,
-            cosine_s=c.cosine_s,
-            noise_scale=c.noise_scale,
-            noise_min=c.noise_min,
-            noise_max=c.noise_max,
-            prediction=c.prediction,
-            sampler=c.sampler,
-            sample_steps=c.sample_steps,
-            eta=c.eta,
-            num_samples=c.num_samples,
-            clip_mode=c.clip_mode,
-            clip_value=c.clip_value,
-            target_norm=c.target_norm,
-            hidden_dim=c.hidden_dim,
-            num_blocks=c.num_blocks,
-            time_embed_dim=c.time_embed_dim,
-            mlp_ratio=c.mlp_ratio,
-            conditioning=c.conditioning,
-            dropout=c.dropout,
-            dtype=dtype,
-        )
+    ema = EMAHeads(embed_dim=cfg.embed_dim, dtype=dtype, **cfg.ema)
+    cdr = CDR(dim=cfg.embed_dim, dtype=dtype, **cfg.cdr) if cfg.use_cdr else None
     return MARNet(
         backbone=backbone,
         text_encoder=text_encoder,
@@ -331,16 +311,14 @@ def build_model(
         cdr=cdr,
         num_classes=num_classes,
         num_ingredients=num_ingredients,
-        use_ema=cfg.use_ema,
-        use_cdr=cfg.use_cdr,
-        fusion=cfg.fusion,
-        fusion_dropout=cfg.fusion_dropout,
-        target_grad=cfg.cdr.target_grad,
-        condition_on=cfg.cdr.condition_on,
-        cdr_init=cfg.cdr.init_from,
-        visual_probe_on=cfg.visual_probe_on,
-        train_estimate=cfg.cdr.train_estimate,
-        cdr_head_input=cfg.cdr.head_input,
-        chain_grad=_chain_grad(cfg.cdr.chain_grad),
-        use_aux=cfg.use_aux,
+        **{name: cfg[name] for name in marnet_fields()},
     )
+
+
+def module_fields(module: type[nn.Module]) -> dict[str, Any]:
+    """A linen module's attributes with their defaults (None for required ones), in order."""
+    return {
+        f.name: None if f.default is dataclasses.MISSING else f.default
+        for f in dataclasses.fields(module)
+        if f.init and f.name not in ("parent", "name")
+    }

@@ -31,7 +31,6 @@ mean = std = 0.5 (config.data.mean / std).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -44,7 +43,10 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import flags
 from flax.traverse_util import flatten_dict, unflatten_dict
+
+from marnet_jax import cli
 
 log = logging.getLogger("marnet_jax")
 
@@ -826,54 +828,83 @@ def check_weights(
     return results, report
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m marnet_jax.models.pretrained",
-        description="Check a weights import before training: the backbone with the file's own "
-        "ImageNet classifier, top classes of each photo.",
+_PROG = "marnet_jax.models.pretrained"
+
+
+def _define_check_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("weights", None, "weights file (.pth, .safetensors, .npz)", flag_values=fv)
+    flags.DEFINE_string("backbone", None, "build_backbone name, e.g. resnet50", flag_values=fv)
+    flags.mark_flags_as_required(["weights", "backbone"], flag_values=fv)
+    flags.DEFINE_enum("format", "auto", FORMATS, "weights format", flag_values=fv)
+    flags.DEFINE_string(
+        "backbone_kwargs",
+        "{}",
+        "JSON kwargs of the backbone, e.g. '{\"width\": 1}'",
+        flag_values=fv,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    check = sub.add_parser("check", help="top-k ImageNet classes of photos under a weights file")
-    check.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG/PNG/... files")
-    check.add_argument("--weights", required=True, help="weights file (.pth, .safetensors, .npz)")
-    check.add_argument("--backbone", required=True, help="build_backbone name, e.g. resnet50")
-    check.add_argument("--format", default="auto", choices=FORMATS, help="weights format")
-    check.add_argument(
-        "--backbone_kwargs", default="{}", help="JSON kwargs of the backbone, e.g. '{\"width\": 1}'"
+    flags.DEFINE_integer("image_size", None, "input size (default: the backbone's)", flag_values=fv)
+    flags.DEFINE_list(
+        "mean", None, "RGB mean in [0, 1], 3 numbers (default: format's)", flag_values=fv
     )
-    check.add_argument("--image_size", type=int, help="input size (default: the backbone's)")
-    check.add_argument("--mean", type=float, nargs=3, help="RGB mean in [0, 1] (default: format's)")
-    check.add_argument("--std", type=float, nargs=3, help="RGB std in [0, 1] (default: format's)")
-    check.add_argument(
-        "--crop_ratio", type=float, default=0.875, help="centre crop / resized shorter side (0.875)"
+    flags.DEFINE_list(
+        "std", None, "RGB std in [0, 1], 3 numbers (default: format's)", flag_values=fv
     )
-    check.add_argument(
-        "--interpolation", default="bicubic", help="resize: bilinear | bicubic | lanczos (bicubic)"
+    flags.DEFINE_float("crop_ratio", 0.875, "centre crop / resized shorter side", flag_values=fv)
+    flags.DEFINE_string(
+        "interpolation", "bicubic", "resize: bilinear | bicubic | lanczos", flag_values=fv
     )
-    check.add_argument("--top_k", type=int, default=5, help="classes shown per image (5)")
-    check.add_argument("--json", metavar="FILE", help="also write {image: [{index, name, prob}]}")
-    return parser
+    flags.DEFINE_integer("top_k", 5, "classes shown per image", lower_bound=1, flag_values=fv)
+    flags.DEFINE_string(
+        "json", None, "also write {image: [{index, name, prob}]} here", flag_values=fv
+    )
+
+
+def _rgb(name: str, values: list[str] | None) -> tuple[float, float, float] | None:
+    if values is None:
+        return None
+    try:
+        rgb = tuple(float(v) for v in values)
+    except ValueError:
+        rgb = ()
+    if len(rgb) != 3:
+        cli.usage_error(_PROG, f"--{name} takes 3 numbers (R,G,B), got {','.join(values)}")
+    return rgb
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if (args.mean is None) != (args.std is None):
-        parser.error("give --mean and --std together")
+    """`check --weights FILE --backbone NAME IMAGE...`: top-k ImageNet classes of photos under a
+    weights file's own classifier, to check an import before training."""
+    args, rest = cli.parse_flags(
+        _PROG,
+        _define_check_flags,
+        argv,
+        "check --weights FILE --backbone NAME IMAGE...",
+        main.__doc__,
+    )
+    if not rest or rest[0] != "check":
+        cli.usage_error(
+            _PROG, "the command is 'check' (check --weights FILE --backbone NAME IMAGE...)"
+        )
+    images = rest[1:]
+    if not images:
+        cli.usage_error(_PROG, "give at least one IMAGE.")
+    mean, std = _rgb("mean", args.mean), _rgb("std", args.std)
+    if (mean is None) != (std is None):
+        cli.usage_error(_PROG, "give --mean and --std together")
     try:
         kwargs = json.loads(args.backbone_kwargs)
     except json.JSONDecodeError as e:
-        parser.error(f"--backbone_kwargs is not JSON ({e}): {args.backbone_kwargs}")
+        cli.usage_error(_PROG, f"--backbone_kwargs is not JSON ({e}): {args.backbone_kwargs}")
     logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
     try:
         results, report = check_weights(
             args.weights,
             args.backbone,
-            args.images,
+            images,
             fmt=args.format,
             backbone_kwargs=kwargs,
             image_size=args.image_size,
-            mean_std=(args.mean, args.std) if args.mean else None,
+            mean_std=(mean, std) if mean else None,
             crop_ratio=args.crop_ratio,
             interpolation=args.interpolation,
             top_k=args.top_k,

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from marnet_jax.data import datasets, pipeline
 from marnet_jax.models import build_model
+from marnet_jax.models.config import upgrade_model_config
 from marnet_jax.models.marnet import MARNet
 from marnet_jax.train import checkpoint, sharding
 from marnet_jax.train.experiment import Experiment, jit_eval_step
@@ -167,11 +168,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 def read_config(workdir: str | epath.Path) -> ml_collections.ConfigDict:
-    """The resolved config a run wrote to `<workdir>/config.json` (tuples come back as lists)."""
+    """The resolved config a run wrote to `<workdir>/config.json` (tuples come back as lists; a
+    model section of an earlier layout is upgraded)."""
     path = epath.Path(workdir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: {workdir} is not a training workdir.")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    config = ml_collections.ConfigDict(json.loads(path.read_text()))
+    config.model = upgrade_model_config(config.model)
+    return config
 
 
 class Trained(NamedTuple):
