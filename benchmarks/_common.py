@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from marnet_jax import cli
+from marnet_jax import cli, reporting
 from marnet_jax.train import cost
 
 
@@ -137,6 +137,13 @@ def setup_jax(args: flags.FlagValues) -> None:
     """Cold compiles unless --compile_cache (a cache hit would make compile times meaningless)."""
     if not args.compile_cache:
         jax.config.update("jax_enable_compilation_cache", False)
+
+
+def save(path: str, out: dict[str, Any]) -> dict[str, Any]:
+    """Writes a benchmark's results (reporting.write_json), says where, and returns them."""
+    reporting.write_json(path, out)
+    print(f"wrote {path}")
+    return out
 
 
 def synthetic_batch(

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from benchmarks import _common
-from marnet_jax import reporting
+from marnet_jax import cli, reporting
 from marnet_jax.data import datasets
 from marnet_jax.models import build_model
 from marnet_jax.models.diffusion import CDR
@@ -266,13 +266,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         chains=chains,
         predict=predicts,
     )
-    reporting.write_json(args.json, out)
-    print(f"wrote {args.json}")
-    return out
+    return _common.save(args.json, out)
 
 
 if __name__ == "__main__":
-    from marnet_jax import cpu
-
-    cpu.configure_xla()
-    main()
+    cli.run(main)

@@ -29,7 +29,7 @@ import numpy as np
 from absl import flags
 
 from benchmarks import _common
-from marnet_jax import reporting
+from marnet_jax import cli, reporting
 from marnet_jax.models import resnet
 from marnet_jax.models.backbones import build_backbone
 
@@ -186,9 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows=rows,
         per_step_ms={c: round(v, 3) for c, v in totals.items()},
     )
-    reporting.write_json(args.json, out)
-    print(f"wrote {args.json}")
-    return out
+    return _common.save(args.json, out)
 
 
 def _ratio(ms: dict[str, float]) -> str:
@@ -200,7 +198,4 @@ def _ratio(ms: dict[str, float]) -> str:
 
 
 if __name__ == "__main__":
-    from marnet_jax import cpu
-
-    cpu.configure_xla()
-    main()
+    cli.run(main)

@@ -28,7 +28,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 
 from benchmarks import _common, train_step
-from marnet_jax import reporting
+from marnet_jax import cli, reporting
 from marnet_jax.data import datasets, pipeline, synthetic_food
 from marnet_jax.train import loop, sharding
 
@@ -199,13 +199,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         machine=info,
         rows=rows,
     )
-    reporting.write_json(args.json, out)
-    print(f"wrote {args.json}")
-    return out
+    return _common.save(args.json, out)
 
 
 if __name__ == "__main__":
-    from marnet_jax import cpu
-
-    cpu.configure_xla()
-    main()
+    cli.run(main)

@@ -29,7 +29,7 @@ from absl import flags
 from PIL import Image
 
 from benchmarks import _common
-from marnet_jax import reporting
+from marnet_jax import cli, reporting
 from marnet_jax.data import config as data_config
 from marnet_jax.data import datasets, pipeline, synthetic_food
 
@@ -193,12 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     headers = ["case", "px", "workers", "read threads", "images/s", "images/CPU-s"]
     print(reporting.markdown_table([*headers, "first batch (s)"], table))
     out = dict(preset=args.preset, machine=info, load_average_before=load_before, rows=rows)
-    reporting.write_json(args.json, out)
-    print(f"wrote {args.json}")
+    _common.save(args.json, out)
 
 
 if __name__ == "__main__":
-    from marnet_jax import cpu
-
-    cpu.configure_xla()
-    main()
+    cli.run(main)

@@ -35,7 +35,7 @@ import numpy as np
 from absl import flags
 
 from benchmarks import _common
-from marnet_jax import reporting
+from marnet_jax import cli, reporting
 from marnet_jax.data import datasets
 from marnet_jax.models import diffusion
 
@@ -503,13 +503,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
         rows=rows,
     )
-    reporting.write_json(args.json, out)
-    print(f"wrote {args.json}")
-    return out
+    return _common.save(args.json, out)
 
 
 if __name__ == "__main__":
-    from marnet_jax import cpu
-
-    cpu.configure_xla()
-    main()
+    cli.run(main)

@@ -36,7 +36,7 @@ import ml_collections
 from absl import flags
 
 from benchmarks import _common
-from marnet_jax import reporting
+from marnet_jax import cli, reporting
 from marnet_jax.data import datasets
 from marnet_jax.train import sharding
 from marnet_jax.train.experiment import Experiment
@@ -324,13 +324,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         matmul_flops_per_s=peak,
         rows=rows,
     )
-    reporting.write_json(args.json, out)
-    print(f"wrote {args.json}")
-    return out
+    return _common.save(args.json, out)
 
 
 if __name__ == "__main__":
-    from marnet_jax import cpu
-
-    cpu.configure_xla()
-    main()
+    cli.run(main)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from absl import flags
 
@@ -60,3 +60,13 @@ def parse_flags(
     except flags.Error as e:
         usage_error(prog, str(e))
     return values, rest[1:]
+
+
+def run(main: Callable[[], Any]) -> NoReturn:
+    """A command's entry point: the CPU backend's XLA flags before JAX starts (marnet_jax.cpu), then
+    `main()`; an int it returns is the exit status."""
+    from marnet_jax import cpu
+
+    cpu.configure_xla()
+    status = main()
+    sys.exit(status if isinstance(status, int) else 0)

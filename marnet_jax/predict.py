@@ -226,7 +226,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from marnet_jax import cpu
-
-    cpu.configure_xla()
-    sys.exit(main())
+    cli.run(main)

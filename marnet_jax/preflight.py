@@ -39,6 +39,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from marnet_jax import cli
 from marnet_jax.data import datasets
 from marnet_jax.train import cost, sharding
 from marnet_jax.train.experiment import Experiment
@@ -557,7 +558,7 @@ def _main(argv: Sequence[str]) -> None:
         common.write_json(Path(f.json), record)
 
 
-def cli() -> None:
+def main() -> None:
     # Abstract devices only: no accelerator is needed, and on a machine without a GPU the CUDA
     # plugin registers (for GPU topologies) only when the CPU is the chosen platform.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -578,7 +579,4 @@ def cli() -> None:
 
 
 if __name__ == "__main__":
-    from marnet_jax import cpu
-
-    cpu.configure_xla()
-    cli()
+    cli.run(main)

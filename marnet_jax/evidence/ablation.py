@@ -29,7 +29,7 @@ from typing import Any
 
 import ml_collections
 
-from marnet_jax import reporting
+from marnet_jax import cli, reporting
 from marnet_jax.config import VARIANTS, apply_variant
 from marnet_jax.evidence import common
 from marnet_jax.train.steps import EVAL_HEADS
@@ -490,12 +490,9 @@ def _run_from_flags(f: Any) -> Path:
     return Path(f.workdir) / common.ABLATION / "ablation.md"
 
 
-def cli() -> None:
+def main() -> None:
     common.study_cli("marnet_jax.evidence.ablation", _define_flags, _run_from_flags, training=True)
 
 
 if __name__ == "__main__":
-    from marnet_jax import cpu
-
-    cpu.configure_xla()
-    cli()
+    cli.run(main)

@@ -29,7 +29,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from marnet_jax import reporting
+from marnet_jax import cli, reporting
 from marnet_jax.evidence import common
 from marnet_jax.evidence.robustness import config_name
 
@@ -622,12 +622,9 @@ def _run_from_flags(f: Any) -> Path:
     return Path(f.workdir) / STUDY / "figures.md"
 
 
-def cli() -> None:
+def main() -> None:
     common.study_cli("marnet_jax.evidence.figures", _define_flags, _run_from_flags)
 
 
 if __name__ == "__main__":
-    from marnet_jax import cpu
-
-    cpu.configure_xla()
-    cli()
+    cli.run(main)

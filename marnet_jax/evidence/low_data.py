@@ -21,7 +21,7 @@ from typing import Any
 
 import ml_collections
 
-from marnet_jax import reporting
+from marnet_jax import cli, reporting
 from marnet_jax.config import VARIANTS
 from marnet_jax.evidence import ablation, common
 
@@ -217,12 +217,9 @@ def _run_from_flags(f: Any) -> Path:
     return Path(f.workdir) / STUDY / f"{STUDY}.md"
 
 
-def cli() -> None:
+def main() -> None:
     common.study_cli("marnet_jax.evidence.low_data", _define_flags, _run_from_flags, training=True)
 
 
 if __name__ == "__main__":
-    from marnet_jax import cpu
-
-    cpu.configure_xla()
-    cli()
+    cli.run(main)

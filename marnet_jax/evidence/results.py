@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from marnet_jax import reporting
+from marnet_jax import cli, reporting
 
 STUDIES = {
     "tuning": "1. Tuning on the validation split",
@@ -380,7 +380,7 @@ def _main(argv: Sequence[str]) -> None:
     )
 
 
-def cli() -> None:
+def main() -> None:
     from absl import app, flags
 
     flags.DEFINE_string("workdir", None, "Evidence workdir the studies wrote into.")
@@ -390,7 +390,4 @@ def cli() -> None:
 
 
 if __name__ == "__main__":
-    from marnet_jax import cpu
-
-    cpu.configure_xla()
-    cli()
+    cli.run(main)
