@@ -50,7 +50,6 @@ _SUPPORTED = {
     "model.backbone_kwargs.stem": "small",
     "model.text_encoder": "mlp",
     "model.fusion": "concat",
-    "model.visual_probe_on": "auto",
     "model.cdr.schedule": "cosine",
     "model.cdr.prediction": "v",
     "model.cdr.sampler": "ddim",

@@ -277,7 +277,6 @@ def test_invalid_combinations_raise():
         make_model(use_ema=False, cdr_chain_start="visual"),
         make_model(fusion="product"),
         make_model(cdr_kw={"prediction": "score"}),
-        make_model(visual_probe_on="x_cdr"),
         make_model(cdr_target_grad="detach"),
         make_model(cdr_train_estimate="two_step"),
         make_model(cdr_head_input="s0"),
@@ -506,7 +505,7 @@ def test_a_run_config_of_the_earlier_layout_still_builds():
     old["cdr"]["head_input"] = "one_step"
     old["cdr"]["chain_grad"] = False
     del old["cdr_chain_grad"]
-    old["cdr"]["target_norm"] = "sqrt_dim"
+    old["cdr"]["target_norm"], old["visual_probe_on"] = "sqrt_dim", "auto"
     new = upgrade_model_config(ml_collections.ConfigDict(old))
     expected = get_model_config()
     expected.ema.hidden_dim, expected.cdr_head_input, expected.cdr_chain_grad = (

@@ -81,9 +81,11 @@ def upgrade_model_config(model: ml_collections.ConfigDict) -> ml_collections.Con
             if new == "cdr_chain_grad" and isinstance(value, bool):
                 value = "all" if value else "none"
             (model[new_section] if new_section else model)[new] = value
-    norm = model.get("cdr", {}).pop("target_norm", "sqrt_dim")
-    if norm != "sqrt_dim":
-        raise ValueError(f"model.cdr.target_norm={norm!r}: only 'sqrt_dim' is supported now.")
+    for section, key, only in (("cdr", "target_norm", "sqrt_dim"), ("", "visual_probe_on", "auto")):
+        value = (model.get(section, {}) if section else model).pop(key, only)
+        if value != only:
+            name = f"model.{section}.{key}" if section else f"model.{key}"
+            raise ValueError(f"{name}={value!r}: only {only!r} is supported now.")
     # Fields added since then take their defaults, which are what those runs did.
     defaults = get_model_config().to_dict()
     for key, value in model.items():

@@ -94,8 +94,6 @@ class MARNet(nn.Module):
       use_aux: add the ingredient head on x_v (training only; 'aux_logits', 'aux_targets').
       fusion: 'concat' | 'sum' | 'gated' of x_EMA (x_v with EMA off) and x_CDR; fusion_dropout
         before the fused classifier.
-      visual_probe_on: input of the stop-gradient linear probe: 'auto' (x_EMA if use_ema else
-        x_v) or 'x_v'.
       cdr_target_grad: gradient into s0 in the CDR training path: 'stop' | 'straight_through'
         (the CE on s0_hat reaches the text side, the MSE never does: no collapse, and +CDR
         without EMA still trains g_s) | 'none' (s0 may collapse); see CDR.estimate.
@@ -124,7 +122,6 @@ class MARNet(nn.Module):
     use_aux: bool = False
     fusion: str = "concat"
     fusion_dropout: float = 0.0
-    visual_probe_on: str = "auto"
     cdr_target_grad: str = "straight_through"
     cdr_condition_on: str = "x_v"
     cdr_chain_start: str = "noise"
@@ -149,7 +146,6 @@ class MARNet(nn.Module):
         for name, value, allowed in (
             ("cdr_condition_on", self.cdr_condition_on, ("x_v", "x_ema")),
             ("cdr_chain_start", self.cdr_chain_start, ("noise", "visual")),
-            ("visual_probe_on", self.visual_probe_on, ("auto", "x_v")),
             ("cdr_target_grad", self.cdr_target_grad, TARGET_GRADS),
             ("cdr_train_estimate", self.cdr_train_estimate, ("chain", "one_step")),
             ("cdr_head_input", self.cdr_head_input, ("chain", "one_step")),
@@ -194,8 +190,8 @@ class MARNet(nn.Module):
         visual = out["x_ema"] if self.use_ema else out["x_v"]
         feats = [visual] if x_cdr is None else [visual, x_cdr]
         out["logits"] = self.fused_head(feats, train)
-        probe = visual if self.visual_probe_on == "auto" else out["x_v"]
-        out["visual_logits"] = self.visual_head([jax.lax.stop_gradient(probe)], train)
+        # The probe reads what the fused classifier reads on the visual side, gradient stopped.
+        out["visual_logits"] = self.visual_head([jax.lax.stop_gradient(visual)], train)
         if x_cdr is not None:
             head_in = x_cdr if cdr_head_input is None else cdr_head_input
             out["cdr_logits"] = self.cdr_head([head_in], train)
