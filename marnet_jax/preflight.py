@@ -39,7 +39,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from marnet_jax import cli
+from marnet_jax import cli, reporting
 from marnet_jax.data import datasets
 from marnet_jax.train import cost, sharding
 from marnet_jax.train.experiment import Experiment
@@ -537,14 +537,11 @@ def table(r: dict[str, Any]) -> str:
     rows.append(("train step compile", f"{r['compile_s']} s"))
     if "max_per_chip_batch" in r:
         rows.append(("largest per-chip train batch that fits", str(r["max_per_chip_batch"])))
-    lines = ["| quantity | value |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
-    return "\n".join(lines)
+    return reporting.markdown_table(["quantity", "value"], rows)
 
 
 def _main(argv: Sequence[str]) -> None:
     from absl import flags
-
-    from marnet_jax.evidence import common
 
     f = flags.FLAGS
     if len(argv) > 1:
@@ -555,7 +552,7 @@ def _main(argv: Sequence[str]) -> None:
         sys.exit(f"marnet_jax.preflight: {e}")
     print(table(record))
     if f.json:
-        common.write_json(Path(f.json), record)
+        reporting.write_json(f.json, record)
 
 
 def main() -> None:

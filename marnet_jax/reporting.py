@@ -1,4 +1,4 @@
-"""Report helpers shared by the studies (marnet_jax/evidence) and the benchmarks: the machine a
+"""Report helpers shared by the studies (evidence) and the benchmarks: the machine a
 number comes from, percentages, markdown tables, and JSON / CSV files written atomically."""
 
 from __future__ import annotations

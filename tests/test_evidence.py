@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from marnet_jax.data import pipeline
-from marnet_jax.evidence import (
+from evidence import (
     ablation,
     cdr_inference,
     common,
@@ -24,10 +23,11 @@ from marnet_jax.evidence import (
     results,
     robustness,
 )
+from marnet_jax.data import pipeline
 from marnet_jax.train import trainer
 
 REPO = Path(__file__).resolve().parents[1]
-COMMAND = "python -m marnet_jax.evidence.ablation --config configs/tiny.py --workdir W"
+COMMAND = "python -m evidence.ablation --config configs/tiny.py --workdir W"
 
 
 def _config(data_dir):
@@ -302,7 +302,7 @@ def robustness_report(evidence):
         workdir,
         names=("brightness", "occlusion"),
         severities=(1, 5),
-        command="python -m marnet_jax.evidence.robustness --config configs/tiny.py --workdir W",
+        command="python -m evidence.robustness --config configs/tiny.py --workdir W",
     )
 
 
@@ -427,7 +427,7 @@ def test_results_page_from_every_study(
     workdir, _, _ = evidence
     out = tmp_path / "docs" / "results.md"
     proc = subprocess.run(
-        [sys.executable, "-m", "marnet_jax.evidence.results", f"--workdir={workdir}",
+        [sys.executable, "-m", "evidence.results", f"--workdir={workdir}",
          f"--output={out}"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
@@ -502,13 +502,13 @@ def test_results_without_studies_is_a_clear_error(tmp_path):
 
 def test_cli_errors_are_one_line(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "marnet_jax.evidence.robustness", "--config",
+        [sys.executable, "-m", "evidence.robustness", "--config",
          str(REPO / "configs/tiny.py"), f"--workdir={tmp_path}", "--config.train.num_stepz=3"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     lines = [x for x in proc.stderr.strip().splitlines() if x]
     assert proc.returncode != 0 and len(lines) == 1, proc.stderr
-    assert "marnet_jax.evidence.robustness" in lines[0] and "config.train.num_stepz" in lines[0]
+    assert "evidence.robustness" in lines[0] and "config.train.num_stepz" in lines[0]
 
 
 def test_studies_without_an_ablation_say_so(tiny_data_dir, tmp_path):
@@ -538,7 +538,7 @@ def test_every_command_line_end_to_end(tiny_data_dir, tmp_path):
     ]
     for study, *args in commands:
         proc = subprocess.run(
-            [sys.executable, "-m", f"marnet_jax.evidence.{study}", *args],
+            [sys.executable, "-m", f"evidence.{study}", *args],
             cwd=REPO,
             capture_output=True,
             text=True,
@@ -546,7 +546,5 @@ def test_every_command_line_end_to_end(tiny_data_dir, tmp_path):
         )
         assert proc.returncode == 0, (study, proc.stderr[-3000:])
     page = (tmp_path / "docs/results.md").read_text()
-    assert (
-        "Not run yet" not in page and page.count("- Command: `python -m marnet_jax.evidence.") == 4
-    )
+    assert "Not run yet" not in page and page.count("- Command: `python -m evidence.") == 4
     assert "seeds 0, 1" in page

@@ -1,9 +1,9 @@
 """The paper's Figures 3 and 4, checked with numbers: feature clustering and prediction confidence.
 
-    python -m marnet_jax.evidence.figures --config configs/default.py --workdir runs/evidence \
+    python -m evidence.figures --config configs/default.py --workdir runs/evidence \
         [--variant full] [--compare baseline] [--num_examples 1500] [--grid 12]
 
-Reads the runs of `marnet_jax.evidence.ablation` (same --config and --workdir). For every seed of
+Reads the runs of `evidence.ablation` (same --config and --workdir). For every seed of
 --variant (and of --compare, for its x_v), on the first --num_examples test images:
 - cluster quality of each feature space (x_v, x_EMA when the variant has EMA, x_CDR): silhouette
   score (cosine) and leave-one-out k-nearest-neighbour accuracy (cosine), so "x_CDR is better
@@ -29,9 +29,9 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from evidence import common
+from evidence.robustness import config_name
 from marnet_jax import cli, reporting
-from marnet_jax.evidence import common
-from marnet_jax.evidence.robustness import config_name
 
 log = logging.getLogger("marnet_jax")
 
@@ -623,7 +623,7 @@ def _run_from_flags(f: Any) -> Path:
 
 
 def main() -> None:
-    common.study_cli("marnet_jax.evidence.figures", _define_flags, _run_from_flags)
+    common.study_cli("evidence.figures", _define_flags, _run_from_flags)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """docs/results.md, assembled from what the studies wrote into an evidence workdir.
 
-    python -m marnet_jax.evidence.results --workdir runs/evidence --output docs/results.md
+    python -m evidence.results --workdir runs/evidence --output docs/results.md
 
 Reads `<workdir>/<study>/<study>.json` and `<study>.md` of ablation, low_data, robustness, figures
 and cdr_inference (a study not run yet gets a line with its command), writes the page with a summary
@@ -34,14 +34,13 @@ STUDIES = {
 }
 TUNING = "tuning"  # <workdir>/tuning/<name>/ablation/ablation.json: one ablation call per search
 COMMANDS = {
-    "tuning": "python -m marnet_jax.evidence.ablation --config configs/default.py "
+    "tuning": "python -m evidence.ablation --config configs/default.py "
     "--workdir W/tuning/NAME --seeds 0 --variants ... --extra_variant 'LABEL=BASE field=value'",
-    "ablation": "python -m marnet_jax.evidence.ablation --config configs/default.py --workdir W",
-    "low_data": "python -m marnet_jax.evidence.low_data --config configs/default.py --workdir W",
-    "robustness": "python -m marnet_jax.evidence.robustness --config configs/default.py --workdir W",
-    "figures": "python -m marnet_jax.evidence.figures --config configs/default.py --workdir W",
-    "cdr_inference": "python -m marnet_jax.evidence.cdr_inference --config configs/default.py "
-    "--workdir W",
+    "ablation": "python -m evidence.ablation --config configs/default.py --workdir W",
+    "low_data": "python -m evidence.low_data --config configs/default.py --workdir W",
+    "robustness": "python -m evidence.robustness --config configs/default.py --workdir W",
+    "figures": "python -m evidence.figures --config configs/default.py --workdir W",
+    "cdr_inference": "python -m evidence.cdr_inference --config configs/default.py --workdir W",
 }
 
 
@@ -71,7 +70,7 @@ STUDY_ABLATION = "ablation"
 def tuning_markdown(reports: Sequence[Mapping[str, Any]]) -> str:
     """Every setting a search tried, with its validation accuracies (the test split is not shown:
     choices are made on validation only)."""
-    from marnet_jax.evidence import common
+    from evidence import common
 
     def val(runs: Sequence[Mapping[str, Any]], head: str) -> str:
         values = [
@@ -293,7 +292,7 @@ def _with_figures(fragment: str, study_dir: Path, out_dir: Path, rel: str) -> st
 
 
 def corruption_table() -> str:
-    from marnet_jax.evidence import corruptions
+    from evidence import corruptions
 
     rows = []
     for name, values in corruptions.SEVERITIES.items():
@@ -369,13 +368,13 @@ def run(workdir: str | Path, output: str | Path, command: str = "") -> Path:
 def _main(argv: Sequence[str]) -> None:
     from absl import flags
 
-    from marnet_jax.evidence import common
+    from evidence import common
 
     if len(argv) > 1:
-        sys.exit(f"marnet_jax.evidence.results: unexpected arguments {argv[1:]}.")
+        sys.exit(f"evidence.results: unexpected arguments {argv[1:]}.")
     f = flags.FLAGS
     common.run_cli(
-        "marnet_jax.evidence.results",
+        "evidence.results",
         lambda: print(f"Wrote {run(f.workdir, f.output, common.command_line())}"),
     )
 

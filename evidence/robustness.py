@@ -1,9 +1,9 @@
 """Robustness: accuracy of trained models under test-time corruptions at 5 severities.
 
-    python -m marnet_jax.evidence.robustness --config configs/default.py --workdir runs/evidence \
+    python -m evidence.robustness --config configs/default.py --workdir runs/evidence \
         [--variants baseline,full] [--seeds 0,1,2] [--num_examples 1000 (0: the whole split)]
 
-Reads the runs of `marnet_jax.evidence.ablation` (same --config and --workdir) and evaluates every
+Reads the runs of `evidence.ablation` (same --config and --workdir) and evaluates every
 head (fused, visual probe, CDR) of each on the test split, clean and under each corruption of
 `corruptions.SEVERITIES` (lighting: brightness, contrast, colour cast; viewpoint: rotation,
 crop/scale; camera: blur, Gaussian noise; clutter: occlusion) at severities 1..5. The corrupted
@@ -28,8 +28,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from evidence import common, corruptions
 from marnet_jax import cli, reporting
-from marnet_jax.evidence import common, corruptions
 
 log = logging.getLogger("marnet_jax")
 
@@ -538,7 +538,7 @@ def _run_from_flags(f: Any) -> Path:
 
 
 def main() -> None:
-    common.study_cli("marnet_jax.evidence.robustness", _define_flags, _run_from_flags)
+    common.study_cli("evidence.robustness", _define_flags, _run_from_flags)
 
 
 if __name__ == "__main__":

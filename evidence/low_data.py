@@ -1,6 +1,6 @@
 """Low-data study: variants trained on a fixed fraction of the training split, over several seeds.
 
-    python -m marnet_jax.evidence.low_data --config configs/default.py --workdir runs/evidence \
+    python -m evidence.low_data --config configs/default.py --workdir runs/evidence \
         [--fractions 0.1,0.3,1.0] [--variants baseline,aux,full] [--seeds 0,1,2]
 
 Privileged text should matter most when images are few. Every (variant, fraction, seed) is a normal
@@ -21,9 +21,9 @@ from typing import Any
 
 import ml_collections
 
+from evidence import ablation, common
 from marnet_jax import cli, reporting
 from marnet_jax.config import VARIANTS
-from marnet_jax.evidence import ablation, common
 
 log = logging.getLogger("marnet_jax")
 
@@ -218,7 +218,7 @@ def _run_from_flags(f: Any) -> Path:
 
 
 def main() -> None:
-    common.study_cli("marnet_jax.evidence.low_data", _define_flags, _run_from_flags, training=True)
+    common.study_cli("evidence.low_data", _define_flags, _run_from_flags, training=True)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Every study writes into its own folder of one evidence workdir (`<workdir>/<study>/`): a JSON with every
 number and its provenance (machine, config, seeds, exact command), a markdown fragment that
-`marnet_jax.evidence.results` puts into docs/results.md, and its tables and figures.
+`evidence.results` puts into docs/results.md, and its tables and figures.
 """
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ def run_index(workdir: Path) -> dict[str, dict[int, Path]]:
         index.setdefault(run_dir.parent.name, {})[int(run_dir.name.removeprefix("seed_"))] = run_dir
     if not index:
         raise UsageError(
-            f"No finished ablation runs in {root}: run `python -m marnet_jax.evidence.ablation` with "
+            f"No finished ablation runs in {root}: run `python -m evidence.ablation` with "
             "this --workdir first (it trains the runs the other studies read)."
         )
     return index

@@ -1,6 +1,6 @@
 """Ablation: baseline / +EMA / +CDR / full MARNet (and extra variants) over several seeds.
 
-    python -m marnet_jax.evidence.ablation --config configs/default.py --workdir runs/evidence \
+    python -m evidence.ablation --config configs/default.py --workdir runs/evidence \
         [--seeds 0,1,2] [--variants baseline,ema,cdr,full] [--extra_variant 'gated=full model.fusion=gated']
         [--seeds_of baseline,full=0,1,2,3,4]
 
@@ -29,9 +29,9 @@ from typing import Any
 
 import ml_collections
 
+from evidence import common
 from marnet_jax import cli, reporting
 from marnet_jax.config import VARIANTS, apply_variant
-from marnet_jax.evidence import common
 from marnet_jax.train.steps import EVAL_HEADS
 
 log = logging.getLogger("marnet_jax")
@@ -491,7 +491,7 @@ def _run_from_flags(f: Any) -> Path:
 
 
 def main() -> None:
-    common.study_cli("marnet_jax.evidence.ablation", _define_flags, _run_from_flags, training=True)
+    common.study_cli("evidence.ablation", _define_flags, _run_from_flags, training=True)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """CDR inference: accuracy and latency of x_CDR against the reverse sampler and the averaged samples.
 
-    python -m marnet_jax.evidence.cdr_inference --config configs/default.py --workdir runs/evidence \
+    python -m evidence.cdr_inference --config configs/default.py --workdir runs/evidence \
         [--variant full] [--seeds 0] [--ddim_steps 1,5,10,50] [--num_samples 1,4]
 
-Reads a run of `marnet_jax.evidence.ablation` (same --config and --workdir; default: the first seed of
+Reads a run of `evidence.ablation` (same --config and --workdir; default: the first seed of
 'full') and evaluates its CDR head and fused classifier on the test split with x_CDR from each
 setting: DDPM over the full chain (T = model.cdr.num_steps) and DDIM with each of --ddim_steps (those
 <= T), each averaging each of --num_samples chains. The backbone runs once per image; only the chain
@@ -28,8 +28,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from evidence import common
 from marnet_jax import cli, reporting
-from marnet_jax.evidence import common
 
 log = logging.getLogger("marnet_jax")
 
@@ -436,7 +436,7 @@ def _run_from_flags(f: Any) -> Path:
 
 
 def main() -> None:
-    common.study_cli("marnet_jax.evidence.cdr_inference", _define_flags, _run_from_flags)
+    common.study_cli("evidence.cdr_inference", _define_flags, _run_from_flags)
 
 
 if __name__ == "__main__":
