@@ -32,6 +32,7 @@ import ml_collections
 from evidence import common
 from marnet_jax import cli, reporting
 from marnet_jax.config import VARIANTS, apply_variant
+from marnet_jax.models.config import upgrade_model_config
 from marnet_jax.train.steps import EVAL_HEADS
 
 log = logging.getLogger("marnet_jax")
@@ -191,6 +192,10 @@ def train_run(config: ml_collections.ConfigDict, run_dir: Path) -> dict[str, Any
         if path.exists():
             old = json.loads(path.read_text())
             old = old.get("config", old) if path.name == MARKER else old
+            if "model" in old:  # an earlier layout's model section, as the trainer reads it
+                old["model"] = upgrade_model_config(
+                    ml_collections.ConfigDict(old["model"])
+                ).to_dict()
             diff = config_differences(old, wanted)
             if diff:
                 raise common.UsageError(

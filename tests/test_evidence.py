@@ -23,6 +23,7 @@ from evidence import (
     results,
     robustness,
 )
+from marnet_jax.config import apply_variant
 from marnet_jax.data import pipeline
 from marnet_jax.train import trainer
 
@@ -238,6 +239,20 @@ def test_ablation_rerun_skips_finished_runs_and_refuses_a_changed_config(evidenc
     changed.train.num_steps = 3
     with pytest.raises(common.UsageError, match=r"train.num_steps: 2 -> 3"):
         ablation.run(changed, workdir, variants=("baseline",), seeds=(0,))
+
+
+def test_a_run_of_the_earlier_config_layout_is_compared_field_by_field(tiny_data_dir, tmp_path):
+    """A run directory whose config.json has the earlier model layout (cdr.head_input, ...) is read
+    as the trainer reads it: a moved field that differs is still a difference."""
+    config = apply_variant(_config(tiny_data_dir), "full")
+    old = json.loads(config.to_json_best_effort())
+    old["model"]["cdr"]["head_input"] = "one_step"
+    del old["model"]["cdr_head_input"]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps(old))
+    with pytest.raises(common.UsageError, match=r"model.cdr_head_input: 'one_step' -> 'chain'"):
+        ablation.train_run(config, run_dir)
 
 
 def test_the_studies_read_every_finished_run_of_an_ablation_run_in_parts(evidence, tmp_path):
