@@ -138,7 +138,7 @@ def test_missing_iterator_position_is_an_error_naming_the_file(
     assert f"resume_step={last - config.checkpoint.every_steps}" in str(e.value)
 
 
-# orbax leaves its array-read coroutines unawaited after a failed restore; Python reports them.
+# orbax leaves its reads unawaited after a failed restore; Python reports them (see pyproject.toml).
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_damaged_newest_checkpoint_names_itself_and_resume_step_recovers(
     straight_run, tiny_data_dir, tmp_path
