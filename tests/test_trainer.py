@@ -80,6 +80,9 @@ def test_aux_variant_on_a_training_subset_trains_end_to_end(tiny_data_dir, tmp_p
     assert "aux_head" in params and "text_encoder" not in params
 
 
+# Slow: the default run checks the same equality through resume_step
+# (test_damaged_newest_checkpoint_names_itself_and_resume_step_recovers).
+@pytest.mark.slow
 def test_resume_matches_uninterrupted_run(straight_run, tiny_data_dir, tmp_path, monkeypatch):
     workdir, config, _ = straight_run
     expected, _ = _params(workdir, config)
