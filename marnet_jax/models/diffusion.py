@@ -174,12 +174,13 @@ def q_posterior(
 
 
 # Each parameterisation as coefficients of two linear maps, with a = sqrt(alpha_bar_t),
-# s = sqrt(1 - alpha_bar_t) and x_t = a x0 + s eps: its regression target from (x0, noise) and the
-# x0 and eps it implies from (x_t, model output). v = a eps - s x0 (Salimans & Ho).
-_COEFFICIENTS: dict[str, Callable[[Array, Array], dict[str, tuple]]] = {
-    "eps": lambda a, s: {"target": (0.0, 1.0), "x0": (1 / a, -s / a), "eps": (0.0, 1.0)},
-    "x0": lambda a, s: {"target": (1.0, 0.0), "x0": (0.0, 1.0), "eps": (1 / s, -a / s)},
-    "v": lambda a, s: {"target": (-s, a), "x0": (a, -s), "eps": (s, a)},
+# s = sqrt(1 - alpha_bar_t), x_t = a x0 + s eps, ra = 1 / a and rm = s / a: its regression target
+# from (noise, x0) and the x0 and eps it implies from (x_t, model output). v = a eps - s x0
+# (Salimans & Ho).
+_COEFFICIENTS: dict[str, Callable[..., dict[str, tuple]]] = {
+    "eps": lambda a, s, ra, rm: {"target": (1.0, 0.0), "x0": (ra, -rm), "eps": (0.0, 1.0)},
+    "x0": lambda a, s, ra, rm: {"target": (0.0, 1.0), "x0": (0.0, 1.0), "eps": (1 / s, -a / s)},
+    "v": lambda a, s, ra, rm: {"target": (a, -s), "x0": (a, -s), "eps": (s, a)},
 }
 PREDICTIONS = tuple(_COEFFICIENTS)
 
@@ -190,9 +191,16 @@ def _combine(
     """c1 * first + c2 * second with the coefficients of `what` under `prediction` at steps t."""
     if prediction not in _COEFFICIENTS:
         raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
-    a = _extract(schedule.sqrt_alphas_cumprod, t, first)
-    s = _extract(schedule.sqrt_one_minus_alphas_cumprod, t, first)
-    c1, c2 = _COEFFICIENTS[prediction](a, s)[what]
+    coef = (
+        _extract(arr, t, first)
+        for arr in (
+            schedule.sqrt_alphas_cumprod,
+            schedule.sqrt_one_minus_alphas_cumprod,
+            schedule.sqrt_recip_alphas_cumprod,
+            schedule.sqrt_recipm1_alphas_cumprod,
+        )
+    )
+    c1, c2 = _COEFFICIENTS[prediction](*coef)[what]
     return c1 * first + c2 * second
 
 
@@ -200,7 +208,7 @@ def training_target(
     schedule: DiffusionSchedule, x0: Array, t: Array, noise: Array, prediction: str
 ) -> Array:
     """Regression target: eps, x0, or v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho)."""
-    return _combine(schedule, t, prediction, "target", x0, noise)
+    return _combine(schedule, t, prediction, "target", noise, x0)
 
 
 def predict_x0(
