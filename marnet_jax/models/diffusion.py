@@ -173,56 +173,77 @@ def q_posterior(
     return mean, var, log_var
 
 
-# Each parameterisation as coefficients of two linear maps, with a = sqrt(alpha_bar_t),
-# s = sqrt(1 - alpha_bar_t), x_t = a x0 + s eps, ra = 1 / a and rm = s / a: its regression target
-# from (noise, x0) and the x0 and eps it implies from (x_t, model output). v = a eps - s x0
-# (Salimans & Ho).
-_COEFFICIENTS: dict[str, Callable[..., dict[str, tuple]]] = {
-    "eps": lambda a, s, ra, rm: {"target": (1.0, 0.0), "x0": (ra, -rm), "eps": (0.0, 1.0)},
-    "x0": lambda a, s, ra, rm: {"target": (0.0, 1.0), "x0": (0.0, 1.0), "eps": (1 / s, -a / s)},
-    "v": lambda a, s, ra, rm: {"target": (a, -s), "x0": (a, -s), "eps": (s, a)},
+class _Coefficients(NamedTuple):
+    """Schedule values at steps t, broadcast against the data: a = sqrt(alpha_bar_t),
+    s = sqrt(1 - alpha_bar_t), ra = 1 / a, rm = s / a (so x_t = a x0 + s eps)."""
+
+    a: Array
+    s: Array
+    ra: Array
+    rm: Array
+
+
+# Each parameterisation in one row: its regression target from (noise, x0), and the x0 and eps it
+# implies from (x_t, model output). v = a eps - s x0 (Salimans & Ho).
+_PARAMETERISATIONS: dict[str, dict[str, Callable[[_Coefficients, Array, Array], Array]]] = {
+    "eps": {
+        "target": lambda c, noise, x0: noise,
+        "x0": lambda c, x_t, out: c.ra * x_t - c.rm * out,
+        "eps": lambda c, x_t, out: out,
+    },
+    "x0": {
+        "target": lambda c, noise, x0: x0,
+        "x0": lambda c, x_t, out: out,
+        "eps": lambda c, x_t, out: (c.ra * x_t - out) / c.rm,
+    },
+    "v": {
+        "target": lambda c, noise, x0: c.a * noise - c.s * x0,
+        "x0": lambda c, x_t, out: c.a * x_t - c.s * out,
+        "eps": lambda c, x_t, out: c.s * x_t + c.a * out,
+    },
 }
-PREDICTIONS = tuple(_COEFFICIENTS)
+PREDICTIONS = tuple(_PARAMETERISATIONS)
 
 
-def _combine(
+def _apply(
     schedule: DiffusionSchedule, t: Array, prediction: str, what: str, first: Array, second: Array
 ) -> Array:
-    """c1 * first + c2 * second with the coefficients of `what` under `prediction` at steps t."""
-    if prediction not in _COEFFICIENTS:
+    """Row `prediction`, column `what` of the table at steps t."""
+    if prediction not in _PARAMETERISATIONS:
         raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
-    coef = (
-        _extract(arr, t, first)
-        for arr in (
-            schedule.sqrt_alphas_cumprod,
-            schedule.sqrt_one_minus_alphas_cumprod,
-            schedule.sqrt_recip_alphas_cumprod,
-            schedule.sqrt_recipm1_alphas_cumprod,
+    c = _Coefficients(
+        *(
+            _extract(arr, t, first)
+            for arr in (
+                schedule.sqrt_alphas_cumprod,
+                schedule.sqrt_one_minus_alphas_cumprod,
+                schedule.sqrt_recip_alphas_cumprod,
+                schedule.sqrt_recipm1_alphas_cumprod,
+            )
         )
     )
-    c1, c2 = _COEFFICIENTS[prediction](*coef)[what]
-    return c1 * first + c2 * second
+    return _PARAMETERISATIONS[prediction][what](c, first, second)
 
 
 def training_target(
     schedule: DiffusionSchedule, x0: Array, t: Array, noise: Array, prediction: str
 ) -> Array:
     """Regression target: eps, x0, or v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho)."""
-    return _combine(schedule, t, prediction, "target", noise, x0)
+    return _apply(schedule, t, prediction, "target", noise, x0)
 
 
 def predict_x0(
     schedule: DiffusionSchedule, x_t: Array, t: Array, out: Array, prediction: str
 ) -> Array:
     """x0 implied by the model output `out` under the given parameterisation."""
-    return _combine(schedule, t, prediction, "x0", x_t, out)
+    return _apply(schedule, t, prediction, "x0", x_t, out)
 
 
 def predict_eps(
     schedule: DiffusionSchedule, x_t: Array, t: Array, out: Array, prediction: str
 ) -> Array:
     """Noise implied by the model output `out` under the given parameterisation."""
-    return _combine(schedule, t, prediction, "eps", x_t, out)
+    return _apply(schedule, t, prediction, "eps", x_t, out)
 
 
 def eps_from_x0(schedule: DiffusionSchedule, x_t: Array, t: Array, x0: Array) -> Array:
