@@ -9,7 +9,9 @@ Cases:
                       'default' config itself, built into --data_dir if needed).
   jpeg_224px          512x384 photo-like JPEGs (written to a temp dir, read back into an in-memory
                       source) through random-resized-crop to 224 px, flip and colour jitter.
-Each case runs with worker_count 0, 1, 2 (and read_threads 0 and the config default at 0 workers).
+Each case runs its train pipeline (decode + random-resized-crop + flip to uint8; the colour jitter and
+normalisation run in the train step) with worker_count 0, 1, 2 (and read_threads 0 and the config
+default at 0 workers), and its eval pipeline (decode, resize + centre crop, normalise) at 0 workers.
 Images/s is wall-clock over --batches batches after --warmup batches (worker start-up excluded; it
 is reported as the time to the first batch). On a shared machine wall-clock rates depend on the
 load; images/CPU-s (main process, 0 workers) is the load-independent single-core cost.
@@ -18,6 +20,7 @@ load; images/CPU-s (main process, 0 workers) is the load-independent single-core
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import pathlib
 import tempfile
@@ -93,16 +96,32 @@ def synthetic_source(num_train: int | None, data_dir: str):
     return builder.as_data_source(split="train", decoders={"image": tfds.decode.SkipDecoding()})
 
 
-def measure(cfg, src, *, batch: int, warmup: int, batches: int) -> tuple[float, float, float]:
+def _batches(cfg, src, batch: int, pipeline_kind: str):
+    """The train stream, or eval passes over `src` one after the other."""
+    if pipeline_kind == "train":
+        return pipeline.train_iterator(
+            cfg, batch_size=batch, seed=0, shard_index=0, shard_count=1, data_source=src
+        )
+
+    def passes():
+        while True:
+            yield from pipeline.eval_batches(
+                cfg, batch_size=batch, shard_index=0, shard_count=1, data_source=src
+            )
+
+    return passes()
+
+
+def measure(
+    cfg, src, *, batch: int, warmup: int, batches: int, pipeline_kind: str = "train"
+) -> tuple[float, float, float]:
     """(images per wall second, images per CPU second of this process, seconds to first batch).
 
     The CPU-second rate counts this process's threads only, so it is the per-core cost when
     worker_count is 0 (and not meaningful with worker processes).
     """
     t0 = time.perf_counter()
-    it = pipeline.train_iterator(
-        cfg, batch_size=batch, seed=0, shard_index=0, shard_count=1, data_source=src
-    )
+    it = _batches(cfg, src, batch, pipeline_kind)
     next(it)
     first = time.perf_counter() - t0
     for _ in range(warmup - 1):
@@ -143,9 +162,9 @@ def main(argv: list[str] | None = None) -> None:
             ),
             ("jpeg_224px", "vireo_food172", jpeg_source(preset["jpegs"], tmp / "jpeg")),
         ]
-        for case, dataset, src in cases:
+        for (case, dataset, src), kind in itertools.product(cases, ("train", "eval")):
             default_threads = data_config.get_data_config(dataset).read_threads
-            settings = [(0, 0)] + [(w, default_threads) for w in workers]
+            settings = [(0, 0)] + [(w, default_threads) for w in workers if kind == "train"]
             for worker_count, threads in settings:
                 cfg = data_config.get_data_config(dataset)
                 cfg.worker_count, cfg.read_threads = worker_count, threads
@@ -155,9 +174,11 @@ def main(argv: list[str] | None = None) -> None:
                     batch=preset["batch"],
                     warmup=preset["warmup"],
                     batches=preset["batches"],
+                    pipeline_kind=kind,
                 )
                 row = dict(
                     case=case,
+                    pipeline=kind,
                     image_size=cfg.image_size,
                     workers=worker_count,
                     read_threads=threads,
@@ -168,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 rows.append(row)
                 print(
-                    f"{case:20s} {cfg.image_size:4d}px  workers={worker_count}  "
+                    f"{case:20s} {kind:5s} {cfg.image_size:4d}px  workers={worker_count}  "
                     f"threads={threads}  {rate:8.1f} img/s  first batch {first:5.2f} s",
                     flush=True,
                 )
@@ -181,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     table = [
         [
             r["case"],
+            r["pipeline"],
             r["image_size"],
             r["workers"],
             r["read_threads"],
@@ -190,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         ]
         for r in rows
     ]
-    headers = ["case", "px", "workers", "read threads", "images/s", "images/CPU-s"]
+    headers = ["case", "pipeline", "px", "workers", "read threads", "images/s", "images/CPU-s"]
     print(reporting.markdown_table([*headers, "first batch (s)"], table))
     out = dict(preset=args.preset, machine=info, load_average_before=load_before, rows=rows)
     _common.save(args.json, out)

@@ -162,6 +162,58 @@ def test_color_jitter_factors_and_pil_semantics():
     np.testing.assert_allclose(flat, grey, atol=1e-4)  # Contrast/saturation keep flat grey.
 
 
+def _photo_jpeg(width=512, height=384, seed=0):
+    """Smooth colour gradients with mild noise, as JPEG (random pixels would not survive DCT
+    scaling and say nothing about it)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    image = np.stack([x, y, (x + y) / 2], -1) * rng.uniform(100, 255, 3)
+    image += rng.normal(0, 3, (height, width, 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_random_resized_crop_from_bytes_draws_the_same_box_and_decodes_only_what_it_needs():
+    """From encoded bytes the crop draws the same box (the header's size, the same random draws)
+    as from the decoded image; a JPEG box that spans several times the output is decoded at a
+    reduced DCT scale, which changes pixels by little; a small box gives the very same pixels."""
+    jpeg = _photo_jpeg()
+    decoded = pipeline.DecodeImage().map({"image": jpeg})["image"]
+    for size, scale, exact in ((224, (0.05, 0.1), True), (48, (0.8, 1.0), False)):
+        t = pipeline.RandomResizedCrop(size, scale=scale)
+        for seed in range(5):
+            from_bytes = t.random_map({"image": jpeg}, np.random.default_rng(seed))["image"]
+            from_array = t.random_map({"image": decoded}, np.random.default_rng(seed))["image"]
+            assert from_bytes.shape == (size, size, 3) and from_bytes.dtype == np.uint8
+            diff = np.abs(from_bytes.astype(np.int16) - from_array.astype(np.int16))
+            if exact:
+                np.testing.assert_array_equal(from_bytes, from_array)
+            else:
+                assert diff.mean() < 2.0 and diff.max() < 40, (seed, diff.mean(), diff.max())
+    whole = pipeline.RandomResizedCrop(48, scale=(1.0, 1.0), ratio=(4 / 3, 4 / 3))
+    with pipeline._open(jpeg) as img:
+        box = whole.crop_box(384, 512, np.random.default_rng(0))
+        pipeline._decode_box(img, box, 48, "bilinear")
+        assert img.size == (64, 48)  # decoded at 1/8: the box still spans >= 48 px each way
+
+
+def test_train_batches_of_jpegs_are_deterministic_and_resume_exactly():
+    src = [
+        {"image": _photo_jpeg(seed=i), "label": i, "ingredients": np.eye(V)[i % V]}
+        for i in range(6)
+    ]
+    c = cfg(shuffle=True)
+    kwargs = dict(batch_size=3, seed=5, shard_index=0, shard_count=1, data_source=src)
+    reference = take(pipeline.train_iterator(c, **kwargs), 4)
+    assert_same_batches(reference, take(pipeline.train_iterator(c, **kwargs), 4))
+    it = pipeline.train_iterator(c, **kwargs)
+    take(it, 2)
+    restored = pipeline.train_iterator(c, **kwargs)
+    restored.set_state(pipeline.state_from_json(pipeline.state_to_json(it.get_state())))
+    assert_same_batches(take(restored, 2), reference[2:])
+
+
 def test_augmentation_deterministic_by_seed_and_varies_across_seeds_and_epochs():
     n = 8
     src = memory_source(n)

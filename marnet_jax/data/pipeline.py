@@ -12,7 +12,7 @@ Evaluation (`eval_batches`): one ordered pass over a contiguous slice of the spl
 padded with masked copies of a real example so that every shard yields as many full batches.
 
 Element flow (dicts): source {'image': encoded bytes, 'label', 'ingredients', 'image_path'}
-  -> DecodeImage: 'image' uint8 [H, W, 3]
+  -> DecodeImage: 'image' uint8 [H, W, 3] (in training RandomResizedCrop decodes as it crops)
   -> train: RandomResizedCrop, ColorJitter (draws the factors), RandomFlip, TrainFeatures
      -> batch -> BatchNormalize (applies the jitter to the batch, then normalises)
   -> eval: ResizeCentreCrop, then the caller's `extra_transforms`, Normalize
@@ -73,6 +73,35 @@ def _resize_box(image: np.ndarray, box: tuple[int, int, int, int], size: int, re
     return np.asarray(out)
 
 
+def _open(data: Any) -> Image.Image:
+    """An encoded image (bytes, or a 0-d array of them) opened lazily: header read, not decoded."""
+    if isinstance(data, np.ndarray):  # A 0-d object/bytes array from some sources.
+        data = data.item()
+    return Image.open(io.BytesIO(data))
+
+
+def _decode_box(img: Image.Image, box: tuple[int, int, int, int], size: int, resample: str):
+    """Decodes `img` and resizes its `box` to size x size, as _resize_box on the decoded image.
+
+    A JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) at which the box still spans at
+    least `size` pixels each way (libjpeg's scaled decode: far less work), so that the resize
+    still only shrinks; at full scale the pixels are _resize_box's."""
+    left, top, right, bottom = box
+    width, height = img.size
+    need = (
+        math.ceil(width * size / max(right - left, 1)),
+        math.ceil(height * size / max(bottom - top, 1)),
+    )
+    if need[0] < width and need[1] < height:
+        img.draft("RGB", need)
+    scale = img.size[0] / width
+    rgb = img if img.mode == "RGB" else img.convert("RGB")
+    if scale == 1 and box == (0, 0, width, height) and (height, width) == (size, size):
+        return np.asarray(rgb)
+    scaled = (left * scale, top * scale, right * scale, bottom * scale)
+    return np.asarray(rgb.resize((size, size), _resample(resample), box=scaled))
+
+
 # --------------------------------------------------------------------------------------------------
 # Transforms.
 
@@ -81,10 +110,7 @@ class DecodeImage(grain.transforms.Map):
     """'image': encoded PNG/JPEG bytes -> uint8 [H, W, 3] RGB (grey, palette and CMYK converted)."""
 
     def map(self, element: Example) -> Example:
-        data = element["image"]
-        if isinstance(data, np.ndarray):  # A 0-d object/bytes array from some sources.
-            data = data.item()
-        with Image.open(io.BytesIO(data)) as img:
+        with _open(element["image"]) as img:
             rgb = img if img.mode == "RGB" else img.convert("RGB")
             image = np.asarray(rgb)
         return {**element, "image": image}
@@ -92,7 +118,10 @@ class DecodeImage(grain.transforms.Map):
 
 class RandomResizedCrop(grain.transforms.RandomMap):
     """Inception-style crop: area fraction in `scale`, aspect (w / h) log-uniform in `ratio`,
-    resized to size x size; after 10 failed draws, a centre crop with the aspect clamped."""
+    resized to size x size; after 10 failed draws, a centre crop with the aspect clamped.
+
+    Takes a decoded uint8 image, or the encoded bytes: then the box is drawn from the header's size
+    and a JPEG is decoded at the coarsest DCT scale that still covers the box (`_decode_box`)."""
 
     def __init__(
         self,
@@ -138,8 +167,12 @@ class RandomResizedCrop(grain.transforms.RandomMap):
 
     def random_map(self, element: Example, rng: np.random.Generator) -> Example:
         image = element["image"]
-        box = self.crop_box(image.shape[0], image.shape[1], rng)
-        return {**element, "image": _resize_box(image, box, self.size, self.interpolation)}
+        if isinstance(image, np.ndarray) and image.ndim == 3:  # already decoded
+            box = self.crop_box(image.shape[0], image.shape[1], rng)
+            return {**element, "image": _resize_box(image, box, self.size, self.interpolation)}
+        with _open(image) as img:  # encoded: decode only as finely as the crop needs
+            box = self.crop_box(img.height, img.width, rng)
+            return {**element, "image": _decode_box(img, box, self.size, self.interpolation)}
 
 
 class ResizeCentreCrop(grain.transforms.Map):
@@ -484,8 +517,10 @@ def train_iterator(
         # The same permutation on every shard, a new one every epoch.
         ds = ds.shuffle(seed=derive_seed(seed, 0))
     ds = ds[shard_index:used:shard_count].repeat(None)
-    ds = ds.map(DecodeImage())
-    for i, t in enumerate(train_transforms(data_cfg)):
+    transforms = train_transforms(data_cfg)
+    if not isinstance(transforms[0], RandomResizedCrop):  # which decodes as it crops
+        ds = ds.map(DecodeImage())
+    for i, t in enumerate(transforms):
         ds = _apply(ds, t, derive_seed(seed, 1, shard_index, i))
     ds = ds.map(TrainFeatures())
     ds = ds.batch(batch_size, drop_remainder=True)
