@@ -66,7 +66,8 @@ def checkpoint_config() -> ml_collections.ConfigDict:
             keep=3,  # newest checkpoints kept
             async_save=True,  # write in the background while training continues
             # resume from this step instead of the newest (-1), e.g. when the newest is damaged;
-            # checkpoints after it are moved to <workdir>/checkpoints_set_aside/
+            # checkpoints after it are moved to <workdir>/checkpoints_set_aside/. Acts once: a
+            # later run with the same value resumes from the newest checkpoint.
             resume_step=-1,
         )
     )

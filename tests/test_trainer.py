@@ -170,6 +170,11 @@ def test_damaged_newest_checkpoint_names_itself_and_resume_step_recovers(
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), resumed, expected
     )
+    # The same flag again (a restart of the same command) resumes from the newest checkpoint.
+    manager = checkpoint.make_manager(tmp_path, config.checkpoint)
+    assert checkpoint.resume_step(manager, tmp_path, previous) == last
+    assert sorted(manager.all_steps()) == [previous, last]
+    manager.close()
 
 
 def _main(*args, env=None, **kwargs):

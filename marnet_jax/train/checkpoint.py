@@ -136,19 +136,32 @@ def resume_step(manager, workdir: str | epath.Path, requested: int) -> int | Non
     """The step to resume from: the newest (`requested` < 0) or `requested`.
 
     Checkpoints after a requested step are moved to `<workdir>/checkpoints_set_aside/` (kept, not
-    deleted) so that the resumed run can write its own at those steps.
+    deleted) so that the resumed run can write its own at those steps. The request is carried out
+    once: a marker there makes a later run with the same flag (a restart after preemption, say)
+    resume from its newest checkpoint instead of going back again.
     """
     steps = sorted(manager.all_steps())
+    newest = steps[-1] if steps else None
     if requested < 0:
-        return steps[-1] if steps else None
+        return newest
+    aside = epath.Path(workdir) / SET_ASIDE
+    done = aside / f"resumed_from_{requested}"
+    if done.exists():
+        log.warning(
+            "config.checkpoint.resume_step=%d was carried out before (%s); resuming from the "
+            "newest checkpoint, %s.",
+            requested,
+            done,
+            newest,
+        )
+        return newest
     if requested not in steps:
         raise ValueError(
             f"config.checkpoint.resume_step={requested}: no such checkpoint in "
             f"{manager.directory}; it has steps {steps}."
         )
     later = [s for s in steps if s > requested]
-    if later and jax.process_index() == 0:
-        aside = epath.Path(workdir) / SET_ASIDE
+    if jax.process_index() == 0:
         aside.mkdir(parents=True, exist_ok=True)
         for s in later:
             dest = aside / str(s)
@@ -157,7 +170,8 @@ def resume_step(manager, workdir: str | epath.Path, requested: int) -> int | Non
                 dest, n = aside / f"{s}.{n}", n + 1
             shutil.move(str(epath.Path(manager.directory) / str(s)), str(dest))
             log.warning("Resuming from step %d: moved checkpoint %d to %s.", requested, s, dest)
+        done.write_text(f"moved aside: {later}\n")
+    multihost_utils.sync_global_devices("marnet_jax_resume_step")
     if later:
-        multihost_utils.sync_global_devices("marnet_jax_resume_step")
         manager.reload()
     return requested
