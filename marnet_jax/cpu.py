@@ -36,16 +36,24 @@ def xla_flags_with_cpu_conv(xla_flags: str, jaxlib_version: str) -> str:
 
 def configure_xla() -> None:
     """Sets XLA_FLAGS for the CPU backend; entry points call it before JAX starts a backend."""
-    from jax._src import xla_bridge  # backends_are_initialized has no public name
-
     try:
         version = metadata.version("jaxlib")
     except metadata.PackageNotFoundError:
         version = ""
     flags = xla_flags_with_cpu_conv(os.environ.get("XLA_FLAGS", ""), version)
-    if flags != os.environ.get("XLA_FLAGS", "") and xla_bridge.backends_are_initialized():
+    if flags != os.environ.get("XLA_FLAGS", "") and _backends_started():
         logging.getLogger("marnet_jax").warning("JAX already started: %s has no effect.", flags)
     os.environ["XLA_FLAGS"] = flags
+
+
+def _backends_started() -> bool:
+    """Whether JAX has created a backend (its flags are read then); False where jax's private
+    module that knows has moved."""
+    try:
+        from jax._src import xla_bridge
+    except ImportError:
+        return False
+    return bool(getattr(xla_bridge, "backends_are_initialized", lambda: False)())
 
 
 def resolve_conv_impl(impl: str) -> str:

@@ -64,13 +64,18 @@ def _np_dtype(name: str) -> np.dtype:
     raise ValueError(f"Unknown image dtype {name!r}; expected 'float32' or 'bfloat16'.")
 
 
-def _resize_box(image: np.ndarray, box: tuple[int, int, int, int], size: int, resample: str):
-    """Crops `box` (left, top, right, bottom) of `image`, resized to size x size in one step."""
-    h, w = image.shape[:2]
-    if box == (0, 0, w, h) and (h, w) == (size, size):
-        return image
-    out = Image.fromarray(image).resize((size, size), _resample(resample), box=box)
-    return np.asarray(out)
+def _resize_box(
+    image: np.ndarray | Image.Image, box: tuple[float, ...], size: int, resample: str
+) -> np.ndarray:
+    """Crops `box` (left, top, right, bottom) of a uint8 array or PIL image, resized to size x size
+    in one step (the image itself when that is the identity)."""
+    if isinstance(image, np.ndarray):
+        if box == (0, 0, image.shape[1], image.shape[0]) and image.shape[:2] == (size, size):
+            return image
+        image = Image.fromarray(image)
+    elif box == (0, 0, *image.size) and image.size == (size, size):
+        return np.asarray(image)
+    return np.asarray(image.resize((size, size), _resample(resample), box=box))
 
 
 def _open(data: Any) -> Image.Image:
@@ -96,10 +101,8 @@ def _decode_box(img: Image.Image, box: tuple[int, int, int, int], size: int, res
         img.draft("RGB", need)
     scale = img.size[0] / width
     rgb = img if img.mode == "RGB" else img.convert("RGB")
-    if scale == 1 and box == (0, 0, width, height) and (height, width) == (size, size):
-        return np.asarray(rgb)
-    scaled = (left * scale, top * scale, right * scale, bottom * scale)
-    return np.asarray(rgb.resize((size, size), _resample(resample), box=scaled))
+    scaled = box if scale == 1 else tuple(x * scale for x in box)
+    return _resize_box(rgb, scaled, size, resample)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -125,14 +125,6 @@ class Experiment:
     def jit_eval_step(self) -> Callable[..., dict[str, jax.Array]]:
         return jit_eval_step(self.model, self.mesh)
 
-    def per_process(self, global_size: int, what: str) -> int:
-        """This process's share of a global batch; `what` names the config field in the error."""
-        if global_size % self.mesh.size:
-            raise ValueError(
-                f"{what}={global_size} must be divisible by the {self.mesh.size} devices."
-            )
-        return global_size // jax.process_count()
-
     def log_layout(self) -> None:
         n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract.params))
         log.info(

@@ -127,6 +127,13 @@ def describe_shardings(shardings: Any, tree: Any) -> list[str]:
     return lines
 
 
+def per_process_batch(global_size: int, mesh: Mesh, what: str) -> int:
+    """This process's share of a global batch; `what` names the config field in the error."""
+    if global_size % mesh.size:
+        raise ValueError(f"{what}={global_size} must be divisible by the {mesh.size} devices.")
+    return global_size // jax.process_count()
+
+
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Stitches each process's slice of the batch into global arrays sharded over the batch axes."""
     sharding = batch_sharding(mesh)

@@ -48,7 +48,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_iter = pipeline.train_iterator(
         config.data,
         config.data.train_split,
-        batch_size=exp.per_process(config.train.batch_size, "config.train.batch_size"),
+        batch_size=sharding.per_process_batch(
+            config.train.batch_size, exp.mesh, "config.train.batch_size"
+        ),
         seed=config.seed,
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
@@ -117,18 +119,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def _evaluate_split(p_eval, variables, config, split: str, mesh) -> dict[str, float]:
     """Accuracy of every head over one split (image-only, every example counted once)."""
-    if config.train.eval_batch_size % mesh.size:
-        raise ValueError(
-            f"config.train.eval_batch_size={config.train.eval_batch_size} must be divisible by "
-            f"the {mesh.size} devices."
-        )
+    batch_size = sharding.per_process_batch(
+        config.train.eval_batch_size, mesh, "config.train.eval_batch_size"
+    )
     rng = jax.random.PRNGKey(config.seed)
     totals = None
     for i, local in enumerate(
         pipeline.eval_batches(
             config.data,
             split,
-            batch_size=config.train.eval_batch_size // jax.process_count(),
+            batch_size=batch_size,
             shard_index=jax.process_index(),
             shard_count=jax.process_count(),
         )
