@@ -147,6 +147,9 @@ def main(argv) -> None:
         else:
             trainer.evaluate(_CONFIG.value, _WORKDIR.value)
     except checkpoint.CheckpointError as e:
+        # orbax leaves its reads of a damaged checkpoint unfinished; asyncio would log each one
+        # at exit under the one-line error.
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         sys.exit(f"marnet_jax.main: {e}")
 
 

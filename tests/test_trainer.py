@@ -1,6 +1,7 @@
 """End-to-end trainer tests on the tiny synthetic dataset: train, resume, eval mode, NaN stop, SIGTERM."""
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -151,6 +152,8 @@ def test_damaged_newest_checkpoint_names_itself_and_resume_step_recovers(
     workdir, config, _ = straight_run
     expected, _ = _params(workdir, config)
     shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
+    # As marnet_jax.main does: orbax's unfinished reads would be logged by asyncio at exit.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     last, previous = config.train.num_steps, config.train.num_steps - config.checkpoint.every_steps
     arrays = [p for p in (tmp_path / "checkpoints" / str(last) / "state").rglob("*") if p.is_file()]
     biggest = max(arrays, key=lambda p: p.stat().st_size)
