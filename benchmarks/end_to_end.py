@@ -30,7 +30,7 @@ from absl import flags
 from benchmarks import _common, train_step
 from marnet_jax import cli, reporting
 from marnet_jax.data import datasets, pipeline, synthetic_food
-from marnet_jax.train import loop, sharding
+from marnet_jax.train import loop, sharding, trainer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +83,7 @@ def measure(config, src, p_train, state, mesh, preset: Preset) -> tuple[dict[str
     data = _rate(b * preset.steps, time.perf_counter() - t0)
 
     host = next(it)
-    batch = sharding.global_batch({k: host[k] for k in ("image", "label", "ingredients")}, mesh)
+    batch = sharding.global_batch({k: host[k] for k in trainer.TRAIN_KEYS if k in host}, mesh)
     for _ in range(preset.warmup):
         state, metrics = p_train(state, batch)
     jax.block_until_ready(metrics)
@@ -95,7 +95,7 @@ def measure(config, src, p_train, state, mesh, preset: Preset) -> tuple[dict[str
     if hasattr(it, "close"):
         it.close()
 
-    batches = loop.DevicePrefetcher(iterator(), mesh, ("image", "label", "ingredients"))
+    batches = loop.DevicePrefetcher(iterator(), mesh, trainer.TRAIN_KEYS)
     pending = loop.PendingMetrics()
     for i in range(preset.warmup):
         state, metrics = p_train(state, next(batches))

@@ -221,17 +221,21 @@ def batch_specs(
     batch: int,
     eval_: bool,
 ) -> dict[str, jax.ShapeDtypeStruct]:
-    """Abstract global batches as the trainer feeds them (train: image, label, ingredients;
-    eval: plus the padding mask), sharded over the batch axes."""
+    """Abstract global batches as the trainer feeds them (train: uint8 image, jitter factors,
+    label, ingredients; eval: normalised image and the padding mask), sharded over the batch
+    axes."""
     shard = sharding.batch_sharding(mesh)
     size = config.data.image_size
+    image_dtype = np.dtype(config.data.dtype) if eval_ else np.dtype(np.uint8)
     out = {
-        "image": _spec((batch, size, size, 3), np.dtype(config.data.dtype), shard),
+        "image": _spec((batch, size, size, 3), image_dtype, shard),
         "label": _spec((batch,), np.int32, shard),
         "ingredients": _spec((batch, facts.num_ingredients), np.float32, shard),
     }
     if eval_:
         out["mask"] = _spec((batch,), np.float32, shard)
+    elif config.data.augment.color_jitter:
+        out["jitter"] = _spec((batch, 4), np.float32, shard)
     return out
 
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from marnet_jax.data import config as data_config
-from marnet_jax.data import datasets, fixtures, pipeline
+from marnet_jax.data import datasets, fixtures, photometric, pipeline
 
 SIZE = 32
 V = 6
@@ -84,12 +84,14 @@ def test_train_batch_format_and_normalisation(dtype):
     )
     assert set(batch) == {"image", "label", "ingredients"}  # No 'image_path' in training batches.
     assert batch["image"].shape == (4, SIZE, SIZE, 3)
-    assert batch["image"].dtype == pipeline._np_dtype(dtype)
+    assert batch["image"].dtype == np.uint8  # the host ships crops; the train step normalises
     assert batch["label"].dtype == np.int32 and batch["label"].shape == (4,)
     assert batch["ingredients"].dtype == np.float32 and batch["ingredients"].shape == (4, V)
     np.testing.assert_array_equal(batch["ingredients"][np.arange(4), batch["label"] % V], 1.0)
+    images = photometric.train_images(batch, c)
+    assert images.dtype == pipeline._np_dtype(dtype)
     expected = (np.asarray(colour) / 255.0 - np.asarray(c.mean)) / np.asarray(c.std)
-    got = batch["image"].astype(np.float32)
+    got = np.asarray(images, np.float32)
     np.testing.assert_allclose(
         got, np.broadcast_to(expected, got.shape), atol=1e-2 if dtype == "bfloat16" else 1e-5
     )
@@ -103,7 +105,7 @@ def test_augmentations_change_images_but_keep_format():
             c, batch_size=8, seed=1, shard_index=0, shard_count=1, data_source=src
         )
     )
-    assert batch["image"].shape == (8, SIZE, SIZE, 3)
+    assert batch["image"].shape == (8, SIZE, SIZE, 3) and batch["jitter"].shape == (8, 4)
     plain = next(
         pipeline.eval_batches(
             no_augment(cfg(eval_crop_ratio=1.0)),
@@ -114,7 +116,7 @@ def test_augmentations_change_images_but_keep_format():
         )
     )
     order = np.argsort(batch["label"])
-    assert not np.allclose(batch["image"][order], plain["image"])
+    assert not np.allclose(np.asarray(photometric.train_images(batch, c))[order], plain["image"])
 
 
 def test_resize_centre_crop_geometry():
@@ -138,18 +140,27 @@ def test_random_resized_crop_box_within_bounds():
 
 
 def test_color_jitter_factors_and_pil_semantics():
-    """The batched float jitter is PIL's ImageEnhance Brightness -> Contrast -> Color (torchvision's
-    semantics) up to PIL's truncation to uint8 after each of the three steps (< 1 level each)."""
+    """The train step's float jitter is PIL's ImageEnhance Brightness -> Contrast -> Color
+    (torchvision's semantics) up to PIL's truncation to uint8 after each of the three steps (< 1
+    level each)."""
     from PIL import Image, ImageEnhance
 
-    drawn = pipeline.ColorJitter(0.5, 0.0, 0.3).random_map({"image": 0}, np.random.default_rng(3))
+    image = np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    drawn = pipeline.ColorJitter(0.5, 0.0, 0.3).random_map(
+        {"image": image}, np.random.default_rng(3)
+    )
     u = np.random.default_rng(3).uniform(-1.0, 1.0, 3)
-    np.testing.assert_allclose(drawn["jitter"], [1 + 0.5 * u[0], 1.0, 1 + 0.3 * u[2]], rtol=1e-6)
+    b = 1 + 0.5 * u[0]
+    mean_grey = np.mean(np.minimum(image * b, 255.0) @ np.asarray([0.299, 0.587, 0.114]))
+    expected = [b, 1.0, 1 + 0.3 * u[2], mean_grey]
+    np.testing.assert_allclose(drawn["jitter"], expected, rtol=1e-6)
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
     factors = rng.uniform(0.5, 1.5, (6, 3)).astype(np.float32)
-    out = pipeline.color_jitter(images.astype(np.float32), factors)
+    means = [pipeline.brightened_mean_grey(x, f[0]) for x, f in zip(images, factors)]
+    jitter = np.concatenate([factors, np.asarray(means, np.float32)[:, None]], axis=1)
+    out = np.asarray(photometric.color_jitter(images.astype(np.float32), jitter))
     for image, f, got in zip(images, factors, out):
         img = Image.fromarray(image)
         for enhancer, factor in zip(
@@ -158,7 +169,8 @@ def test_color_jitter_factors_and_pil_semantics():
             img = enhancer(img).enhance(float(factor))
         np.testing.assert_allclose(got, np.asarray(img, np.float32), atol=3.5)
     grey = np.full((2, 8, 8, 3), 90.0, np.float32)
-    flat = pipeline.color_jitter(grey, np.asarray([[1.0, 1.4, 0.6], [1.0, 0.7, 1.3]]))
+    flat_jitter = np.asarray([[1.0, 1.4, 0.6, 90.0], [1.0, 0.7, 1.3, 90.0]])
+    flat = photometric.color_jitter(grey, flat_jitter)
     np.testing.assert_allclose(flat, grey, atol=1e-4)  # Contrast/saturation keep flat grey.
 
 
@@ -421,7 +433,8 @@ def test_synthetic_tiny_end_to_end(tiny_cfg):
     it = pipeline.train_iterator(tiny_cfg, "train", **kwargs)
     batches = take(it, 3)
     b = batches[0]
-    assert b["image"].shape == (8, SIZE, SIZE, 3) and b["image"].dtype == np.float32
+    assert b["image"].shape == (8, SIZE, SIZE, 3) and b["image"].dtype == np.uint8
+    assert photometric.train_images(b, tiny_cfg).dtype == np.float32
     assert b["ingredients"].shape == (8, facts.num_ingredients)
     assert np.all(b["ingredients"].sum(-1) >= 1) and np.all(b["label"] < facts.num_classes)
     it = pipeline.train_iterator(tiny_cfg, "train", **kwargs)

@@ -20,6 +20,7 @@ import pytest
 
 from configs import tiny
 from marnet_jax import main as cli
+from marnet_jax.data import photometric
 from marnet_jax.train import checkpoint, metrics, sharding, trainer
 from marnet_jax.train.experiment import Experiment
 
@@ -39,6 +40,11 @@ def _config(data_dir, **mesh):
     # gradients agreed to 5e-6 relative (no sign flips) and SGD runs agree to ~1e-8: Adam divides each
     # entry by its own running magnitude, so where a gradient entry nearly cancels, the rounding
     # differences of two summation orders become steps of up to +-lr.
+    # Without colour jitter: these runs check the trainer's sharding, and their tolerances assume no
+    # activation sits at a kink (ReLU, clip) where two summation orders' last-place differences pick
+    # different sides; with the jitter's inputs one did at step 4. The jitter itself is checked for
+    # sharding invariance below (test_train_images_are_sharding_invariant).
+    config.data.augment.color_jitter = False
     config.optim.name = "sgd"
     # Large enough that 3 updates (the first is warm-up's lr=0) move parameters far beyond the tolerance.
     config.optim.lr = LR
@@ -194,6 +200,27 @@ def test_diffusion_noise_is_sharding_invariant():
     np.testing.assert_array_equal(np.asarray(sharded), np.asarray(jax.jit(draw)(key)))
 
 
+def test_train_images_are_sharding_invariant():
+    """The train step's jitter and normalisation give the model bit-identical input however the
+    batch is split over devices."""
+    config = _config("unused", data=2, fsdp=4)
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
+        "jitter": np.concatenate(
+            [rng.uniform(0.8, 1.2, (16, 3)), rng.uniform(40.0, 200.0, (16, 1))], axis=1
+        ).astype(np.float32),
+    }
+
+    def prepare(b):
+        return photometric.train_images(b, config.data)
+
+    one = np.asarray(jax.jit(prepare)(batch))
+    sharded = jax.jit(prepare)(sharding.global_batch(batch, sharding.make_mesh(config.mesh)))
+    assert len(sharded.sharding.device_set) == 8
+    np.testing.assert_array_equal(np.asarray(sharded), one)
+
+
 # --- Two processes, then one ---------------------------------------------------------------------------
 
 _CONFIG_FILE = """
@@ -204,6 +231,11 @@ def get_config():
     config = tiny.get_config()
     config.data.data_dir = {data_dir!r}
     config.model.backbone_kwargs.stage_sizes = {stage_sizes!r}
+    # Without colour jitter: these runs check the trainer's sharding, and their tolerances assume no
+    # activation sits at a kink (ReLU, clip) where two summation orders' last-place differences pick
+    # different sides; with the jitter's inputs one did at step 4. The jitter itself is checked for
+    # sharding invariance below (test_train_images_are_sharding_invariant).
+    config.data.augment.color_jitter = False
     config.optim.name = "sgd"
     config.optim.lr = {lr}
     config.train.num_steps = {num_steps}

@@ -12,13 +12,13 @@ Evaluation (`eval_batches`): one ordered pass over a contiguous slice of the spl
 padded with masked copies of a real example so that every shard yields as many full batches.
 
 Element flow (dicts): source {'image': encoded bytes, 'label', 'ingredients', 'image_path'}
-  -> DecodeImage: 'image' uint8 [H, W, 3] (in training RandomResizedCrop decodes as it crops)
-  -> train: RandomResizedCrop, ColorJitter (draws the factors), RandomFlip, TrainFeatures
-     -> batch -> BatchNormalize (applies the jitter to the batch, then normalises)
-  -> eval: ResizeCentreCrop, then the caller's `extra_transforms`, Normalize
-     -> batch.
-  Either way a batch is {'image' [B, S, S, 3] config dtype, 'label' int32, 'ingredients' float32
-  [B, V]} (+ 'mask' float32 [B] in eval).
+  -> train: RandomResizedCrop (decodes as it crops), ColorJitter (draws the factors), RandomFlip,
+     TrainFeatures -> batch:
+     {'image' uint8 [B, S, S, 3], 'jitter' float32 [B, 4] (with colour jitter on), 'label' int32,
+     'ingredients' float32 [B, V]}. The train step applies the jitter and normalises on the
+     accelerator (marnet_jax/data/photometric.py): the host ships uint8.
+  -> eval: DecodeImage, ResizeCentreCrop, then the caller's `extra_transforms`, Normalize -> batch:
+     {'image' [B, S, S, 3] config dtype, 'label', 'ingredients', 'mask' float32 [B]}.
 All transforms are module-level classes so grain can pickle them into worker processes.
 """
 
@@ -219,10 +219,9 @@ class ColorJitter(grain.transforms.RandomMap):
     """Light photometric jitter: brightness, contrast and saturation factors drawn uniformly from
     [1 - s, 1 + s] per image (a part with strength 0 gets factor 1).
 
-    This per-example step only draws the factors (element 'jitter', float32 [3]); `BatchNormalize`
-    applies them to the whole batch at once (`color_jitter`), since per-image work costs more than
-    the arithmetic at the dataset's small sizes. Flips commute with the jitter, so applying it after
-    RandomFlip changes nothing.
+    The host only draws the factors and measures the mean grey level the contrast blend needs
+    (element 'jitter', float32 [brightness, contrast, saturation, mean grey]); the train step
+    applies them on the accelerator (photometric.color_jitter). Flips commute with the jitter.
     """
 
     def __init__(self, brightness: float = 0.2, contrast: float = 0.2, saturation: float = 0.2):
@@ -238,29 +237,21 @@ class ColorJitter(grain.transforms.RandomMap):
     def random_map(self, element: Example, rng: np.random.Generator) -> Example:
         # Always draw three factors so the random stream does not depend on which parts are on.
         factors = 1.0 + self.strengths * rng.uniform(-1.0, 1.0, 3)
-        return {**element, "jitter": factors.astype(np.float32)}
+        grey = brightened_mean_grey(element["image"], factors[0])
+        return {**element, "jitter": np.append(factors, grey).astype(np.float32)}
 
 
-_LUMA = np.asarray([0.299, 0.587, 0.114], np.float32)  # PIL's RGB -> L weights
+_LUMA = np.asarray([0.299, 0.587, 0.114])  # PIL's RGB -> L weights
 
 
-def color_jitter(images: np.ndarray, factors: np.ndarray) -> np.ndarray:
-    """Brightness, contrast, saturation of float RGB images [B, H, W, 3] in [0, 255], in that order.
-
-    Each is PIL's (and torchvision's) ImageEnhance blend with factors [B, 3]: with black, with the
-    image's mean grey level, with its greyscale version; clipped to [0, 255] after each, as the uint8
-    originals are (they also round to integers, which this float version does not).
-    """
-    chex.assert_rank([images, factors], [4, 2])
-    f = factors.astype(np.float32)[:, :, None, None, None]
-    x = np.multiply(images, f[:, 0], dtype=np.float32)
-    np.clip(x, 0.0, 255.0, out=x)
-    mean = np.mean(x @ _LUMA, axis=(1, 2))[:, None, None, None]
-    x = mean + f[:, 1] * (x - mean)
-    np.clip(x, 0.0, 255.0, out=x)
-    grey = (x @ _LUMA)[..., None]
-    x = grey + f[:, 2] * (x - grey)
-    return np.clip(x, 0.0, 255.0, out=x)
+def brightened_mean_grey(image: np.ndarray, brightness: float) -> float:
+    """The mean grey level (luma) of uint8 `image` [H, W, 3] after the brightness blend, clipped to
+    255: the level the contrast blend pulls towards. Exact, from the image's histogram, so that the
+    jitter left to the train step is elementwise (the same however the batch is sharded)."""
+    hist = np.asarray(Image.fromarray(np.ascontiguousarray(image)).histogram(), np.float64)
+    levels = np.minimum(np.arange(256) * float(brightness), 255.0)
+    per_channel = hist.reshape(3, 256) @ levels / (image.shape[0] * image.shape[1])
+    return float(per_channel @ _LUMA)
 
 
 class Normalize(grain.transforms.Map):
@@ -312,30 +303,22 @@ class TrainFeatures(grain.transforms.Map):
         return out
 
 
-class BatchNormalize(Normalize):
-    """On a whole training batch: the colour jitter (if its factors were drawn), then Normalize."""
-
-    def map(self, batch: Example) -> Example:
-        batch = dict(batch)
-        images, factors = batch.pop("image"), batch.pop("jitter", None)
-        if factors is not None:
-            images = color_jitter(images, factors)
-        return {"image": self.normalize(images), **batch}
-
-
 class CheckBatch(grain.transforms.Map):
     """Asserts shapes and dtypes of a finished batch (cheap; catches a bad source early)."""
 
-    def __init__(self, batch_size: int, image_size: int, dtype: str, with_mask: bool):
+    def __init__(self, batch_size: int, image_size: int, image_dtype: Any, with_mask: bool):
         self.batch_size = batch_size
         self.image_size = image_size
-        self.dtype = dtype
+        self.image_dtype = np.dtype(image_dtype)
         self.with_mask = with_mask
 
     def map(self, batch: Example) -> Example:
         b, s = self.batch_size, self.image_size
         chex.assert_shape(batch["image"], (b, s, s, 3))
-        chex.assert_type(batch["image"], _np_dtype(self.dtype))
+        chex.assert_type(batch["image"], self.image_dtype)
+        if "jitter" in batch:
+            chex.assert_shape(batch["jitter"], (b, 4))
+            chex.assert_type(batch["jitter"], np.float32)
         chex.assert_shape(batch["label"], (b,))
         chex.assert_type(batch["label"], np.int32)
         chex.assert_rank(batch["ingredients"], 2)
@@ -495,9 +478,11 @@ def train_iterator(
         data_cfg.train_fraction < 1 trains on a fixed random part of either (train_subset_indices).
 
     Returns:
-      A grain DatasetIterator of dicts 'image' [b, S, S, 3] (data_cfg.dtype), 'label' int32 [b],
-      'ingredients' float32 [b, V]. Its get_state() is a JSON-able dict; set_state() on a fresh
-      iterator made with the same arguments continues with exactly the same batches.
+      A grain DatasetIterator of dicts 'image' uint8 [b, S, S, 3] (crops, flips), 'jitter'
+      float32 [b, 4] (with colour jitter on: ColorJitter), 'label' int32 [b], 'ingredients' float32 [b, V]:
+      photometric.train_images makes the model input of them. Its get_state() is a JSON-able
+      dict; set_state() on a fresh iterator made with the same arguments continues with exactly
+      the same batches.
     """
     shard_index, shard_count = _default_shard(shard_index, shard_count)
     if seed < 0:
@@ -527,8 +512,7 @@ def train_iterator(
         ds = _apply(ds, t, derive_seed(seed, 1, shard_index, i))
     ds = ds.map(TrainFeatures())
     ds = ds.batch(batch_size, drop_remainder=True)
-    ds = ds.map(BatchNormalize(data_cfg.mean, data_cfg.std, data_cfg.dtype))
-    ds = ds.map(CheckBatch(batch_size, data_cfg.image_size, data_cfg.dtype, with_mask=False))
+    ds = ds.map(CheckBatch(batch_size, data_cfg.image_size, np.uint8, with_mask=False))
     return _to_iterator(ds, data_cfg)
 
 
@@ -574,7 +558,8 @@ def eval_batches(
       data_source: a random-access source to read instead of the tfds split.
 
     Returns:
-      An iterator of dicts 'image', 'label', 'ingredients' (as in training) and 'mask' float32 [b].
+      An iterator of dicts 'image' [b, S, S, 3] normalised in data_cfg.dtype, 'label',
+      'ingredients' (as in training) and 'mask' float32 [b].
     """
     shard_index, shard_count = _default_shard(shard_index, shard_count)
     src = (
@@ -597,7 +582,9 @@ def eval_batches(
         ds = _apply(ds, t, derive_seed(seed, 2, shard_index, i))
     ds = ds.map(Normalize(data_cfg.mean, data_cfg.std, data_cfg.dtype, keep_mask=True))
     ds = ds.batch(batch_size, drop_remainder=True)
-    ds = ds.map(CheckBatch(batch_size, data_cfg.image_size, data_cfg.dtype, with_mask=True))
+    ds = ds.map(
+        CheckBatch(batch_size, data_cfg.image_size, _np_dtype(data_cfg.dtype), with_mask=True)
+    )
     return _closing(_to_iterator(ds, data_cfg))
 
 

@@ -114,6 +114,7 @@ class Experiment:
                 model=self.model,
                 tx=self.tx,
                 loss_cfg=self.config.loss,
+                data_cfg=self.config.data,
                 schedule=self.schedule,
                 grad_accum_steps=self.config.optim.grad_accum_steps,
             ),

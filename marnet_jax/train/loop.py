@@ -65,7 +65,8 @@ def _serialized_state(iterator: Any) -> bytes:
 
 
 class DevicePrefetcher:
-    """Global device batches, `size` of them transferred ahead of the step that reads them.
+    """Global device batches (the `keys` a batch has), `size` of them transferred ahead of the
+    step that reads them.
 
     The host copy of batch N+1 (and N+2) overlaps with step N on the device. `position()` is the
     source iterator's state after the batches returned so far, not after the ones in flight: a
@@ -89,7 +90,7 @@ class DevicePrefetcher:
     def _enqueue(self) -> None:
         state = _serialized_state(self._batches) if hasattr(self._batches, "get_state") else None
         local = next(self._batches)
-        batch = sharding.global_batch({k: local[k] for k in self._keys}, self._mesh)
+        batch = sharding.global_batch({k: local[k] for k in self._keys if k in local}, self._mesh)
         self._queue.append((state, batch))
 
     def __iter__(self):

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from marnet_jax.data import photometric
 from marnet_jax.models.losses import marnet_loss
 from marnet_jax.models.marnet import MARNet
 
@@ -74,11 +75,15 @@ def train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
     loss_cfg: ml_collections.ConfigDict,
+    data_cfg: ml_collections.ConfigDict,
     schedule: optax.Schedule,
     grad_accum_steps: int = 1,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer (micro-)step on a global batch; returns the new state and scalar metrics."""
+    """One optimizer (micro-)step on a global batch; returns the new state and scalar metrics.
+    The batch is the input pipeline's: uint8 crops, jittered and normalised here
+    (photometric.train_images)."""
     chex.assert_rank(batch["image"], 4)
+    images = photometric.train_images(batch, data_cfg)
     chex.assert_type(batch["label"], jnp.int32)
     step_rng = jax.random.fold_in(state.rng, state.step)
     dropout_rng, diffusion_rng = jax.random.split(step_rng)
@@ -89,7 +94,7 @@ def train_step(
             variables["batch_stats"] = state.batch_stats
         outputs, new_vars = model.apply(
             variables,
-            batch["image"],
+            images,
             batch["ingredients"],
             train=True,
             rngs={"dropout": dropout_rng, "diffusion": diffusion_rng},
