@@ -147,12 +147,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             src = small_source(preset.source, preset.num_train, data_dir)
         t0 = time.perf_counter()
         p_train, state, mesh = train_step.setup_step(config, facts)
-        host = _common.synthetic_batch(
+        host = _common.synthetic_train_batch(
             config.train.batch_size,
             config.data.image_size,
             facts.num_classes,
             facts.num_ingredients,
-            config.data.dtype,
         )
         state, _ = p_train(state, sharding.global_batch(host, mesh))  # compiles
         jax.block_until_ready(state)

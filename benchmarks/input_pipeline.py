@@ -9,6 +9,9 @@ Cases:
                       'default' config itself, built into --data_dir if needed).
   jpeg_224px          512x384 photo-like JPEGs (written to a temp dir, read back into an in-memory
                       source) through random-resized-crop to 224 px, flip and colour jitter.
+  jpeg_1024px_224px   the same at 1024x768 (real food photos come that large and larger).
+  jpeg_1024px_shrunk  those 1024x768 JPEGs as a dataset built with max_shorter_side=SHRINK_TO
+                      stores them (manual_release.shrink_image).
 Each case runs its train pipeline (decode + random-resized-crop + flip to uint8; the colour jitter and
 normalisation run in the train step) with worker_count 0, 1, 2 (and read_threads 0 and the config
 default at 0 workers), and its eval pipeline (decode, resize + centre crop, normalise) at 0 workers.
@@ -34,7 +37,7 @@ from PIL import Image
 from benchmarks import _common
 from marnet_jax import cli, reporting
 from marnet_jax.data import config as data_config
-from marnet_jax.data import datasets, pipeline, synthetic_food
+from marnet_jax.data import datasets, manual_release, pipeline, synthetic_food
 
 PRESETS = {
     # num synthetic train examples, JPEG files, batch size, warm-up batches, timed batches
@@ -59,13 +62,26 @@ def photo_like_jpeg(rng: np.random.Generator, width: int = 512, height: int = 38
     return buf.getvalue()
 
 
-def jpeg_source(n: int, directory: pathlib.Path) -> list[dict]:
-    """Writes n JPEG files and returns records like the real datasets' (bytes read from disk)."""
+SHRINK_TO = 320  # the jpeg_1024px_shrunk case's max_shorter_side
+
+
+def jpeg_source(
+    n: int,
+    directory: pathlib.Path,
+    size: tuple[int, int] = (512, 384),
+    max_shorter_side: int | None = None,
+) -> list[dict]:
+    """Writes n JPEG files of `size` (width, height) and returns records like the real datasets'
+    (bytes read from disk; shrunk as a build with `max_shorter_side` stores them)."""
     rng = np.random.default_rng(0)
+    directory.mkdir(parents=True, exist_ok=True)
     records = []
     for i in range(n):
         path = directory / f"{i:05d}.jpg"
-        path.write_bytes(photo_like_jpeg(rng))
+        data = photo_like_jpeg(rng, *size)
+        if max_shorter_side is not None:
+            data = manual_release.shrink_image(data, max_shorter_side)
+        path.write_bytes(data)
         ingredients = np.zeros(353, np.uint8)
         ingredients[rng.choice(353, 3, replace=False)] = 1
         records.append(
@@ -153,7 +169,6 @@ def main(argv: list[str] | None = None) -> None:
         data_dir = args.data_dir or str(tmp / "tfds")
         if preset["synthetic_train"] is None and args.data_dir is None:
             data_dir = os.path.expanduser(data_config.get_data_config().data_dir)
-        (tmp / "jpeg").mkdir()
         cases = [
             (
                 "synthetic_64px_png",
@@ -161,6 +176,16 @@ def main(argv: list[str] | None = None) -> None:
                 synthetic_source(preset["synthetic_train"], data_dir),
             ),
             ("jpeg_224px", "vireo_food172", jpeg_source(preset["jpegs"], tmp / "jpeg")),
+            (
+                "jpeg_1024px_224px",
+                "vireo_food172",
+                jpeg_source(preset["jpegs"], tmp / "jpeg1024", (1024, 768)),
+            ),
+            (
+                "jpeg_1024px_shrunk",
+                "vireo_food172",
+                jpeg_source(preset["jpegs"], tmp / "jpeg1024s", (1024, 768), SHRINK_TO),
+            ),
         ]
         for (case, dataset, src), kind in itertools.product(cases, ("train", "eval")):
             default_threads = data_config.get_data_config(dataset).read_threads

@@ -143,12 +143,8 @@ def compile_case(case: Case, devices: int = -1, flops: bool = True) -> CompiledC
     config = make_config(case, devices)
     facts = datasets.shape_facts(config.data)
     p_train, state, mesh = setup_step(config, facts)
-    host = _common.synthetic_batch(
-        case.batch,
-        config.data.image_size,
-        facts.num_classes,
-        facts.num_ingredients,
-        config.data.dtype,
+    host = _common.synthetic_train_batch(
+        case.batch, config.data.image_size, facts.num_classes, facts.num_ingredients
     )
     batch = sharding.global_batch(host, mesh)
 

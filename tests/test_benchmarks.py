@@ -14,7 +14,7 @@ from configs import default
 from marnet_jax.data import datasets
 from marnet_jax.models import build_model, resnet
 from marnet_jax.models.backbones import build_backbone
-from marnet_jax.train import loop, sharding
+from marnet_jax.train import loop, sharding, trainer
 from marnet_jax.train.sharding import make_mesh
 
 # One device like test_trainer.py's runs: the same tiny train step, so the persistent compilation
@@ -305,3 +305,6 @@ def test_global_batch_shapes_of_synthetic_batches():
     assert host["ingredients"].shape == (4, 5) and np.all(host["ingredients"].sum(-1) >= 1)
     batch = sharding.global_batch(host, make_mesh(trainer_config_mesh()))
     assert batch["image"].shape == (4, 8, 8, 3)
+    train = _common.synthetic_train_batch(4, 8, num_classes=3, num_ingredients=5)
+    assert train["image"].dtype == np.uint8 and train["jitter"].shape == (4, 4)
+    assert set(train) == set(trainer.TRAIN_KEYS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import pathlib
 import re
 
@@ -238,6 +239,55 @@ def test_build_command(tmp_path, capsys):
     for split, n in sizes.items():
         assert f"{split:<10} {n:>8} examples" in out
     assert "skipped records {'train': 1, 'validation': 0, 'test': 0}" in out
+
+
+def test_max_shorter_side_shrinks_large_images_and_guards_the_prepared_dataset(tmp_path, capsys):
+    """Build-time shrinking: images whose shorter side exceeds N are stored with it at N (aspect
+    kept, the same picture), smaller ones as shipped; the dataset is read only with that N."""
+    from PIL import Image
+
+    fx = fixtures.write_vireo_food172(tmp_path / "manual")
+    data_dir, n = tmp_path / "data", 24
+    args = ["--dataset", "vireo_food172", "--manual_dir", str(fx.manual_dir)]
+    args += ["--data_dir", str(data_dir)]
+    assert build_cli.main([*args, "--max_shorter_side", str(n)]) == 0
+    assert f"images shrunk to a shorter side of at most {n} px" in capsys.readouterr().out
+    builder = VireoFood172(data_dir=data_dir, max_shorter_side=n)
+    assert builder.info.metadata["max_shorter_side"] == n
+    shrunk = kept = 0
+    for split in fixtures.SPLITS:
+        source = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+        got = {source[i]["image_path"].decode(): source[i]["image"] for i in range(len(source))}
+        for e in fx.splits[split]:
+            stored = got[e.image_path]
+            with Image.open(e.file) as original:
+                original = original.convert("RGB")
+            if min(original.size) <= n:
+                assert stored == e.file.read_bytes(), e.image_path
+                kept += 1
+                continue
+            shrunk += 1
+            with Image.open(io.BytesIO(stored)) as image:
+                assert image.format == "JPEG" and image.mode == "RGB"
+                w, h = original.size
+                assert min(image.size) == n and max(image.size) == round(max(w, h) * n / min(w, h))
+                reference = original.resize(image.size, Image.Resampling.LANCZOS)
+                diff = np.abs(np.asarray(image, np.float32) - np.asarray(reference, np.float32))
+                # The fixture's pixels are noise, the hardest case for JPEG: re-encoding costs a
+                # few levels, where another picture would differ by about 85.
+                assert diff.mean() < 15.0, (e.image_path, diff.mean())
+    assert shrunk and kept
+
+    # Read or rebuilt with another N (or none): one clear error, not images of the wrong size.
+    with pytest.raises(ValueError, match=f"built with max_shorter_side={n}, not None"):
+        VireoFood172(data_dir=data_dir).as_data_source(split="train")
+    assert build_cli.main([*args, "--max_shorter_side", "16"]) == 1
+    assert f"built with max_shorter_side={n}, not 16" in capsys.readouterr().err
+    assert build_cli.main([*args, "--overwrite"]) == 0  # rebuilt as shipped
+    assert (
+        _records("vireo_food172", data_dir, "train")[fx.splits["train"][0].image_path]["image"]
+        == fx.splits["train"][0].file.read_bytes()
+    )
 
 
 def test_truncated_jpeg_is_caught_even_if_pil_is_told_to_accept_it(tmp_path, monkeypatch):

@@ -2,7 +2,7 @@
 
     python -m marnet_jax.data.build --dataset vireo_food172 --manual_dir DIR --data_dir DIR
     python -m marnet_jax.data.build --dataset ingredient101 --config simplified --manual_dir DIR \\
-        --data_dir DIR [--skip_bad_records]
+        --data_dir DIR [--skip_bad_records] [--max_shorter_side N]
     python -m marnet_jax.data.build --dataset synthetic_food --config tiny --data_dir DIR
 
 Builders are found by their tfds name once their modules are imported (BUILDER_MODULES). Prints
@@ -48,6 +48,7 @@ def build(
     config: str | None = None,
     manual_dir: str | None = None,
     skip_bad_records: bool = False,
+    max_shorter_side: int | None = None,
     overwrite: bool = False,
 ) -> tfds.core.DatasetBuilder:
     """Builds (or reuses) `dataset` in data_dir and returns its builder."""
@@ -56,9 +57,11 @@ def build(
     kwargs = {}
     if issubclass(cls, manual_release.ManualReleaseBuilder):
         kwargs["skip_bad_records"] = skip_bad_records
-    elif skip_bad_records:
+        kwargs["max_shorter_side"] = max_shorter_side
+    elif skip_bad_records or max_shorter_side is not None:
         raise ValueError(
-            f"{dataset} does not read a manual release: --skip_bad_records does not apply"
+            f"{dataset} does not read a manual release: --skip_bad_records and "
+            "--max_shorter_side do not apply"
         )
     builder = cls(data_dir=data_dir, config=config, **kwargs)
     mode = (
@@ -84,6 +87,10 @@ def summary(builder: tfds.core.DatasetBuilder) -> str:
         f"  classes {features['label'].num_classes}, ingredients {features['ingredients'].shape[0]}"
     )
     metadata = info.metadata or {}
+    if metadata.get("max_shorter_side") is not None:
+        lines.append(
+            f"  images shrunk to a shorter side of at most {metadata['max_shorter_side']} px"
+        )
     if "skipped_records" in metadata.keys():
         skipped = metadata["skipped_records"]
         if any(skipped.values()) or metadata["num_problems"]:
@@ -112,6 +119,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "leave bad records out (counted in the metadata) instead of stopping",
             flag_values=fv,
         )
+        flags.DEFINE_integer(
+            "max_shorter_side",
+            None,
+            "store images whose shorter side is larger shrunk to this many pixels (JPEG); "
+            "default: the bytes as shipped",
+            lower_bound=1,
+            flag_values=fv,
+        )
         flags.DEFINE_boolean("overwrite", False, "rebuild an existing dataset", flag_values=fv)
 
     args, rest = cli.parse_flags("marnet_jax.data.build", define, argv, doc=__doc__)
@@ -124,13 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             config=args.config,
             manual_dir=args.manual_dir,
             skip_bad_records=args.skip_bad_records,
+            max_shorter_side=args.max_shorter_side,
             overwrite=args.overwrite,
         )
-    except (
-        manual_release.ReleaseLayoutError,
-        manual_release.ReleaseFormatError,
-        manual_release.BadRecordsError,
-    ) as e:
+    except (manual_release.ReleaseLayoutError, ValueError) as e:  # bad release or options
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(summary(builder))

@@ -73,6 +73,10 @@ def get_data_config(dataset: str = "synthetic_food") -> ml_collections.ConfigDic
     # Real datasets: leave out unreadable records (listed in the dataset metadata) instead of
     # stopping the build.
     c.skip_bad_records = False
+    # Real datasets: store each image whose shorter side exceeds this many pixels shrunk to it
+    # (re-encoded as JPEG) for a smaller dataset that decodes faster; None keeps the bytes as
+    # shipped. A prepared dataset is only read with the value it was built with.
+    c.max_shorter_side = ml_collections.config_dict.placeholder(int)
     # Multi-host: False = only process 0 builds (data_dir shared by all hosts, e.g. GCS or NFS)
     # while the others wait at a barrier; True = every process builds its own copy (host-local
     # data_dir).
@@ -109,7 +113,9 @@ def get_data_config(dataset: str = "synthetic_food") -> ml_collections.ConfigDic
     # --- Normalisation and output -------------------------------------------------------------
     c.mean = IMAGENET_MEAN  # Per-channel mean of RGB in [0, 1], subtracted (ImageNet).
     c.std = IMAGENET_STD  # Per-channel std of RGB in [0, 1], divided by (ImageNet).
-    c.dtype = "float32"  # batch['image'] dtype: 'float32' | 'bfloat16' (half the host traffic).
+    # The model input's dtype, 'float32' | 'bfloat16': eval batches arrive in it; train batches
+    # arrive as uint8 crops and the train step normalises them into it.
+    c.dtype = "float32"
 
     # --- Reading and parallelism --------------------------------------------------------------
     c.shuffle = True  # Shuffle the training split (globally, anew every epoch, by seed).

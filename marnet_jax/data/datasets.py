@@ -74,6 +74,7 @@ def builder(data_cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
         kwargs["config"] = data_cfg.builder_config
     if issubclass(cls, manual_release.ManualReleaseBuilder):
         kwargs["skip_bad_records"] = bool(data_cfg.skip_bad_records)
+        kwargs["max_shorter_side"] = data_cfg.get("max_shorter_side")
     return cls(**kwargs)
 
 

@@ -22,7 +22,11 @@ hand. This module holds what they share:
   validating up front means a bad release fails before any file is written.
 
 Image bytes are stored exactly as shipped: `tfds.features.Image.encode_example` passes `bytes`
-through without decoding or re-encoding (tests compare the stored bytes with the files).
+through without decoding or re-encoding (tests compare the stored bytes with the files). The one
+exception is opt-in: `max_shorter_side=N` stores every image whose shorter side exceeds N pixels
+shrunk to N (aspect kept, Lanczos, JPEG quality `SHRUNK_JPEG_QUALITY`), for a smaller dataset that
+decodes faster; the metadata records N, and a builder asked for another N refuses the prepared
+dataset rather than load images of a size it was not asked for.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import io
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -43,6 +48,7 @@ from etils import epath
 from PIL import Image, ImageFile
 
 SPLITS = ("train", "validation", "test")
+SHRUNK_JPEG_QUALITY = 95  # JPEG quality of images shrunk at build time (max_shorter_side)
 # How many problems an error message lists, and how many the dataset metadata keeps.
 MAX_PROBLEMS_IN_ERROR = 20
 MAX_PROBLEMS_IN_METADATA = 100
@@ -297,6 +303,26 @@ def check_images(records: dict[str, list[Record]], log: ProblemLog) -> tuple[dic
     return kept, dict(sorted(kinds.items()))
 
 
+def shrink_image(data: bytes, max_shorter_side: int) -> bytes:
+    """Encoded image `data` with its shorter side brought down to `max_shorter_side` pixels (aspect
+    kept, Lanczos from a DCT-scaled JPEG decode no smaller than the target), re-encoded as RGB JPEG;
+    `data` itself when the shorter side is already that small."""
+    with Image.open(io.BytesIO(data)) as img:
+        width, height = img.size
+        if min(width, height) <= max_shorter_side:
+            return data
+        scale = max_shorter_side / min(width, height)
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        size = (max_shorter_side, size[1]) if width <= height else (size[0], max_shorter_side)
+        img.draft("RGB", size)  # JPEG: decode at the coarsest DCT scale still >= size
+        rgb = img if img.mode == "RGB" else img.convert("RGB")
+        out = io.BytesIO()
+        rgb.resize(size, Image.Resampling.LANCZOS).save(
+            out, format="JPEG", quality=SHRUNK_JPEG_QUALITY
+        )
+    return out.getvalue()
+
+
 # ----------------------------------------------------------------------------------------------
 # The builder base.
 
@@ -307,19 +333,33 @@ class ManualReleaseBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
     Subclasses implement `_read_annotations(manual_dir) -> Release` (everything but the image
     check) and set DESCRIPTION, HOMEPAGE, CITATION, MANUAL_DOWNLOAD_INSTRUCTIONS, VERSION.
 
-    Constructor: `Builder(data_dir=..., config=..., skip_bad_records=False)`; `tfds.builder(name,
-    skip_bad_records=True, ...)` forwards the option.
+    Constructor: `Builder(data_dir=..., config=..., skip_bad_records=False,
+    max_shorter_side=None)`; `tfds.builder(name, skip_bad_records=True, ...)` forwards the options.
+    A prepared dataset built with another `max_shorter_side` raises ValueError.
     """
 
     DESCRIPTION: ClassVar[str] = ""
     HOMEPAGE: ClassVar[str] = ""
     CITATION: ClassVar[str] = ""
 
-    def __init__(self, *, skip_bad_records: bool = False, **kwargs: Any):
+    def __init__(
+        self,
+        *,
+        skip_bad_records: bool = False,
+        max_shorter_side: int | None = None,
+        **kwargs: Any,
+    ):
+        if max_shorter_side is not None and int(max_shorter_side) < 1:
+            raise ValueError(
+                f"max_shorter_side must be a positive int or None, not {max_shorter_side!r}"
+            )
         self._skip_bad_records = bool(skip_bad_records)
+        self._max_shorter_side = None if max_shorter_side is None else int(max_shorter_side)
         self._release: Release | None = None
         super().__init__(**kwargs)
-        self._original_state["skip_bad_records"] = self._skip_bad_records  # kept when pickled
+        # Kept when pickled (grain workers reopen the builder).
+        self._original_state["skip_bad_records"] = self._skip_bad_records
+        self._original_state["max_shorter_side"] = self._max_shorter_side
         if kwargs.get("file_format") is None and not self.data_path.exists():
             self.info.set_file_format("array_record", override=True)  # random access by default
 
@@ -335,6 +375,22 @@ class ManualReleaseBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
     @property
     def skip_bad_records(self) -> bool:
         return self._skip_bad_records
+
+    def _check_built_size(self) -> None:
+        """Raises if the prepared dataset was built with another max_shorter_side than asked."""
+        saved = self._saved_metadata()
+        if saved is not None and saved.get("max_shorter_side") != self._max_shorter_side:
+            raise ValueError(
+                f"{self.data_path} was built with max_shorter_side="
+                f"{saved.get('max_shorter_side')}, not {self._max_shorter_side} as asked "
+                "(data.max_shorter_side): ask for what was built, rebuild it (build --overwrite), "
+                "or build into another data_dir."
+            )
+
+    def as_data_source(self, *args: Any, **kwargs: Any) -> Any:
+        """tfds' data source, once the prepared images are checked to be of the size asked for."""
+        self._check_built_size()
+        return super().as_data_source(*args, **kwargs)
 
     @abc.abstractmethod
     def _read_annotations(self, manual_dir: epath.Path) -> Release:
@@ -386,6 +442,8 @@ class ManualReleaseBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
             self.__dict__.pop("_cached_info", None)  # features now come from the release
             self.info.set_file_format(previous.file_format)
             file_format = file_format or "array_record"
+        else:
+            self._check_built_size()
         super().download_and_prepare(
             download_dir=download_dir,
             download_config=download_config,
@@ -406,6 +464,7 @@ class ManualReleaseBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
             "ingredient_names": release.ingredient_names,
             **release.metadata,
             "skip_bad_records": self._skip_bad_records,
+            "max_shorter_side": self._max_shorter_side,
             "skipped_records": {split: int(log.skipped.get(split, 0)) for split in release.records},
             "num_problems": len(log.problems),
             "problems": [str(p) for p in log.problems[:MAX_PROBLEMS_IN_METADATA]],
@@ -450,10 +509,13 @@ class ManualReleaseBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
 
     def _generate_examples(self, records: Sequence[Record]):
         for r in records:
+            image = r.image_file.read_bytes()  # as shipped: tfds stores bytes unchanged
+            if self._max_shorter_side is not None:
+                image = shrink_image(image, self._max_shorter_side)
             yield (
                 r.image_path,
                 {
-                    "image": r.image_file.read_bytes(),  # as shipped: tfds stores bytes unchanged
+                    "image": image,
                     "label": r.label,
                     "ingredients": r.ingredients,
                     "image_path": r.image_path,

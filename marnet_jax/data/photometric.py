@@ -52,7 +52,8 @@ def normalize(images: Array, mean: Sequence[float], std: Sequence[float], dtype:
 def train_images(batch: Mapping[str, Array], data_cfg: ml_collections.ConfigDict) -> Array:
     """A training batch's model input: uint8 'image' [B, S, S, 3] jittered with 'jitter' (when
     the pipeline drew it) and normalised to data_cfg.dtype. A floating-point 'image' is taken as
-    already normalised (benchmarks feed such batches)."""
+    already normalised and used as it is (a pipeline of one's own may ship such batches; no
+    jitter is applied to them)."""
     images = batch["image"]
     if images.dtype != jnp.uint8:
         return images

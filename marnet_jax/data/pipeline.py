@@ -211,7 +211,9 @@ class RandomFlip(grain.transforms.RandomMap):
 
     def random_map(self, element: Example, rng: np.random.Generator) -> Example:
         if rng.random() < 0.5:
-            return {**element, "image": element["image"][:, ::-1]}  # A view; batching copies.
+            # PIL's flip, not a reversed view: numpy copies a reversed view pixel by pixel later.
+            image = Image.fromarray(element["image"]).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            return {**element, "image": np.asarray(image)}
         return element
 
 
