@@ -86,7 +86,6 @@ def preprocess(data_cfg: ml_collections.ConfigDict, encoded: bytes) -> np.ndarra
     """An encoded image -> [S, S, 3] model input, with the evaluation pipeline's own transforms."""
     element: dict[str, Any] = {"image": encoded, "label": 0, "ingredients": ()}
     for transform in (
-        pipeline.DecodeImage(),
         pipeline.ResizeCentreCrop(
             data_cfg.image_size, data_cfg.eval_crop_ratio, data_cfg.interpolation
         ),

@@ -210,6 +210,31 @@ def test_random_resized_crop_from_bytes_draws_the_same_box_and_decodes_only_what
         assert img.size == (64, 48)  # decoded at 1/8: the box still spans >= 48 px each way
 
 
+def test_resize_centre_crop_from_bytes_matches_the_decoded_image():
+    """Evaluation (and predict) crop the encoded image: a PNG, or a JPEG whose centre box is less
+    than twice the output, gives the very pixels of cropping the decoded image; a large JPEG is
+    decoded at a reduced DCT scale, which changes pixels by little."""
+    png = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), np.uint8)).save(
+        png, format="PNG"
+    )
+    for data, size, exact in ((png.getvalue(), 32, True), (_photo_jpeg(), 224, True)):
+        t = pipeline.ResizeCentreCrop(size, crop_ratio=0.875)
+        decoded = pipeline.DecodeImage().map({"image": data})["image"]
+        from_bytes = t.map({"image": data})["image"]
+        np.testing.assert_array_equal(from_bytes, t.map({"image": decoded})["image"])
+    jpeg, t = _photo_jpeg(), pipeline.ResizeCentreCrop(64, crop_ratio=0.875)
+    decoded = pipeline.DecodeImage().map({"image": jpeg})["image"]
+    diff = np.abs(
+        t.map({"image": jpeg})["image"].astype(np.int16)
+        - t.map({"image": decoded})["image"].astype(np.int16)
+    )
+    assert 0 < diff.mean() < 2.0 and diff.max() < 40, (diff.mean(), diff.max())
+    with pipeline._open(jpeg) as img:
+        pipeline._decode_box(img, t.crop_box(384, 512), 64, "bilinear")
+        assert img.size == (128, 96)  # the 336-px centre box spans 84 px at 1/4: still >= 64
+
+
 def test_train_batches_of_jpegs_are_deterministic_and_resume_exactly():
     src = [
         {"image": _photo_jpeg(seed=i), "label": i, "ingredients": np.eye(V)[i % V]}

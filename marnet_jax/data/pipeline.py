@@ -12,12 +12,13 @@ Evaluation (`eval_batches`): one ordered pass over a contiguous slice of the spl
 padded with masked copies of a real example so that every shard yields as many full batches.
 
 Element flow (dicts): source {'image': encoded bytes, 'label', 'ingredients', 'image_path'}
-  -> train: RandomResizedCrop (decodes as it crops), ColorJitter (draws the factors), RandomFlip,
-     TrainFeatures -> batch:
+  -> train: RandomResizedCrop (decodes as it crops), ColorJitter (draws the factors),
+     RandomFlip, TrainFeatures -> batch:
      {'image' uint8 [B, S, S, 3], 'jitter' float32 [B, 4] (with colour jitter on), 'label' int32,
      'ingredients' float32 [B, V]}. The train step applies the jitter and normalises on the
      accelerator (marnet_jax/data/photometric.py): the host ships uint8.
-  -> eval: DecodeImage, ResizeCentreCrop, then the caller's `extra_transforms`, Normalize -> batch:
+  -> eval: ResizeCentreCrop (decodes as it crops), then the caller's `extra_transforms`, Normalize
+     -> batch:
      {'image' [B, S, S, 3] config dtype, 'label', 'ingredients', 'mask' float32 [B]}.
 All transforms are module-level classes so grain can pickle them into worker processes.
 """
@@ -182,7 +183,9 @@ class ResizeCentreCrop(grain.transforms.Map):
     """Resize the shorter side to size / crop_ratio and take the central size x size crop.
 
     Done as one resampling of the matching box of the original image (same result up to resampling,
-    less work); the identity for a size x size image with crop_ratio 1.
+    less work); the identity for a size x size image with crop_ratio 1. Takes a decoded uint8 image
+    or the encoded bytes, which it decodes as RandomResizedCrop does (a large JPEG at a reduced
+    DCT scale).
     """
 
     def __init__(self, size: int, crop_ratio: float = 0.875, interpolation: str = "bilinear"):
@@ -202,8 +205,12 @@ class ResizeCentreCrop(grain.transforms.Map):
 
     def map(self, element: Example) -> Example:
         image = element["image"]
-        box = self.crop_box(image.shape[0], image.shape[1])
-        return {**element, "image": _resize_box(image, box, self.size, self.interpolation)}
+        if isinstance(image, np.ndarray) and image.ndim == 3:  # already decoded
+            box = self.crop_box(image.shape[0], image.shape[1])
+            return {**element, "image": _resize_box(image, box, self.size, self.interpolation)}
+        with _open(image) as img:  # encoded: decode only as finely as the crop needs
+            box = self.crop_box(img.height, img.width)
+            return {**element, "image": _decode_box(img, box, self.size, self.interpolation)}
 
 
 class RandomFlip(grain.transforms.RandomMap):
@@ -439,7 +446,8 @@ def _apply(ds: grain.MapDataset, transform: Any, seed: int) -> grain.MapDataset:
 
 
 def train_transforms(data_cfg: ml_collections.ConfigDict) -> list[Any]:
-    """The per-example training transforms on uint8 images (after DecodeImage, before Normalize)."""
+    """The per-example training transforms: a crop of the encoded image (decoded as it is
+    cropped) to uint8, then the jitter's factors and the flip."""
     aug = data_cfg.augment
     size = data_cfg.image_size
     out: list[Any] = []
@@ -507,10 +515,7 @@ def train_iterator(
         # The same permutation on every shard, a new one every epoch.
         ds = ds.shuffle(seed=derive_seed(seed, 0))
     ds = ds[shard_index:used:shard_count].repeat(None)
-    transforms = train_transforms(data_cfg)
-    if not isinstance(transforms[0], RandomResizedCrop):  # which decodes as it crops
-        ds = ds.map(DecodeImage())
-    for i, t in enumerate(transforms):
+    for i, t in enumerate(train_transforms(data_cfg)):  # the crop decodes the encoded image
         ds = _apply(ds, t, derive_seed(seed, 1, shard_index, i))
     ds = ds.map(TrainFeatures())
     ds = ds.batch(batch_size, drop_remainder=True)
@@ -576,8 +581,7 @@ def eval_batches(
     length = eval_num_batches(n, batch_size, shard_count) * batch_size
     pad_index = start if end > start else 0
     ds = grain.MapDataset.source(PaddedShard(src, start, end, length, pad_index))
-    ds = ds.map(DecodeImage())
-    ds = ds.map(
+    ds = ds.map(  # decodes as it crops
         ResizeCentreCrop(data_cfg.image_size, data_cfg.eval_crop_ratio, data_cfg.interpolation)
     )
     for i, t in enumerate(extra_transforms):
