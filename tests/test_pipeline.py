@@ -218,7 +218,7 @@ def test_resize_centre_crop_from_bytes_matches_the_decoded_image():
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), np.uint8)).save(
         png, format="PNG"
     )
-    for data, size, exact in ((png.getvalue(), 32, True), (_photo_jpeg(), 224, True)):
+    for data, size in ((png.getvalue(), 32), (_photo_jpeg(), 224)):
         t = pipeline.ResizeCentreCrop(size, crop_ratio=0.875)
         decoded = pipeline.DecodeImage().map({"image": data})["image"]
         from_bytes = t.map({"image": data})["image"]
