@@ -28,7 +28,7 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import chex
@@ -106,6 +106,17 @@ def _decode_box(img: Image.Image, box: tuple[int, int, int, int], size: int, res
     return _resize_box(rgb, scaled, size, resample)
 
 
+def _crop_resized(
+    image: Any, crop_box: Callable[[int, int], tuple[int, int, int, int]], size: int, resample: str
+) -> np.ndarray:
+    """The box `crop_box(height, width)` of a decoded uint8 image or of encoded bytes (decoded only
+    as finely as the box needs: _decode_box), resized to size x size."""
+    if isinstance(image, np.ndarray) and image.ndim == 3:
+        return _resize_box(image, crop_box(image.shape[0], image.shape[1]), size, resample)
+    with _open(image) as img:
+        return _decode_box(img, crop_box(img.height, img.width), size, resample)
+
+
 # --------------------------------------------------------------------------------------------------
 # Transforms.
 
@@ -170,13 +181,11 @@ class RandomResizedCrop(grain.transforms.RandomMap):
         return left, top, left + w, top + h
 
     def random_map(self, element: Example, rng: np.random.Generator) -> Example:
-        image = element["image"]
-        if isinstance(image, np.ndarray) and image.ndim == 3:  # already decoded
-            box = self.crop_box(image.shape[0], image.shape[1], rng)
-            return {**element, "image": _resize_box(image, box, self.size, self.interpolation)}
-        with _open(image) as img:  # encoded: decode only as finely as the crop needs
-            box = self.crop_box(img.height, img.width, rng)
-            return {**element, "image": _decode_box(img, box, self.size, self.interpolation)}
+        def box(height: int, width: int) -> tuple[int, int, int, int]:
+            return self.crop_box(height, width, rng)
+
+        image = _crop_resized(element["image"], box, self.size, self.interpolation)
+        return {**element, "image": image}
 
 
 class ResizeCentreCrop(grain.transforms.Map):
@@ -204,13 +213,8 @@ class ResizeCentreCrop(grain.transforms.Map):
         return left, top, left + crop, top + crop
 
     def map(self, element: Example) -> Example:
-        image = element["image"]
-        if isinstance(image, np.ndarray) and image.ndim == 3:  # already decoded
-            box = self.crop_box(image.shape[0], image.shape[1])
-            return {**element, "image": _resize_box(image, box, self.size, self.interpolation)}
-        with _open(image) as img:  # encoded: decode only as finely as the crop needs
-            box = self.crop_box(img.height, img.width)
-            return {**element, "image": _decode_box(img, box, self.size, self.interpolation)}
+        image = _crop_resized(element["image"], self.crop_box, self.size, self.interpolation)
+        return {**element, "image": image}
 
 
 class RandomFlip(grain.transforms.RandomMap):
