@@ -142,7 +142,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_shorter_side=args.max_shorter_side,
             overwrite=args.overwrite,
         )
-    except (manual_release.ReleaseLayoutError, ValueError) as e:  # bad release or options
+    except (
+        manual_release.ReleaseLayoutError,
+        manual_release.ReleaseFormatError,
+        manual_release.BadRecordsError,
+        manual_release.BuiltSizeError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(summary(builder))

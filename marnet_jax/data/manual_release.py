@@ -58,6 +58,10 @@ class ReleaseLayoutError(FileNotFoundError):
     """The manual_dir, or a folder or file the release must contain, is missing."""
 
 
+class BuiltSizeError(ValueError):
+    """A prepared dataset was built with another max_shorter_side than the one asked for."""
+
+
 class ReleaseFormatError(ValueError):
     """An annotation file is malformed in a way that no single record can be blamed for."""
 
@@ -312,8 +316,10 @@ def shrink_image(data: bytes, max_shorter_side: int) -> bytes:
         if min(width, height) <= max_shorter_side:
             return data
         scale = max_shorter_side / min(width, height)
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        size = (max_shorter_side, size[1]) if width <= height else (size[0], max_shorter_side)
+        if width <= height:
+            size = (max_shorter_side, round(height * scale))
+        else:
+            size = (round(width * scale), max_shorter_side)
         img.draft("RGB", size)  # JPEG: decode at the coarsest DCT scale still >= size
         rgb = img if img.mode == "RGB" else img.convert("RGB")
         out = io.BytesIO()
@@ -335,7 +341,7 @@ class ManualReleaseBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
 
     Constructor: `Builder(data_dir=..., config=..., skip_bad_records=False,
     max_shorter_side=None)`; `tfds.builder(name, skip_bad_records=True, ...)` forwards the options.
-    A prepared dataset built with another `max_shorter_side` raises ValueError.
+    A prepared dataset built with another `max_shorter_side` raises BuiltSizeError.
     """
 
     DESCRIPTION: ClassVar[str] = ""
@@ -380,7 +386,7 @@ class ManualReleaseBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
         """Raises if the prepared dataset was built with another max_shorter_side than asked."""
         saved = self._saved_metadata()
         if saved is not None and saved.get("max_shorter_side") != self._max_shorter_side:
-            raise ValueError(
+            raise BuiltSizeError(
                 f"{self.data_path} was built with max_shorter_side="
                 f"{saved.get('max_shorter_side')}, not {self._max_shorter_side} as asked "
                 "(data.max_shorter_side): ask for what was built, rebuild it (build --overwrite), "

@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import ml_collections
 
 Array = jax.Array
-_LUMA = (0.299, 0.587, 0.114)  # PIL's RGB -> L weights
+LUMA = (0.299, 0.587, 0.114)  # PIL's RGB -> L weights
 
 
 def _luma(x: Array) -> Array:
-    return x[..., 0] * _LUMA[0] + x[..., 1] * _LUMA[1] + x[..., 2] * _LUMA[2]
+    return x[..., 0] * LUMA[0] + x[..., 1] * LUMA[1] + x[..., 2] * LUMA[2]
 
 
 def color_jitter(images: Array, jitter: Array) -> Array:
@@ -51,13 +51,9 @@ def normalize(images: Array, mean: Sequence[float], std: Sequence[float], dtype:
 
 def train_images(batch: Mapping[str, Array], data_cfg: ml_collections.ConfigDict) -> Array:
     """A training batch's model input: uint8 'image' [B, S, S, 3] jittered with 'jitter' (when
-    the pipeline drew it) and normalised to data_cfg.dtype. A floating-point 'image' is taken as
-    already normalised and used as it is (a pipeline of one's own may ship such batches; no
-    jitter is applied to them)."""
-    images = batch["image"]
-    if images.dtype != jnp.uint8:
-        return images
-    x = images.astype(jnp.float32)
+    the pipeline drew it) and normalised to data_cfg.dtype."""
+    chex.assert_type(batch["image"], jnp.uint8)
+    x = batch["image"].astype(jnp.float32)
     if "jitter" in batch:
         x = color_jitter(x, batch["jitter"])
     return normalize(x, data_cfg.mean, data_cfg.std, data_cfg.dtype)

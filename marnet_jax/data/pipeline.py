@@ -39,7 +39,7 @@ import ml_dtypes
 import numpy as np
 from PIL import Image
 
-from marnet_jax.data import datasets
+from marnet_jax.data import datasets, photometric
 
 Example = dict[str, Any]
 
@@ -254,9 +254,6 @@ class ColorJitter(grain.transforms.RandomMap):
         return {**element, "jitter": np.append(factors, grey).astype(np.float32)}
 
 
-_LUMA = np.asarray([0.299, 0.587, 0.114])  # PIL's RGB -> L weights
-
-
 def brightened_mean_grey(image: np.ndarray, brightness: float) -> float:
     """The mean grey level (luma) of uint8 `image` [H, W, 3] after the brightness blend, clipped to
     255: the level the contrast blend pulls towards. Exact, from the image's histogram, so that the
@@ -264,7 +261,7 @@ def brightened_mean_grey(image: np.ndarray, brightness: float) -> float:
     hist = np.asarray(Image.fromarray(np.ascontiguousarray(image)).histogram(), np.float64)
     levels = np.minimum(np.arange(256) * float(brightness), 255.0)
     per_channel = hist.reshape(3, 256) @ levels / (image.shape[0] * image.shape[1])
-    return float(per_channel @ _LUMA)
+    return float(per_channel @ np.asarray(photometric.LUMA))
 
 
 class Normalize(grain.transforms.Map):
