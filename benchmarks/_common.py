@@ -170,13 +170,12 @@ def synthetic_train_batch(
     batch_size: int, image_size: int, num_classes: int, num_ingredients: int, seed: int = 0
 ) -> dict[str, np.ndarray]:
     """A host training batch shaped like the train pipeline's: uint8 crops, colour-jitter factors
-    with the mean grey level ('jitter' [B, 4]), labels, multi-hot; the train step normalises."""
+    ('jitter' [B, 3]), flips ('flip' [B]), labels, multi-hot; the train step does the rest."""
     host = synthetic_batch(batch_size, image_size, num_classes, num_ingredients, seed=seed)
     rng = np.random.default_rng(seed + 1)
     host["image"] = rng.integers(0, 256, host["image"].shape, dtype=np.uint8)
-    factors = rng.uniform(0.8, 1.2, (batch_size, 3))
-    grey = rng.uniform(60.0, 180.0, (batch_size, 1))
-    host["jitter"] = np.concatenate([factors, grey], axis=1).astype(np.float32)
+    host["jitter"] = rng.uniform(0.8, 1.2, (batch_size, 3)).astype(np.float32)
+    host["flip"] = rng.random(batch_size) < 0.5
     return host
 
 

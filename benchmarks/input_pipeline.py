@@ -8,7 +8,9 @@ Cases:
                       freshly built tfds ArrayRecord dataset (small: 1,024 train examples; full: the
                       'default' config itself, built into --data_dir if needed).
   jpeg_224px          512x384 photo-like JPEGs (written to a temp dir, read back into an in-memory
-                      source) through random-resized-crop to 224 px, flip and colour jitter.
+                      source as long as Vireo-Food172's train split, which cycles through them: the
+                      shuffle's cost per element depends on the split's length) through
+                      random-resized-crop to 224 px and the flip and colour-jitter draws.
   jpeg_1024px_224px   the same at 1024x768 (real food photos come that large and larger).
   jpeg_1024px_shrunk  those 1024x768 JPEGs as a dataset built with max_shorter_side=SHRINK_TO
                       stores them (manual_release.shrink_image).
@@ -28,6 +30,7 @@ import os
 import pathlib
 import tempfile
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -63,6 +66,20 @@ def photo_like_jpeg(rng: np.random.Generator, width: int = 512, height: int = 38
 
 
 SHRINK_TO = 320  # the jpeg_1024px_shrunk case's max_shorter_side
+SPLIT_LENGTH = 66_071  # Vireo-Food172's train split: the JPEG sources' length
+
+
+class Cycled(Sequence):
+    """`records` repeated to `length` elements (random access, as a data source)."""
+
+    def __init__(self, records: Sequence[dict], length: int):
+        self.records, self.length = records, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        return self.records[index % len(self.records)]
 
 
 def jpeg_source(
@@ -70,9 +87,10 @@ def jpeg_source(
     directory: pathlib.Path,
     size: tuple[int, int] = (512, 384),
     max_shorter_side: int | None = None,
-) -> list[dict]:
+) -> Cycled:
     """Writes n JPEG files of `size` (width, height) and returns records like the real datasets'
-    (bytes read from disk; shrunk as a build with `max_shorter_side` stores them)."""
+    (bytes read from disk; shrunk as a build with `max_shorter_side` stores them), cycled to the
+    length of Vireo-Food172's train split."""
     rng = np.random.default_rng(0)
     directory.mkdir(parents=True, exist_ok=True)
     records = []
@@ -92,7 +110,7 @@ def jpeg_source(
                 "image_path": str(path).encode(),
             }
         )
-    return records
+    return Cycled(records, SPLIT_LENGTH)
 
 
 def synthetic_source(num_train: int | None, data_dir: str):

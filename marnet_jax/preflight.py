@@ -222,8 +222,8 @@ def batch_specs(
     eval_: bool,
 ) -> dict[str, jax.ShapeDtypeStruct]:
     """Abstract global batches as the trainer feeds them (train: uint8 image, jitter factors,
-    label, ingredients; eval: normalised image and the padding mask), sharded over the batch
-    axes."""
+    flips, label, ingredients; eval: normalised image and the padding mask), sharded over the
+    batch axes."""
     shard = sharding.batch_sharding(mesh)
     size = config.data.image_size
     image_dtype = np.dtype(config.data.dtype) if eval_ else np.dtype(np.uint8)
@@ -234,8 +234,11 @@ def batch_specs(
     }
     if eval_:
         out["mask"] = _spec((batch,), np.float32, shard)
-    elif config.data.augment.color_jitter:
-        out["jitter"] = _spec((batch, 4), np.float32, shard)
+        return out
+    if config.data.augment.color_jitter:
+        out["jitter"] = _spec((batch, 3), np.float32, shard)
+    if config.data.augment.horizontal_flip:
+        out["flip"] = _spec((batch,), np.bool_, shard)
     return out
 
 

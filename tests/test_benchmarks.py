@@ -306,5 +306,6 @@ def test_global_batch_shapes_of_synthetic_batches():
     batch = sharding.global_batch(host, make_mesh(trainer_config_mesh()))
     assert batch["image"].shape == (4, 8, 8, 3)
     train = _common.synthetic_train_batch(4, 8, num_classes=3, num_ingredients=5)
-    assert train["image"].dtype == np.uint8 and train["jitter"].shape == (4, 4)
+    assert train["image"].dtype == np.uint8 and train["jitter"].shape == (4, 3)
+    assert train["flip"].shape == (4,) and train["flip"].dtype == np.bool_
     assert set(train) == set(trainer.TRAIN_KEYS)

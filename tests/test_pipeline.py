@@ -105,7 +105,8 @@ def test_augmentations_change_images_but_keep_format():
             c, batch_size=8, seed=1, shard_index=0, shard_count=1, data_source=src
         )
     )
-    assert batch["image"].shape == (8, SIZE, SIZE, 3) and batch["jitter"].shape == (8, 4)
+    assert batch["image"].shape == (8, SIZE, SIZE, 3) and batch["jitter"].shape == (8, 3)
+    assert batch["flip"].shape == (8,) and batch["flip"].dtype == np.bool_
     plain = next(
         pipeline.eval_batches(
             no_augment(cfg(eval_crop_ratio=1.0)),
@@ -140,27 +141,20 @@ def test_random_resized_crop_box_within_bounds():
 
 
 def test_color_jitter_factors_and_pil_semantics():
-    """The train step's float jitter is PIL's ImageEnhance Brightness -> Contrast -> Color
-    (torchvision's semantics) up to PIL's truncation to uint8 after each of the three steps (< 1
-    level each)."""
+    """The host draws the factors; the train step's float jitter is PIL's ImageEnhance Brightness
+    -> Contrast -> Color (torchvision's semantics) up to PIL's truncation to uint8 after each of the
+    three steps (< 1 level each)."""
     from PIL import Image, ImageEnhance
 
-    image = np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)
-    drawn = pipeline.ColorJitter(0.5, 0.0, 0.3).random_map(
-        {"image": image}, np.random.default_rng(3)
-    )
+    drawn = pipeline.ColorJitter(0.5, 0.0, 0.3).random_map({}, np.random.default_rng(3))
     u = np.random.default_rng(3).uniform(-1.0, 1.0, 3)
-    b = 1 + 0.5 * u[0]
-    mean_grey = np.mean(np.minimum(image * b, 255.0) @ np.asarray([0.299, 0.587, 0.114]))
-    expected = [b, 1.0, 1 + 0.3 * u[2], mean_grey]
-    np.testing.assert_allclose(drawn["jitter"], expected, rtol=1e-6)
+    np.testing.assert_allclose(drawn["jitter"], [1 + 0.5 * u[0], 1.0, 1 + 0.3 * u[2]], rtol=1e-6)
+    assert drawn["jitter"].dtype == np.float32
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
     factors = rng.uniform(0.5, 1.5, (6, 3)).astype(np.float32)
-    means = [pipeline.brightened_mean_grey(x, f[0]) for x, f in zip(images, factors)]
-    jitter = np.concatenate([factors, np.asarray(means, np.float32)[:, None]], axis=1)
-    out = np.asarray(photometric.color_jitter(images.astype(np.float32), jitter))
+    out = np.asarray(photometric.color_jitter(images, factors))
     for image, f, got in zip(images, factors, out):
         img = Image.fromarray(image)
         for enhancer, factor in zip(
@@ -168,10 +162,39 @@ def test_color_jitter_factors_and_pil_semantics():
         ):
             img = enhancer(img).enhance(float(factor))
         np.testing.assert_allclose(got, np.asarray(img, np.float32), atol=3.5)
-    grey = np.full((2, 8, 8, 3), 90.0, np.float32)
-    flat_jitter = np.asarray([[1.0, 1.4, 0.6, 90.0], [1.0, 0.7, 1.3, 90.0]])
-    flat = photometric.color_jitter(grey, flat_jitter)
+    grey = np.full((2, 8, 8, 3), 90, np.uint8)
+    flat = photometric.color_jitter(grey, np.asarray([[1.0, 1.4, 0.6], [1.0, 0.7, 1.3]]))
     np.testing.assert_allclose(flat, grey, atol=1e-4)  # Contrast/saturation keep flat grey.
+
+
+def test_brightened_mean_grey_is_the_clipped_mean_luma():
+    """The level the contrast blend pulls towards: the mean luma of min(x * brightness, 255)."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (4, 24, 20, 3), dtype=np.uint8)
+    brightness = np.asarray([0.8, 1.0, 1.2, 1.9], np.float32)
+    expected = [
+        np.mean(np.minimum(x * np.float64(b), 255.0) @ np.asarray(photometric.LUMA))
+        for x, b in zip(images, brightness)
+    ]
+    got = photometric.brightened_mean_grey(images, brightness)
+    assert got.shape == (4,) and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_flip_draws_are_fair_and_mirror_in_the_train_step():
+    """RandomFlip draws a flip for about half the images and leaves the pixels alone; the train
+    step mirrors exactly those."""
+    flips = np.asarray(
+        [
+            pipeline.RandomFlip().random_map({}, np.random.default_rng(i))["flip"]
+            for i in range(2000)
+        ]
+    )
+    assert flips.dtype == np.bool_ and 0.46 < flips.mean() < 0.54
+    images = np.random.default_rng(0).integers(0, 256, (2, 4, 5, 3), dtype=np.uint8)
+    out = np.asarray(photometric.flip(images, np.asarray([True, False])))
+    np.testing.assert_array_equal(out[0], images[0, :, ::-1])
+    np.testing.assert_array_equal(out[1], images[1])
 
 
 def _photo_jpeg(width=512, height=384, seed=0):
@@ -204,10 +227,8 @@ def test_random_resized_crop_from_bytes_draws_the_same_box_and_decodes_only_what
             else:
                 assert diff.mean() < 2.0 and diff.max() < 40, (seed, diff.mean(), diff.max())
     whole = pipeline.RandomResizedCrop(48, scale=(1.0, 1.0), ratio=(4 / 3, 4 / 3))
-    with pipeline._open(jpeg) as img:
-        box = whole.crop_box(384, 512, np.random.default_rng(0))
-        pipeline._decode_box(img, box, 48, "bilinear")
-        assert img.size == (64, 48)  # decoded at 1/8: the box still spans >= 48 px each way
+    box = whole.crop_box(384, 512, np.random.default_rng(0))
+    assert pipeline._dct_factor(512, 384, box, 48) == 8  # the box still spans >= 48 px each way
 
 
 def test_resize_centre_crop_from_bytes_matches_the_decoded_image():
@@ -230,9 +251,44 @@ def test_resize_centre_crop_from_bytes_matches_the_decoded_image():
         - t.map({"image": decoded})["image"].astype(np.int16)
     )
     assert 0 < diff.mean() < 2.0 and diff.max() < 40, (diff.mean(), diff.max())
-    with pipeline._open(jpeg) as img:
-        pipeline._decode_box(img, t.crop_box(384, 512), 64, "bilinear")
-        assert img.size == (128, 96)  # the 336-px centre box spans 84 px at 1/4: still >= 64
+    # The 336-px centre box spans 84 px at 1/4: still >= 64.
+    assert pipeline._dct_factor(512, 384, t.crop_box(384, 512), 64) == 4
+
+
+def _jpeg(image: np.ndarray | Image.Image, **save_kwargs) -> bytes:
+    buf = io.BytesIO()
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(
+        buf, format="JPEG", **save_kwargs
+    )
+    return buf.getvalue()
+
+
+def test_jpeg_decode_gives_pils_pixels_at_every_dct_scale():
+    """The fast JPEG decode (simplejpeg) gives exactly PIL's pixels, at full and reduced DCT scales
+    (odd sizes round up alike), for colour subsamplings, progressive and grey JPEGs; a CMYK JPEG
+    goes through PIL, which converts it; bytes libjpeg cannot read raise PIL's error."""
+    photo = Image.open(io.BytesIO(_photo_jpeg(333, 251)))
+    cases = [
+        _jpeg(photo, quality=90),
+        _jpeg(photo, quality=80, subsampling=0),
+        _jpeg(photo, quality=80, progressive=True),
+        _jpeg(photo.convert("L"), quality=90),
+    ]
+    for data in cases:
+        for factor in (1, 2, 4, 8):
+            fast = pipeline._decode(data, factor)
+            assert isinstance(fast, np.ndarray), "YCbCr and grey JPEGs take the fast decode"
+            with pipeline._open(data) as img:
+                if factor > 1:
+                    img.draft("RGB", (img.width // factor, img.height // factor))
+                np.testing.assert_array_equal(fast, np.asarray(img.convert("RGB")))
+            assert fast.shape == (-(-251 // factor), -(-333 // factor), 3)
+    cmyk = _jpeg(photo.convert("CMYK"), quality=95)
+    decoded = np.asarray(pipeline._decode(cmyk))
+    reference = np.asarray(photo.convert("CMYK").convert("RGB"), np.int16)
+    assert decoded.shape == (251, 333, 3) and np.abs(decoded - reference).mean() < 3
+    with pytest.raises(OSError):
+        pipeline._decode(cases[0][:200])
 
 
 def test_train_batches_of_jpegs_are_deterministic_and_resume_exactly():

@@ -201,15 +201,14 @@ def test_diffusion_noise_is_sharding_invariant():
 
 
 def test_train_images_are_sharding_invariant():
-    """The train step's jitter and normalisation give the model bit-identical input however the
-    batch is split over devices."""
+    """The train step's flip, jitter (with its per-image mean grey level) and normalisation give the
+    model bit-identical input however the batch is split over devices."""
     config = _config("unused", data=2, fsdp=4)
     rng = np.random.default_rng(0)
     batch = {
         "image": rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
-        "jitter": np.concatenate(
-            [rng.uniform(0.8, 1.2, (16, 3)), rng.uniform(40.0, 200.0, (16, 1))], axis=1
-        ).astype(np.float32),
+        "jitter": rng.uniform(0.6, 1.4, (16, 3)).astype(np.float32),
+        "flip": rng.random(16) < 0.5,
     }
 
     def prepare(b):

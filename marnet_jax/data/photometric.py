@@ -1,10 +1,12 @@
 """The photometric half of training augmentation, run on the accelerator in the train step.
 
-The host pipeline ships each training batch as uint8 crops plus the colour jitter it drew per
-example ('jitter' [B, 4]: three factors and a mean grey level); `train_images` turns them into the
-model's input: PIL's (and torchvision's) ImageEnhance Brightness -> Contrast -> Color blends with
-those factors, then (x / 255 - mean) / std in the compute dtype. On an accelerator this costs next
-to nothing, the host is spared the per-pixel float work, and it sends a quarter of float32's bytes.
+The host pipeline ships each training batch as uint8 crops plus what it drew per example: the
+flips ('flip' bool [B]) and the colour jitter's factors ('jitter' [B, 3]); `train_images` turns
+them into the model's input: the flip, PIL's (and torchvision's) ImageEnhance Brightness ->
+Contrast -> Color blends with those factors, then (x / 255 - mean) / std in the compute dtype. On an
+accelerator this costs next to nothing, the host is spared every per-pixel pass after the crop, and
+it sends a quarter of float32's bytes. Everything here is per image and exact where it reduces
+(integer sums), so the model's input is bit-identical however the batch is split over devices.
 """
 
 from __future__ import annotations
@@ -24,22 +26,48 @@ def _luma(x: Array) -> Array:
     return x[..., 0] * LUMA[0] + x[..., 1] * LUMA[1] + x[..., 2] * LUMA[2]
 
 
-def color_jitter(images: Array, jitter: Array) -> Array:
-    """Brightness, contrast, saturation of float RGB images [B, H, W, 3] in [0, 255], in that order.
+def brightened_mean_grey(images: Array, brightness: Array) -> Array:
+    """Mean grey level (luma) of each uint8-valued image [B, H, W, 3] after the brightness blend,
+    clipped to 255: the level the contrast blend pulls towards. [B] float32.
 
-    Each is PIL's ImageEnhance blend: with black, with the image's mean grey level, with its
-    greyscale version, clipped to [0, 255] after each as the uint8 originals are (they also round to
-    integers, which this float version does not). `jitter` [B, 4]: the three factors and the mean
-    grey level of the brightened image (pipeline.ColorJitter measures it on the host, so that
-    everything here is elementwise).
+    From integer sums (exact, so the same however the batch is sharded): the clipped pixels
+    contribute 255 each, the others brightness * their value."""
+    chex.assert_rank([images, brightness], [4, 1])
+    x = images.astype(jnp.int32)
+    b = brightness.astype(jnp.float32)[:, None, None, None]
+    clipped = x.astype(jnp.float32) * b >= 255.0
+    kept_sum = jnp.sum(jnp.where(clipped, 0, x), axis=(1, 2))  # [B, 3]
+    clipped_count = jnp.sum(clipped.astype(jnp.int32), axis=(1, 2))
+    per_channel = brightness.astype(jnp.float32)[:, None] * kept_sum.astype(jnp.float32)
+    per_channel = (per_channel + 255.0 * clipped_count.astype(jnp.float32)) / (
+        images.shape[1] * images.shape[2]
+    )
+    return _luma(per_channel)
+
+
+def color_jitter(images: Array, factors: Array) -> Array:
+    """Brightness, contrast, saturation of uint8-valued RGB images [B, H, W, 3] ([0, 255], any
+    dtype), in that order; float32 out.
+
+    Each is PIL's ImageEnhance blend: with black, with the brightened image's mean grey level
+    (brightened_mean_grey), with its greyscale version, clipped to [0, 255] after each as the uint8
+    originals are (they also round to integers, which this float version does not). `factors`
+    [B, 3]: the brightness, contrast and saturation factors (pipeline.ColorJitter draws them).
     """
-    chex.assert_rank([images, jitter], [4, 2])
-    chex.assert_axis_dimension(jitter, 1, 4)
-    j = jitter.astype(jnp.float32)[:, None, None, None, :]
-    x = jnp.clip(images.astype(jnp.float32) * j[..., 0], 0.0, 255.0)
-    x = jnp.clip(j[..., 3] + j[..., 1] * (x - j[..., 3]), 0.0, 255.0)
+    chex.assert_rank([images, factors], [4, 2])
+    chex.assert_axis_dimension(factors, 1, 3)
+    grey_level = brightened_mean_grey(images, factors[:, 0])[:, None, None, None]
+    f = factors.astype(jnp.float32)[:, None, None, None, :]
+    x = jnp.clip(images.astype(jnp.float32) * f[..., 0], 0.0, 255.0)
+    x = jnp.clip(grey_level + f[..., 1] * (x - grey_level), 0.0, 255.0)
     grey = _luma(x)[..., None]
-    return jnp.clip(grey + j[..., 2] * (x - grey), 0.0, 255.0)
+    return jnp.clip(grey + f[..., 2] * (x - grey), 0.0, 255.0)
+
+
+def flip(images: Array, flips: Array) -> Array:
+    """Images [B, H, W, C] mirrored left-right where `flips` [B] is true."""
+    chex.assert_rank([images, flips], [4, 1])
+    return jnp.where(flips[:, None, None, None], images[:, :, ::-1], images)
 
 
 def normalize(images: Array, mean: Sequence[float], std: Sequence[float], dtype: str) -> Array:
@@ -50,10 +78,12 @@ def normalize(images: Array, mean: Sequence[float], std: Sequence[float], dtype:
 
 
 def train_images(batch: Mapping[str, Array], data_cfg: ml_collections.ConfigDict) -> Array:
-    """A training batch's model input: uint8 'image' [B, S, S, 3] jittered with 'jitter' (when
-    the pipeline drew it) and normalised to data_cfg.dtype."""
+    """A training batch's model input: uint8 'image' [B, S, S, 3] flipped where 'flip' says and
+    jittered with 'jitter' (each when the pipeline drew it), normalised to data_cfg.dtype."""
     chex.assert_type(batch["image"], jnp.uint8)
-    x = batch["image"].astype(jnp.float32)
+    x = batch["image"]
+    if "flip" in batch:
+        x = flip(x, batch["flip"])
     if "jitter" in batch:
         x = color_jitter(x, batch["jitter"])
     return normalize(x, data_cfg.mean, data_cfg.std, data_cfg.dtype)

@@ -13,10 +13,11 @@ padded with masked copies of a real example so that every shard yields as many f
 
 Element flow (dicts): source {'image': encoded bytes, 'label', 'ingredients', 'image_path'}
   -> train: RandomResizedCrop (decodes as it crops), ColorJitter (draws the factors),
-     RandomFlip, TrainFeatures -> batch:
-     {'image' uint8 [B, S, S, 3], 'jitter' float32 [B, 4] (with colour jitter on), 'label' int32,
-     'ingredients' float32 [B, V]}. The train step applies the jitter and normalises on the
-     accelerator (marnet_jax/data/photometric.py): the host ships uint8.
+     RandomFlip (draws the flip), TrainFeatures -> batch:
+     {'image' uint8 [B, S, S, 3], 'jitter' float32 [B, 3] (with colour jitter on), 'flip' bool [B]
+     (with flips on), 'label' int32, 'ingredients' float32 [B, V]}. The train step flips, applies
+     the jitter and normalises on the accelerator (marnet_jax/data/photometric.py): the host ships
+     uint8 crops.
   -> eval: ResizeCentreCrop (decodes as it crops), then the caller's `extra_transforms`, Normalize
      -> batch:
      {'image' [B, S, S, 3] config dtype, 'label', 'ingredients', 'mask' float32 [B]}.
@@ -37,9 +38,10 @@ import jax
 import ml_collections
 import ml_dtypes
 import numpy as np
+import simplejpeg
 from PIL import Image
 
-from marnet_jax.data import datasets, photometric
+from marnet_jax.data import datasets
 
 Example = dict[str, Any]
 
@@ -79,42 +81,91 @@ def _resize_box(
     return np.asarray(image.resize((size, size), _resample(resample), box=box))
 
 
+def _encoded(data: Any) -> bytes:
+    """Encoded image bytes (some sources give a 0-d object/bytes array)."""
+    return data.item() if isinstance(data, np.ndarray) else data
+
+
 def _open(data: Any) -> Image.Image:
-    """An encoded image (bytes, or a 0-d array of them) opened lazily: header read, not decoded."""
-    if isinstance(data, np.ndarray):  # A 0-d object/bytes array from some sources.
-        data = data.item()
-    return Image.open(io.BytesIO(data))
+    """An encoded image opened by PIL lazily: header read, not decoded."""
+    return Image.open(io.BytesIO(_encoded(data)))
 
 
-def _decode_box(img: Image.Image, box: tuple[int, int, int, int], size: int, resample: str):
-    """Decodes `img` and resizes its `box` to size x size, as _resize_box on the decoded image.
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a JPEG that libjpeg decodes to RGB itself (YCbCr or grey), read from its
+    header; None for anything else (PNG, CMYK, ...), which PIL decodes."""
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    return (width, height) if colorspace in ("YCbCr", "Gray") else None
 
-    A JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) at which the box still spans at
-    least `size` pixels each way (libjpeg's scaled decode: far less work), so that the resize
-    still only shrinks; at full scale the pixels are _resize_box's."""
+
+def _dct_factor(width: int, height: int, box: tuple[int, int, int, int], size: int) -> int:
+    """The coarsest JPEG DCT scale 1/f (f in 8, 4, 2, 1) at which `box` still spans at least
+    `size` pixels each way, so that the resize after the decode only shrinks (PIL's draft rule)."""
     left, top, right, bottom = box
-    width, height = img.size
-    need = (
-        math.ceil(width * size / max(right - left, 1)),
-        math.ceil(height * size / max(bottom - top, 1)),
-    )
-    if need[0] < width and need[1] < height:
-        img.draft("RGB", need)
-    scale = img.size[0] / width
-    rgb = img if img.mode == "RGB" else img.convert("RGB")
-    scaled = box if scale == 1 else tuple(x * scale for x in box)
-    return _resize_box(rgb, scaled, size, resample)
+    need_w = math.ceil(width * size / max(right - left, 1))
+    need_h = math.ceil(height * size / max(bottom - top, 1))
+    if need_w >= width or need_h >= height:
+        return 1
+    fits = min(width // need_w, height // need_h)
+    return next(f for f in (8, 4, 2, 1) if fits >= f)
+
+
+def _decode(data: bytes, factor: int = 1) -> np.ndarray | Image.Image:
+    """Encoded `data` as RGB, a JPEG at DCT scale 1/factor (size rounded up).
+
+    YCbCr and grey JPEGs go through simplejpeg (libjpeg-turbo straight into an array: the very
+    pixels of PIL's decode, with less overhead); anything else, or a JPEG that libjpeg warns about,
+    through PIL."""
+    size = _jpeg_size(data)
+    if size is not None:
+        width, height = size
+        try:
+            return simplejpeg.decode_jpeg(
+                data,
+                colorspace="RGB",
+                min_width=-(-width // factor),
+                min_height=-(-height // factor),
+                min_factor=factor,
+            )
+        except ValueError:
+            pass
+    img = _open(data)  # In memory: nothing to close.
+    if factor > 1:
+        img.draft("RGB", (img.width // factor, img.height // factor))
+    img.load()  # A broken image fails here, not at the resize.
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of encoded `data`, from its header."""
+    size = _jpeg_size(data)
+    if size is not None:
+        return size
+    with _open(data) as img:
+        return img.size
 
 
 def _crop_resized(
     image: Any, crop_box: Callable[[int, int], tuple[int, int, int, int]], size: int, resample: str
 ) -> np.ndarray:
-    """The box `crop_box(height, width)` of a decoded uint8 image or of encoded bytes (decoded only
-    as finely as the box needs: _decode_box), resized to size x size."""
+    """The box `crop_box(height, width)` of a decoded uint8 image or of encoded bytes, resized to
+    size x size. Encoded JPEGs are decoded only as finely as the box needs (_dct_factor): far less
+    work for a large photo, the same pixels whenever the box spans less than twice the output."""
     if isinstance(image, np.ndarray) and image.ndim == 3:
         return _resize_box(image, crop_box(image.shape[0], image.shape[1]), size, resample)
-    with _open(image) as img:
-        return _decode_box(img, crop_box(img.height, img.width), size, resample)
+    data = _encoded(image)
+    width, height = _image_size(data)
+    box = crop_box(height, width)
+    rgb = _decode(data, _dct_factor(width, height, box, size))
+    decoded_width = rgb.shape[1] if isinstance(rgb, np.ndarray) else rgb.width
+    if decoded_width != width:
+        box = tuple(x * decoded_width / width for x in box)
+    return _resize_box(rgb, box, size, resample)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -125,10 +176,7 @@ class DecodeImage(grain.transforms.Map):
     """'image': encoded PNG/JPEG bytes -> uint8 [H, W, 3] RGB (grey, palette and CMYK converted)."""
 
     def map(self, element: Example) -> Example:
-        with _open(element["image"]) as img:
-            rgb = img if img.mode == "RGB" else img.convert("RGB")
-            image = np.asarray(rgb)
-        return {**element, "image": image}
+        return {**element, "image": np.asarray(_decode(_encoded(element["image"])))}
 
 
 class RandomResizedCrop(grain.transforms.RandomMap):
@@ -136,7 +184,7 @@ class RandomResizedCrop(grain.transforms.RandomMap):
     resized to size x size; after 10 failed draws, a centre crop with the aspect clamped.
 
     Takes a decoded uint8 image, or the encoded bytes: then the box is drawn from the header's size
-    and a JPEG is decoded at the coarsest DCT scale that still covers the box (`_decode_box`)."""
+    and a JPEG is decoded at the coarsest DCT scale that still covers the box (`_crop_resized`)."""
 
     def __init__(
         self,
@@ -218,23 +266,19 @@ class ResizeCentreCrop(grain.transforms.Map):
 
 
 class RandomFlip(grain.transforms.RandomMap):
-    """Left-right flip with probability 1/2."""
+    """Left-right flip with probability 1/2: draws element 'flip' (np.bool_); the train step
+    mirrors the image (photometric.flip)."""
 
     def random_map(self, element: Example, rng: np.random.Generator) -> Example:
-        if rng.random() < 0.5:
-            # PIL's flip, not a reversed view: numpy copies a reversed view pixel by pixel later.
-            image = Image.fromarray(element["image"]).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            return {**element, "image": np.asarray(image)}
-        return element
+        return {**element, "flip": np.bool_(rng.random() < 0.5)}
 
 
 class ColorJitter(grain.transforms.RandomMap):
     """Light photometric jitter: brightness, contrast and saturation factors drawn uniformly from
     [1 - s, 1 + s] per image (a part with strength 0 gets factor 1).
 
-    The host only draws the factors and measures the mean grey level the contrast blend needs
-    (element 'jitter', float32 [brightness, contrast, saturation, mean grey]); the train step
-    applies them on the accelerator (photometric.color_jitter). Flips commute with the jitter.
+    The host only draws the factors (element 'jitter', float32 [brightness, contrast,
+    saturation]); the train step applies them on the accelerator (photometric.color_jitter).
     """
 
     def __init__(self, brightness: float = 0.2, contrast: float = 0.2, saturation: float = 0.2):
@@ -250,18 +294,7 @@ class ColorJitter(grain.transforms.RandomMap):
     def random_map(self, element: Example, rng: np.random.Generator) -> Example:
         # Always draw three factors so the random stream does not depend on which parts are on.
         factors = 1.0 + self.strengths * rng.uniform(-1.0, 1.0, 3)
-        grey = brightened_mean_grey(element["image"], factors[0])
-        return {**element, "jitter": np.append(factors, grey).astype(np.float32)}
-
-
-def brightened_mean_grey(image: np.ndarray, brightness: float) -> float:
-    """The mean grey level (luma) of uint8 `image` [H, W, 3] after the brightness blend, clipped to
-    255: the level the contrast blend pulls towards. Exact, from the image's histogram, so that the
-    jitter left to the train step is elementwise (the same however the batch is sharded)."""
-    hist = np.asarray(Image.fromarray(np.ascontiguousarray(image)).histogram(), np.float64)
-    levels = np.minimum(np.arange(256) * float(brightness), 255.0)
-    per_channel = hist.reshape(3, 256) @ levels / (image.shape[0] * image.shape[1])
-    return float(per_channel @ np.asarray(photometric.LUMA))
+        return {**element, "jitter": factors.astype(np.float32)}
 
 
 class Normalize(grain.transforms.Map):
@@ -300,7 +333,7 @@ class Normalize(grain.transforms.Map):
 
 class TrainFeatures(grain.transforms.Map):
     """Per example, before batching: uint8 'image', int32 'label', float32 'ingredients' and the
-    jitter factors if drawn; everything else (e.g. 'image_path') is dropped."""
+    jitter factors and flip if drawn; everything else (e.g. 'image_path') is dropped."""
 
     def map(self, element: Example) -> Example:
         out = {
@@ -308,8 +341,9 @@ class TrainFeatures(grain.transforms.Map):
             "label": np.int32(element["label"]),
             "ingredients": np.asarray(element["ingredients"], np.float32),
         }
-        if "jitter" in element:
-            out["jitter"] = element["jitter"]
+        for key in ("jitter", "flip"):
+            if key in element:
+                out[key] = element[key]
         return out
 
 
@@ -326,8 +360,11 @@ class CheckBatch(grain.transforms.Map):
         b, s = self.batch_size, self.image_size
         chex.assert_shape(batch["image"], (b, s, s, 3))
         chex.assert_type(batch["image"], self.image_dtype)
+        if "flip" in batch:
+            chex.assert_shape(batch["flip"], (b,))
+            chex.assert_type(batch["flip"], np.bool_)
         if "jitter" in batch:
-            chex.assert_shape(batch["jitter"], (b, 4))
+            chex.assert_shape(batch["jitter"], (b, 3))
             chex.assert_type(batch["jitter"], np.float32)
         chex.assert_shape(batch["label"], (b,))
         chex.assert_type(batch["label"], np.int32)
@@ -448,7 +485,7 @@ def _apply(ds: grain.MapDataset, transform: Any, seed: int) -> grain.MapDataset:
 
 def train_transforms(data_cfg: ml_collections.ConfigDict) -> list[Any]:
     """The per-example training transforms: a crop of the encoded image (decoded as it is
-    cropped) to uint8, then the jitter's factors and the flip."""
+    cropped) to uint8, then the draws of the jitter's factors and of the flip."""
     aug = data_cfg.augment
     size = data_cfg.image_size
     out: list[Any] = []
@@ -489,9 +526,10 @@ def train_iterator(
         data_cfg.train_fraction < 1 trains on a fixed random part of either (train_subset_indices).
 
     Returns:
-      A grain DatasetIterator of dicts 'image' uint8 [b, S, S, 3] (crops, flips), 'jitter'
-      float32 [b, 4] (with colour jitter on: ColorJitter), 'label' int32 [b], 'ingredients' float32 [b, V]:
-      photometric.train_images makes the model input of them. Its get_state() is a JSON-able
+      A grain DatasetIterator of dicts 'image' uint8 [b, S, S, 3] (crops), 'jitter' float32
+      [b, 3] (with colour jitter on: ColorJitter), 'flip' bool [b] (with flips on: RandomFlip),
+      'label' int32 [b], 'ingredients' float32 [b, V]: photometric.train_images makes the model
+      input of them. Its get_state() is a JSON-able
       dict; set_state() on a fresh iterator made with the same arguments continues with exactly
       the same batches.
     """

@@ -30,7 +30,7 @@ from marnet_jax.train.metrics import MetricWriter, summary_table
 __all__ = ["NonFiniteLossError", "Trained", "evaluate", "load_trained", "train_and_evaluate"]
 
 log = logging.getLogger("marnet_jax")
-TRAIN_KEYS = ("image", "jitter", "label", "ingredients")  # "jitter" with colour jitter on
+TRAIN_KEYS = ("image", "jitter", "flip", "label", "ingredients")  # "jitter", "flip" when drawn
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
