@@ -10,16 +10,16 @@ Result, seed 0, on the project's 2-core CPU machine (no GPU); test split (3,000 
 chance 3.3 %) and validation split (1,500), top-1 in %:
 
     variant   fused test  visual probe  CDR head  fused val  train + eval wall
-    full      66.8        66.6          61.8      65.1       600 s (beside the baseline run)
-    baseline  72.5        72.6          -         72.6       600 s (beside the full run)
+    full      65.8        65.5          61.5      63.7       442 s (with the dataset build)
+    baseline  73.0        73.6          -         73.3       335 s
 
-README's first command, idle, with the packages already installed: 441 s (dataset build, 1,600
-steps, validation and test), which printed exactly the seed-0 row above; installing the packages
-on a fresh machine took about 90 s more.
+Each ran alone on the idle machine. The full row is README's first command with the packages
+already installed (dataset build, 1,600 steps, validation and test): it printed exactly that row;
+installing the packages on a fresh machine took about 90 s more.
 
-The studies below ran before the colour jitter moved from the host into the train step (the same
-arithmetic up to float rounding; their seed-0 full run had 68.1 / 67.7 / 63.3 / 65.4 in the
-columns above, the baseline 73.0 / 72.6 / - / 73.6).
+The studies below ran before the colour jitter and the flip moved from the host into the train
+step (the same arithmetic up to float rounding; their seed-0 full run had 68.1 / 67.7 / 63.3 / 65.4
+in the columns above, the baseline 73.0 / 72.6 / - / 73.6).
 
 Over seeds (test top-1 in %, mean ± std; docs/results.md, section 2): baseline 72.8 ± 0.9 (seeds
 0-4), full 65.3 ± 1.8 (0-4; visual probe 65.4, CDR head 61.2), EMA only 69.0 ± 0.9, CDR only

@@ -80,7 +80,7 @@ def train_step(
     grad_accum_steps: int = 1,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer (micro-)step on a global batch; returns the new state and scalar metrics.
-    The batch is the input pipeline's: uint8 crops, jittered and normalised here
+    The batch is the input pipeline's: uint8 crops, flipped, jittered and normalised here
     (photometric.train_images)."""
     chex.assert_rank(batch["image"], 4)
     images = photometric.train_images(batch, data_cfg)
