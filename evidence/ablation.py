@@ -282,7 +282,8 @@ def compare(
     }
 
 
-def _sentence(c: Mapping[str, Any]) -> str:
+def sentence(c: Mapping[str, Any]) -> str:
+    """A paired comparison in one line: verdict, means and the difference over seeds."""
     return (
         f"{c['name']} ({c['variant']} vs {c['reference']}): **{c['verdict']}**; fused test top-1 "
         f"{reporting.pct(c['variant_mean'])} vs {reporting.pct(c['reference_mean'])} %, difference "
@@ -344,7 +345,7 @@ def markdown(report: Mapping[str, Any]) -> str:
         )
     if report["comparisons"]:
         text += ["", "Paired by seed (fused test top-1):", ""]
-        text += [f"- {_sentence(c)}" for c in report["comparisons"]]
+        text += [f"- {sentence(c)}" for c in report["comparisons"]]
     return "\n".join(text) + "\n"
 
 

