@@ -306,14 +306,16 @@ def predict_fn(trained: Any, keys: Sequence[str]) -> Callable[..., dict[str, Any
     ('logits', 'visual_logits', 'cdr_logits', 'x_v', 'x_ema', 'x_cdr'; those the variant has)."""
     import jax
 
+    from marnet_jax.data import photometric
     from marnet_jax.models.marnet import MARNet
     from marnet_jax.train import sharding
 
     keys = tuple(keys)
 
     def apply(variables, images, rng):
+        x = photometric.eval_images(images, trained.config.data)
         out = trained.model.apply(
-            variables, images, train=False, rngs={"diffusion": rng}, method=MARNet.predict
+            variables, x, train=False, rngs={"diffusion": rng}, method=MARNet.predict
         )
         return {k: out[k] for k in keys if k in out}
 
@@ -363,7 +365,7 @@ def iterate_predictions(
 
 def first_batch(config: Any, split: str) -> dict[str, np.ndarray]:
     """The first eval batch of `split` as the model sees it (normalised images), padding removed."""
-    from marnet_jax.data import pipeline
+    from marnet_jax.data import photometric, pipeline
 
     batches = pipeline.eval_batches(
         config.data, split, batch_size=config.train.eval_batch_size, shard_index=0, shard_count=1
@@ -373,7 +375,8 @@ def first_batch(config: Any, split: str) -> dict[str, np.ndarray]:
     finally:
         batches.close()
     keep = batch["mask"] > 0
-    return {k: v[keep] for k, v in batch.items()}
+    out = {k: v[keep] for k, v in batch.items()}
+    return out | {"image": np.asarray(photometric.eval_images(out["image"], config.data))}
 
 
 def predict(trained: Any, fn: Callable[..., dict[str, Any]], split: str, **kwargs: Any):

@@ -1,8 +1,8 @@
 """Classify photos with a trained MARNet: python -m marnet_jax.predict --workdir DIR IMAGE [IMAGE ...]
 
 Reads DIR/config.json (written by the trainer) and the newest checkpoint in DIR/checkpoints (or --step),
-prepares every image exactly as the evaluation pipeline does (decode, resize the shorter side and take
-the centre crop, normalise: the transforms of marnet_jax.data.pipeline), runs the image-only path
+prepares every image exactly as the evaluation does (decode, resize the shorter side and take the
+centre crop: marnet_jax.data.pipeline; normalise: photometric.eval_images), runs the image-only path
 (MARNet.predict: no ingredient text) and prints, per image, the top-k dishes of the fused classifier
 with their softmax probabilities; --json also writes them to a file.
 
@@ -33,7 +33,7 @@ from absl import logging as absl_logging
 from PIL import Image
 
 from marnet_jax import cli
-from marnet_jax.data import datasets, pipeline
+from marnet_jax.data import datasets, photometric, pipeline
 from marnet_jax.models.marnet import MARNet
 from marnet_jax.train import trainer
 
@@ -83,28 +83,23 @@ def class_names(
 
 
 def preprocess(data_cfg: ml_collections.ConfigDict, encoded: bytes) -> np.ndarray:
-    """An encoded image -> [S, S, 3] model input, with the evaluation pipeline's own transforms."""
-    element: dict[str, Any] = {"image": encoded, "label": 0, "ingredients": ()}
-    for transform in (
-        pipeline.ResizeCentreCrop(
-            data_cfg.image_size, data_cfg.eval_crop_ratio, data_cfg.interpolation
-        ),
-        pipeline.Normalize(data_cfg.mean, data_cfg.std, data_cfg.dtype),
-    ):
-        element = transform.map(element)
-    return element["image"]
+    """An encoded image -> uint8 [S, S, 3] crop, with the evaluation pipeline's own transform
+    (photometric.eval_images makes the model input of it, as in the eval step)."""
+    crop = pipeline.ResizeCentreCrop(
+        data_cfg.image_size, data_cfg.eval_crop_ratio, data_cfg.interpolation
+    )
+    return np.ascontiguousarray(crop.map({"image": encoded})["image"], np.uint8)
 
 
 def load_image(data_cfg: ml_collections.ConfigDict, path: str) -> np.ndarray:
-    """An image file -> [S, S, 3] model input (preprocess); IMAGE_ERRORS when it cannot be read."""
+    """An image file -> uint8 [S, S, 3] crop (preprocess); IMAGE_ERRORS when it cannot be read."""
     with open(path, "rb") as f:
         return preprocess(data_cfg, f.read())
 
 
-def _top_k(variables, images, rng, *, model: MARNet, k: int):
-    out = model.apply(
-        variables, images, train=False, rngs={"diffusion": rng}, method=MARNet.predict
-    )
+def _top_k(variables, images, rng, *, model: MARNet, data_cfg: ml_collections.ConfigDict, k: int):
+    x = photometric.eval_images(images, data_cfg)
+    out = model.apply(variables, x, train=False, rngs={"diffusion": rng}, method=MARNet.predict)
     probs = jax.nn.softmax(out["logits"].astype(jnp.float32), axis=-1)
     return jax.lax.top_k(probs, k)
 
@@ -133,7 +128,7 @@ def predict(
     if warning:
         log.warning("Class names unavailable (%s): printing class indices.", warning)
     k = min(top_k, num_classes)
-    run = jax.jit(functools.partial(_top_k, model=model, k=k))
+    run = jax.jit(functools.partial(_top_k, model=model, data_cfg=config.data, k=k))
 
     results: dict[int, Prediction] = {}
     loaded: list[tuple[int, np.ndarray]] = []

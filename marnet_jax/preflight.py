@@ -221,14 +221,12 @@ def batch_specs(
     batch: int,
     eval_: bool,
 ) -> dict[str, jax.ShapeDtypeStruct]:
-    """Abstract global batches as the trainer feeds them (train: uint8 image, jitter factors,
-    flips, label, ingredients; eval: normalised image and the padding mask), sharded over the
-    batch axes."""
+    """Abstract global batches as the trainer feeds them (uint8 image, label, ingredients; train:
+    jitter factors and flips; eval: the padding mask), sharded over the batch axes."""
     shard = sharding.batch_sharding(mesh)
     size = config.data.image_size
-    image_dtype = np.dtype(config.data.dtype) if eval_ else np.dtype(np.uint8)
     out = {
-        "image": _spec((batch, size, size, 3), image_dtype, shard),
+        "image": _spec((batch, size, size, 3), np.uint8, shard),
         "label": _spec((batch,), np.int32, shard),
         "ingredients": _spec((batch, facts.num_ingredients), np.float32, shard),
     }

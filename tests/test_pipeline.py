@@ -3,6 +3,7 @@
 import io
 
 import grain
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -89,7 +90,7 @@ def test_train_batch_format_and_normalisation(dtype):
     assert batch["ingredients"].dtype == np.float32 and batch["ingredients"].shape == (4, V)
     np.testing.assert_array_equal(batch["ingredients"][np.arange(4), batch["label"] % V], 1.0)
     images = photometric.train_images(batch, c)
-    assert images.dtype == pipeline._np_dtype(dtype)
+    assert images.dtype == jnp.dtype(dtype)
     expected = (np.asarray(colour) / 255.0 - np.asarray(c.mean)) / np.asarray(c.std)
     got = np.asarray(images, np.float32)
     np.testing.assert_allclose(
@@ -453,7 +454,7 @@ def test_eval_shards_padded_disjoint_covering(n, batch, shards):
     assert sorted(seen) == list(range(n))  # Every example exactly once.
 
 
-def test_eval_extra_transforms_apply_before_normalisation():
+def test_eval_extra_transforms_apply_to_the_uint8_crops_the_eval_step_normalises():
     src = memory_source(6)
     c = cfg()
     b = next(
@@ -466,8 +467,11 @@ def test_eval_extra_transforms_apply_before_normalisation():
             data_source=src,
         )
     )
+    assert b["image"].dtype == np.uint8  # the host ships crops; the eval step normalises
+    np.testing.assert_array_equal(b["image"], 0)
     expected = -np.asarray(c.mean) / np.asarray(c.std)
-    np.testing.assert_allclose(b["image"], np.broadcast_to(expected, b["image"].shape), atol=1e-5)
+    got = np.asarray(photometric.eval_images(b["image"], c))
+    np.testing.assert_allclose(got, np.broadcast_to(expected, got.shape), atol=1e-5)
 
     def shifted(seed):
         return next(

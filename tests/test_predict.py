@@ -87,7 +87,7 @@ def test_predictions_are_the_evaluation_pipelines(run, photos):
     variables = trainer.load_trained(workdir, config).variables
     facts = datasets.prepare(config.data)
     model = build_model(config.model, facts.num_classes, facts.num_ingredients)
-    run_top5 = jax.jit(functools.partial(predict._top_k, model=model, k=5))
+    run_top5 = jax.jit(functools.partial(predict._top_k, model=model, data_cfg=config.data, k=5))
     rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0)
     probs, idx = jax.device_get(run_top5(variables, batch["image"], rng))
     for i, p in enumerate(got):

@@ -1,6 +1,8 @@
 """The photometric half of training augmentation, run on the accelerator in the train step.
 
-The host pipeline ships each training batch as uint8 crops plus what it drew per example: the
+Evaluation batches are uint8 crops too; `eval_images` normalises them in the eval step (and in
+prediction). The host pipeline ships each training batch as uint8 crops plus what it drew per
+example: the
 flips ('flip' bool [B]) and the colour jitter's factors ('jitter' [B, 3]); `train_images` turns
 them into the model's input: the flip, PIL's (and torchvision's) ImageEnhance Brightness ->
 Contrast -> Color blends with those factors, then (x / 255 - mean) / std in the compute dtype. On an
@@ -71,10 +73,22 @@ def flip(images: Array, flips: Array) -> Array:
 
 
 def normalize(images: Array, mean: Sequence[float], std: Sequence[float], dtype: str) -> Array:
-    """[..., 3] pixel values in [0, 255] -> (x / 255 - mean) / std in `dtype`."""
+    """[..., 3] pixel values in [0, 255] -> (x / 255 - mean) / std in `dtype` ('float32' or
+    'bfloat16', data.dtype)."""
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(
+            f"Unknown image dtype {dtype!r} (data.dtype); expected 'float32' or 'bfloat16'."
+        )
     m = jnp.asarray(mean, jnp.float32) * 255.0
     inv = 1.0 / (jnp.asarray(std, jnp.float32) * 255.0)
     return ((images.astype(jnp.float32) - m) * inv).astype(jnp.dtype(dtype))
+
+
+def eval_images(images: Array, data_cfg: ml_collections.ConfigDict) -> Array:
+    """The model input of evaluation and prediction crops (uint8 [..., S, S, 3], as eval_batches
+    and predict.preprocess give them): normalised to data_cfg.dtype."""
+    chex.assert_type(images, jnp.uint8)
+    return normalize(images, data_cfg.mean, data_cfg.std, data_cfg.dtype)
 
 
 def train_images(batch: Mapping[str, Array], data_cfg: ml_collections.ConfigDict) -> Array:

@@ -18,9 +18,10 @@ Element flow (dicts): source {'image': encoded bytes, 'label', 'ingredients', 'i
      (with flips on), 'label' int32, 'ingredients' float32 [B, V]}. The train step flips, applies
      the jitter and normalises on the accelerator (marnet_jax/data/photometric.py): the host ships
      uint8 crops.
-  -> eval: ResizeCentreCrop (decodes as it crops), then the caller's `extra_transforms`, Normalize
-     -> batch:
-     {'image' [B, S, S, 3] config dtype, 'label', 'ingredients', 'mask' float32 [B]}.
+  -> eval: ResizeCentreCrop (decodes as it crops), then the caller's `extra_transforms`,
+     EvalFeatures -> batch:
+     {'image' uint8 [B, S, S, 3], 'label', 'ingredients', 'mask' float32 [B]}; the eval step
+     normalises (photometric.eval_images).
 All transforms are module-level classes so grain can pickle them into worker processes.
 """
 
@@ -36,7 +37,6 @@ import chex
 import grain
 import jax
 import ml_collections
-import ml_dtypes
 import numpy as np
 import simplejpeg
 from PIL import Image
@@ -57,14 +57,6 @@ def _resample(name: str) -> Image.Resampling:
     if name not in _RESAMPLE:
         raise ValueError(f"Unknown interpolation {name!r}; expected one of {sorted(_RESAMPLE)}.")
     return _RESAMPLE[name]
-
-
-def _np_dtype(name: str) -> np.dtype:
-    if name == "float32":
-        return np.dtype(np.float32)
-    if name == "bfloat16":
-        return np.dtype(ml_dtypes.bfloat16)
-    raise ValueError(f"Unknown image dtype {name!r}; expected 'float32' or 'bfloat16'.")
 
 
 def _resize_box(
@@ -297,38 +289,18 @@ class ColorJitter(grain.transforms.RandomMap):
         return {**element, "jitter": factors.astype(np.float32)}
 
 
-class Normalize(grain.transforms.Map):
-    """Final features: image (x / 255 - mean) / std in `dtype`, label int32, ingredients
-    float32, mask float32 (eval). Everything else (e.g. 'image_path') is dropped."""
-
-    def __init__(
-        self,
-        mean: Sequence[float],
-        std: Sequence[float],
-        dtype: str = "float32",
-        keep_mask: bool = False,
-    ):
-        self.mean = np.asarray(mean, np.float32) * 255.0
-        self.inv_std = 1.0 / (np.asarray(std, np.float32) * 255.0)
-        self.dtype = dtype
-        self.keep_mask = keep_mask
-        _np_dtype(dtype)
-
-    def normalize(self, image: np.ndarray) -> np.ndarray:
-        """uint8 or float [..., 3] in [0, 255] -> normalised `dtype`."""
-        out = np.subtract(image, self.mean, dtype=np.float32)
-        np.multiply(out, self.inv_std, out=out)
-        return out.astype(_np_dtype(self.dtype), copy=False)
+class EvalFeatures(grain.transforms.Map):
+    """Per example, before batching: uint8 'image', int32 'label', float32 'ingredients' and
+    float32 'mask'; everything else (e.g. 'image_path') is dropped. The eval step normalises
+    (photometric.eval_images)."""
 
     def map(self, element: Example) -> Example:
-        out = {
-            "image": self.normalize(element["image"]),
+        return {
+            "image": np.ascontiguousarray(element["image"], np.uint8),
             "label": np.int32(element["label"]),
             "ingredients": np.asarray(element["ingredients"], np.float32),
+            "mask": np.float32(element["mask"]),
         }
-        if self.keep_mask:
-            out["mask"] = np.float32(element["mask"])
-        return out
 
 
 class TrainFeatures(grain.transforms.Map):
@@ -604,8 +576,8 @@ def eval_batches(
       data_source: a random-access source to read instead of the tfds split.
 
     Returns:
-      An iterator of dicts 'image' [b, S, S, 3] normalised in data_cfg.dtype, 'label',
-      'ingredients' (as in training) and 'mask' float32 [b].
+      An iterator of dicts 'image' uint8 [b, S, S, 3] (photometric.eval_images makes the model
+      input of it), 'label', 'ingredients' (as in training) and 'mask' float32 [b].
     """
     shard_index, shard_count = _default_shard(shard_index, shard_count)
     src = (
@@ -625,11 +597,9 @@ def eval_batches(
     )
     for i, t in enumerate(extra_transforms):
         ds = _apply(ds, t, derive_seed(seed, 2, shard_index, i))
-    ds = ds.map(Normalize(data_cfg.mean, data_cfg.std, data_cfg.dtype, keep_mask=True))
+    ds = ds.map(EvalFeatures())
     ds = ds.batch(batch_size, drop_remainder=True)
-    ds = ds.map(
-        CheckBatch(batch_size, data_cfg.image_size, _np_dtype(data_cfg.dtype), with_mask=True)
-    )
+    ds = ds.map(CheckBatch(batch_size, data_cfg.image_size, np.uint8, with_mask=True))
     return _closing(_to_iterator(ds, data_cfg))
 
 

@@ -779,6 +779,7 @@ def check_weights(
     import ml_collections
 
     from marnet_jax import predict
+    from marnet_jax.data import photometric
     from marnet_jax.models.backbones import build_backbone
 
     weights = read_weights(path)
@@ -810,7 +811,8 @@ def check_weights(
     variables = {"params": params, **({"batch_stats": stats} if stats else {})}
 
     @jax.jit
-    def probabilities(variables: dict[str, Any], x: jax.Array) -> jax.Array:
+    def probabilities(variables: dict[str, Any], crops: jax.Array) -> jax.Array:
+        x = photometric.eval_images(crops, data_cfg)
         features = model.apply(variables, x, train=False)
         return jax.nn.softmax(head.logits(features).astype(jax.numpy.float32), axis=-1)
 

@@ -38,11 +38,13 @@ def _compile_once(jitted: Any, *args: Any) -> Any:
     return lowered.compile()
 
 
-def jit_eval_step(model: MARNet, mesh: jax.sharding.Mesh) -> Callable[..., dict[str, jax.Array]]:
+def jit_eval_step(
+    model: MARNet, mesh: jax.sharding.Mesh, data_cfg: ml_collections.ConfigDict
+) -> Callable[..., dict[str, jax.Array]]:
     """The eval step: (variables, batch, rng) -> per-head correct counts and the example count,
     replicated."""
     return jax.jit(
-        functools.partial(eval_step, model=model),
+        functools.partial(eval_step, model=model, data_cfg=data_cfg),
         in_shardings=(None, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
         out_shardings=sharding.replicated(mesh),
     )
@@ -124,7 +126,7 @@ class Experiment:
         )
 
     def jit_eval_step(self) -> Callable[..., dict[str, jax.Array]]:
-        return jit_eval_step(self.model, self.mesh)
+        return jit_eval_step(self.model, self.mesh, self.config.data)
 
     def log_layout(self) -> None:
         n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract.params))

@@ -135,10 +135,13 @@ def eval_step(
     rng: jax.Array,
     *,
     model: nn.Module,
+    data_cfg: ml_collections.ConfigDict,
 ) -> dict[str, jax.Array]:
-    """Image-only prediction on a padded global batch; returns masked sums of correct predictions."""
+    """Image-only prediction on a padded global batch of uint8 crops (normalised here:
+    photometric.eval_images); returns masked sums of correct predictions."""
+    images = photometric.eval_images(batch["image"], data_cfg)
     outputs = model.apply(
-        variables, batch["image"], train=False, rngs={"diffusion": rng}, method=MARNet.predict
+        variables, images, train=False, rngs={"diffusion": rng}, method=MARNet.predict
     )
     mask = batch["mask"]
     sums = {"count": jnp.sum(mask)}

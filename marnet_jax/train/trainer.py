@@ -157,7 +157,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     workdir = epath.Path(workdir)
     trained = load_trained(workdir, config, facts=datasets.prepare(config.data))
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
-    p_eval = jit_eval_step(trained.model, trained.mesh)
+    p_eval = jit_eval_step(trained.model, trained.mesh, config.data)
     results = _final_evaluation(
         p_eval, trained.variables, config, trained.mesh, writer, trained.step
     )
