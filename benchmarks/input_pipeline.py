@@ -1,4 +1,4 @@
-"""Training input pipeline throughput (decode + augment + normalise + batch); prints a table.
+"""Input pipeline throughput on the host (decode + crop + augmentation draws + batch); prints a table.
 
   python -m benchmarks.input_pipeline                  # small preset: a few minutes on 2 cores
   python -m benchmarks.input_pipeline --preset full --json /tmp/input_pipeline.json
@@ -14,9 +14,10 @@ Cases:
   jpeg_1024px_224px   the same at 1024x768 (real food photos come that large and larger).
   jpeg_1024px_shrunk  those 1024x768 JPEGs as a dataset built with max_shorter_side=SHRINK_TO
                       stores them (manual_release.shrink_image).
-Each case runs its train pipeline (decode + random-resized-crop + flip to uint8; the colour jitter and
-normalisation run in the train step) with worker_count 0, 1, 2 (and read_threads 0 and the config
-default at 0 workers), and its eval pipeline (decode, resize + centre crop, normalise) at 0 workers.
+Each case runs its train pipeline (decode + random-resized-crop to uint8, the flip and colour-jitter
+draws; the flip, jitter and normalisation run in the train step) with worker_count 0, 1, 2 (and
+read_threads 0 and the config default at 0 workers), and its eval pipeline (decode, resize + centre
+crop to uint8; the eval step normalises) at 0 workers.
 Images/s is wall-clock over --batches batches after --warmup batches (worker start-up excluded; it
 is reported as the time to the first batch). On a shared machine wall-clock rates depend on the
 load; images/CPU-s (main process, 0 workers) is the load-independent single-core cost.
