@@ -141,6 +141,21 @@ def test_random_resized_crop_box_within_bounds():
             assert 0 <= left < right <= w and 0 <= top < bottom <= h
 
 
+def test_random_resized_crop_box_statistics():
+    """Inception-style boxes on a square image: area fraction in the scale range, aspect
+    log-uniform in the ratio range (symmetric about 1), and the area fraction distributed as
+    uniform draws with the boxes that do not fit redrawn (58 % below the range's midpoint)."""
+    t = pipeline.RandomResizedCrop(32)  # scale (0.08, 1), ratio (3/4, 4/3)
+    rng = np.random.default_rng(0)
+    boxes = np.asarray([t.crop_box(256, 256, rng) for _ in range(4000)], np.float64)
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    area, log_aspect = w * h / 256**2, np.log(w / h)
+    assert area.min() > 0.075 and area.max() <= 1.0
+    assert np.all(np.abs(log_aspect) <= np.log(4 / 3) + 0.01)
+    assert abs(log_aspect.mean()) < 0.01
+    assert 0.55 < np.mean(area < 0.54) < 0.62
+
+
 def test_color_jitter_factors_and_pil_semantics():
     """The host draws the factors; the train step's float jitter is PIL's ImageEnhance Brightness
     -> Contrast -> Color (torchvision's semantics) up to PIL's truncation to uint8 after each of the
