@@ -1,14 +1,14 @@
-"""The photometric half of training augmentation, run on the accelerator in the train step.
+"""Per-pixel work on the accelerator: the photometric half of training augmentation, and the
+normalisation of training and evaluation crops.
 
-Evaluation batches are uint8 crops too; `eval_images` normalises them in the eval step (and in
-prediction). The host pipeline ships each training batch as uint8 crops plus what it drew per
-example: the
-flips ('flip' bool [B]) and the colour jitter's factors ('jitter' [B, 3]); `train_images` turns
-them into the model's input: the flip, PIL's (and torchvision's) ImageEnhance Brightness ->
-Contrast -> Color blends with those factors, then (x / 255 - mean) / std in the compute dtype. On an
-accelerator this costs next to nothing, the host is spared every per-pixel pass after the crop, and
-it sends a quarter of float32's bytes. Everything here is per image and exact where it reduces
-(integer sums), so the model's input is bit-identical however the batch is split over devices.
+The host pipeline ships uint8 crops. A training batch also carries what the host drew per example:
+the flips ('flip' bool [B]) and the colour jitter's factors ('jitter' [B, 3]); `train_images` turns
+it into the model's input: the flip, PIL's (and torchvision's) ImageEnhance Brightness -> Contrast
+-> Color blends with those factors, then (x / 255 - mean) / std in the compute dtype.
+`eval_images` normalises evaluation and prediction crops. On an accelerator this costs next to
+nothing, the host is spared every per-pixel pass after the crop, and it sends a quarter of float32's
+bytes. Everything here is per image and exact where it reduces (integer sums), so the model's input
+is bit-identical however the batch is split over devices.
 """
 
 from __future__ import annotations
@@ -36,15 +36,12 @@ def brightened_mean_grey(images: Array, brightness: Array) -> Array:
     contribute 255 each, the others brightness * their value."""
     chex.assert_rank([images, brightness], [4, 1])
     x = images.astype(jnp.int32)
-    b = brightness.astype(jnp.float32)[:, None, None, None]
-    clipped = x.astype(jnp.float32) * b >= 255.0
-    kept_sum = jnp.sum(jnp.where(clipped, 0, x), axis=(1, 2))  # [B, 3]
-    clipped_count = jnp.sum(clipped.astype(jnp.int32), axis=(1, 2))
-    per_channel = brightness.astype(jnp.float32)[:, None] * kept_sum.astype(jnp.float32)
-    per_channel = (per_channel + 255.0 * clipped_count.astype(jnp.float32)) / (
-        images.shape[1] * images.shape[2]
-    )
-    return _luma(per_channel)
+    b = brightness.astype(jnp.float32)
+    clipped = x.astype(jnp.float32) * b[:, None, None, None] >= 255.0  # as color_jitter clips
+    kept_sum = jnp.sum(jnp.where(clipped, 0, x), axis=(1, 2)).astype(jnp.float32)  # [B, 3]
+    clipped_count = jnp.sum(clipped.astype(jnp.int32), axis=(1, 2)).astype(jnp.float32)
+    pixels = images.shape[1] * images.shape[2]
+    return _luma((b[:, None] * kept_sum + 255.0 * clipped_count) / pixels)
 
 
 def color_jitter(images: Array, factors: Array) -> Array:
