@@ -176,8 +176,9 @@ def pretrained_markdown(reports: Mapping[str, Mapping[str, Any]]) -> str:
         p = report["provenance"]
         lines.append(
             f"- {INITS[init]}: `{_command(p)}` (code {p.get('git_commit') or '?'}; "
-            f"{_config_line(p['config'])}; on {reporting.machine_line(p['machine'])})"
+            f"{_config_line(p['config'])})"
         )
+        lines += [f"  {line}" for line in training_machines(report).splitlines()]
         for label, v in report["variants"].items():
             s = v["summary"]
             val = [r["validation"]["fused_top1"] for r in v["runs"]]
