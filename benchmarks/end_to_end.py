@@ -3,10 +3,13 @@
   python -m benchmarks.end_to_end                     # configs/default.py on 1,024 synthetic images
   python -m benchmarks.end_to_end --preset full       # on the default config's dataset (builds it)
   python -m benchmarks.end_to_end --preset tiny       # seconds (tests)
+  python -m benchmarks.end_to_end --preset paper      # paper scale, for a GPU host: ResNet-50 MARNet
+                                                      # at 224 px in bf16 on 512x384 JPEGs, 8 and 16
+                                                      # workers [--workers 8,16] [--batch 256]
 
 For each data worker count three rates are measured, in images/s over the same number of steps
 after warm-up:
-  data:  the grain input pipeline alone (decode, augment, normalise, batch), as trainer reads it;
+  data:  the grain input pipeline alone (decode, crop, augmentation draws, batch), as trainer reads it;
   model: the jitted train step alone on one device-resident batch, steps dispatched back to back;
   both:  the trainer's loop: grain batches through loop.DevicePrefetcher (2 batches in flight on
          the device) into the train step, metrics checked asynchronously (loop.PendingMetrics).
@@ -27,7 +30,7 @@ import jax
 import tensorflow_datasets as tfds
 from absl import flags
 
-from benchmarks import _common, train_step
+from benchmarks import _common, input_pipeline, train_step
 from marnet_jax import cli, reporting
 from marnet_jax.data import datasets, pipeline, synthetic_food
 from marnet_jax.train import loop, sharding, trainer
@@ -37,7 +40,9 @@ from marnet_jax.train import loop, sharding, trainer
 class Preset:
     config: str  # module in configs/
     arg: str
-    source: str | None  # synthetic_food builder config of a small train split; None: the config's
+    # synthetic_food builder config of a small train split (num_train examples); JPEG: num_train
+    # photo-like 512x384 JPEGs cycled to Vireo-Food172's train length; None: the config's dataset.
+    source: str | None
     num_train: int
     workers: tuple[int, ...]
     warmup: int
@@ -48,7 +53,9 @@ PRESETS = {
     "tiny": Preset("tiny", "full", "tiny", 64, (0,), 1, 3),
     "small": Preset("default", "full", "default", 1024, (0, 1, 2), 3, 12),
     "full": Preset("default", "full", None, 0, (0, 1, 2), 5, 30),
+    "paper": Preset("vireo_food172", "resnet50,full", "jpeg", 256, (8, 16), 5, 20),
 }
+JPEG = "jpeg"
 
 
 def small_source(base: str, num_train: int, data_dir: str):
@@ -126,6 +133,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def define(fv: flags.FlagValues) -> None:
         flags.DEFINE_string("data_dir", None, "tfds data_dir (default: a temp dir)", flag_values=fv)
         flags.DEFINE_integer("devices", -1, "devices to use (-1: all)", flag_values=fv)
+        flags.DEFINE_string(
+            "workers", None, "data worker counts (default: the preset's)", flag_values=fv
+        )
+        flags.DEFINE_integer("batch", None, "global batch (default: the config's)", flag_values=fv)
 
     args = _common.parse_args("end_to_end", __doc__, argv, PRESETS, "small", define)
     _common.setup_jax(args)
@@ -133,6 +144,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     preset = PRESETS[args.preset]
     config = importlib.import_module(f"configs.{preset.config}").get_config(preset.arg)
     config.mesh.num_devices = args.devices
+    if args.batch:
+        config.train.batch_size = args.batch
+    workers = [int(w) for w in args.workers.split(",")] if args.workers else preset.workers
     load_before = reporting.load_average()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -142,6 +156,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 config.data.data_dir = args.data_dir
             facts = datasets.prepare(config.data)
             src = datasets.source(config.data, config.data.train_split)
+        elif preset.source == JPEG:
+            facts = datasets.shape_facts(config.data)
+            src = input_pipeline.jpeg_source(preset.num_train, pathlib.Path(tmp) / "jpeg")
         else:
             facts = datasets.shape_facts(config.data)
             src = small_source(preset.source, preset.num_train, data_dir)
@@ -156,12 +173,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         state, _ = p_train(state, sharding.global_batch(host, mesh))  # compiles
         jax.block_until_ready(state)
         print(f"set-up and compile: {time.perf_counter() - t0:.1f} s", flush=True)
-        for workers in preset.workers:
-            config.data.worker_count = workers
+        for worker_count in workers:
+            config.data.worker_count = worker_count
             row, state = measure(config, src, p_train, state, mesh, preset)
             rows.append(row)
             print(
-                f"workers={workers}: data {row['data_images_per_s']} model "
+                f"workers={worker_count}: data {row['data_images_per_s']} model "
                 f"{row['model_images_per_s']} both {row['both_images_per_s']} images/s",
                 flush=True,
             )

@@ -79,6 +79,20 @@ def test_end_to_end_tiny_preset(tmp_path):
     assert row["bottleneck"] in ("data", "model")
 
 
+@pytest.mark.slow  # compiles ResNet-50 MARNet at 224 px on the CPU
+def test_end_to_end_paper_preset_on_jpegs(tmp_path, monkeypatch):
+    """The paper-scale preset (for GPU hosts) runs its JPEG pipeline into the ResNet-50 step."""
+    import dataclasses
+
+    small = dataclasses.replace(end_to_end.PRESETS["paper"], num_train=8, warmup=1, steps=1)
+    monkeypatch.setitem(end_to_end.PRESETS, "paper", small)
+    args = ["--preset", "paper", "--workers", "0", "--batch", "2", *FAST]
+    out = end_to_end.main([*args, "--json", str(tmp_path / "e.json")])
+    (row,) = out["rows"]
+    assert row["image_size"] == 224 and row["batch"] == 2 and row["workers"] == 0
+    assert row["data_images_per_s"] > 0 and row["model_images_per_s"] > 0
+
+
 def test_torch_side_by_side_tiny_preset(tmp_path):
     pytest.importorskip("torch")
     from benchmarks import torch_marnet
