@@ -125,7 +125,7 @@ def check_seeds(seeds: Sequence[int], what: str) -> None:
 
 
 def _git_commit() -> str | None:
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[1]  # evidence/ sits in the repository root
     try:
         git = lambda *args: subprocess.run(
             ["git", *args], cwd=repo, capture_output=True, text=True, timeout=10, check=True

@@ -215,6 +215,9 @@ def test_ablation_writes_its_tables(evidence):
     data = json.loads((out / "ablation.json").read_text())
     assert set(data["variants"]) == {"baseline", "full"}
     assert {"command", "config", "seeds", "machine", "wall_s"} <= set(data["provenance"])
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True)
+    if head.returncode == 0:  # the studies record the commit of the code that ran them
+        assert data["provenance"]["git_commit"].startswith(head.stdout.decode().strip())
     assert data["provenance"]["config"]["train_steps"] == 2
     full = data["variants"]["full"]
     assert full["use_ema"] and full["use_cdr"] and full["summary"]["cdr_top1_mean"] >= 0
