@@ -49,13 +49,13 @@ class Preset:
     steps: int
 
 
+JPEG = "jpeg"  # Preset.source: benchmarks.input_pipeline's photo-like JPEGs
 PRESETS = {
     "tiny": Preset("tiny", "full", "tiny", 64, (0,), 1, 3),
     "small": Preset("default", "full", "default", 1024, (0, 1, 2), 3, 12),
     "full": Preset("default", "full", None, 0, (0, 1, 2), 5, 30),
-    "paper": Preset("vireo_food172", "resnet50,full", "jpeg", 256, (8, 16), 5, 20),
+    "paper": Preset("vireo_food172", "resnet50,full", JPEG, 256, (8, 16), 5, 20),
 }
-JPEG = "jpeg"
 
 
 def small_source(base: str, num_train: int, data_dir: str):

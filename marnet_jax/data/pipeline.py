@@ -107,39 +107,37 @@ def _dct_factor(width: int, height: int, box: tuple[int, int, int, int], size: i
     return next(f for f in (8, 4, 2, 1) if fits >= f)
 
 
-def _decode(data: bytes, factor: int = 1) -> np.ndarray | Image.Image:
-    """Encoded `data` as RGB, a JPEG at DCT scale 1/factor (size rounded up).
+def _decode_jpeg(data: bytes, size: tuple[int, int], factor: int) -> np.ndarray | None:
+    """A YCbCr or grey JPEG of `size` (width, height) through simplejpeg at DCT scale 1/factor:
+    libjpeg-turbo straight into an array, the very pixels of PIL's decode with less overhead; None
+    when libjpeg warns about the data (PIL, more lenient, decodes it then)."""
+    width, height = size
+    try:
+        return simplejpeg.decode_jpeg(
+            data,
+            colorspace="RGB",
+            min_width=-(-width // factor),
+            min_height=-(-height // factor),
+            min_factor=factor,
+        )
+    except ValueError:
+        return None
 
-    YCbCr and grey JPEGs go through simplejpeg (libjpeg-turbo straight into an array: the very
-    pixels of PIL's decode, with less overhead); anything else, or a JPEG that libjpeg warns about,
-    through PIL."""
-    size = _jpeg_size(data)
-    if size is not None:
-        width, height = size
-        try:
-            return simplejpeg.decode_jpeg(
-                data,
-                colorspace="RGB",
-                min_width=-(-width // factor),
-                min_height=-(-height // factor),
-                min_factor=factor,
-            )
-        except ValueError:
-            pass
-    img = _open(data)  # In memory: nothing to close.
+
+def _decode_pil(img: Image.Image, factor: int) -> Image.Image:
+    """An opened image decoded by PIL as RGB, a JPEG at DCT scale 1/factor (PIL's draft)."""
     if factor > 1:
         img.draft("RGB", (img.width // factor, img.height // factor))
     img.load()  # A broken image fails here, not at the resize.
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def _image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) of encoded `data`, from its header."""
+def _decode(data: bytes, factor: int = 1) -> np.ndarray | Image.Image:
+    """Encoded `data` as RGB, a JPEG at DCT scale 1/factor (size rounded up): YCbCr and grey JPEGs
+    through simplejpeg (_decode_jpeg), anything else through PIL."""
     size = _jpeg_size(data)
-    if size is not None:
-        return size
-    with _open(data) as img:
-        return img.size
+    rgb = None if size is None else _decode_jpeg(data, size, factor)
+    return rgb if rgb is not None else _decode_pil(_open(data), factor)
 
 
 def _crop_resized(
@@ -151,9 +149,14 @@ def _crop_resized(
     if isinstance(image, np.ndarray) and image.ndim == 3:
         return _resize_box(image, crop_box(image.shape[0], image.shape[1]), size, resample)
     data = _encoded(image)
-    width, height = _image_size(data)
+    jpeg_size = _jpeg_size(data)
+    img = _open(data) if jpeg_size is None else None  # header read once, whichever decodes
+    width, height = jpeg_size or img.size
     box = crop_box(height, width)
-    rgb = _decode(data, _dct_factor(width, height, box, size))
+    factor = _dct_factor(width, height, box, size)
+    rgb = None if jpeg_size is None else _decode_jpeg(data, jpeg_size, factor)
+    if rgb is None:
+        rgb = _decode_pil(img or _open(data), factor)
     decoded_width = rgb.shape[1] if isinstance(rgb, np.ndarray) else rgb.width
     if decoded_width != width:
         box = tuple(x * decoded_width / width for x in box)
