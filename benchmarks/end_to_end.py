@@ -5,7 +5,9 @@
   python -m benchmarks.end_to_end --preset tiny       # seconds (tests)
   python -m benchmarks.end_to_end --preset paper      # paper scale, for a GPU host: ResNet-50 MARNet
                                                       # at 224 px in bf16 on 512x384 JPEGs, 8 and 16
-                                                      # workers [--workers 8,16] [--batch 256]
+                                                      # workers, crops decoded on the CPU and by DALI
+                                                      # on the GPU [--workers 8,16] [--batch 256]
+                                                      # [--decoders cpu,dali]
 
 For each data worker count three rates are measured, in images/s over the same number of steps
 after warm-up:
@@ -15,6 +17,9 @@ after warm-up:
          the device) into the train step, metrics checked asynchronously (loop.PendingMetrics).
 The bottleneck is the slower of data and model; 'both / min' near 100% means they overlap. On a
 machine whose cores are shared by the pipeline and the step (the CPU backend), both compete.
+Each decoder (config.data.decoder: 'cpu', or 'dali' for DALI on the GPU, where data includes the
+GPU decode) is measured at each worker count; a decoder that cannot run here gets a row that says
+why.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from absl import flags
 
 from benchmarks import _common, input_pipeline, train_step
 from marnet_jax import cli, reporting
-from marnet_jax.data import datasets, pipeline, synthetic_food
+from marnet_jax.data import dali, datasets, pipeline, synthetic_food
 from marnet_jax.train import loop, sharding, trainer
 
 
@@ -45,16 +50,17 @@ class Preset:
     source: str | None
     num_train: int
     workers: tuple[int, ...]
+    decoders: tuple[str, ...]  # config.data.decoder values
     warmup: int
     steps: int
 
 
 JPEG = "jpeg"  # Preset.source: benchmarks.input_pipeline's photo-like JPEGs
 PRESETS = {
-    "tiny": Preset("tiny", "full", "tiny", 64, (0,), 1, 3),
-    "small": Preset("default", "full", "default", 1024, (0, 1, 2), 3, 12),
-    "full": Preset("default", "full", None, 0, (0, 1, 2), 5, 30),
-    "paper": Preset("vireo_food172", "resnet50,full", JPEG, 256, (8, 16), 5, 20),
+    "tiny": Preset("tiny", "full", "tiny", 64, (0,), ("cpu",), 1, 3),
+    "small": Preset("default", "full", "default", 1024, (0, 1, 2), ("cpu",), 3, 12),
+    "full": Preset("default", "full", None, 0, (0, 1, 2), ("cpu",), 5, 30),
+    "paper": Preset("vireo_food172", "resnet50,full", JPEG, 256, (8, 16), ("cpu", "dali"), 5, 20),
 }
 
 
@@ -72,14 +78,25 @@ def _rate(images: int, seconds: float) -> float:
     return round(images / seconds, 1)
 
 
+def dali_unavailable() -> str | None:
+    """Why the 'dali' decoder cannot run here, or None."""
+    try:
+        dali.require_dali()
+    except ImportError as e:
+        return str(e)
+    return None if jax.default_backend() == "gpu" else "it decodes on a GPU and there is none"
+
+
 def measure(config, src, p_train, state, mesh, preset: Preset) -> tuple[dict[str, Any], Any]:
-    """Data-only, model-only and combined rates for `config.data.worker_count`; the new state."""
+    """Data-only, model-only and combined rates for `config.data.worker_count` and
+    `config.data.decoder`; the new state."""
     b = config.train.batch_size
 
     def iterator():
-        return pipeline.train_iterator(
+        batches = pipeline.train_iterator(
             config.data, batch_size=b, seed=0, shard_index=0, shard_count=1, data_source=src
         )
+        return dali.decoded(batches, sharding.batch_sharding(mesh), config.data)
 
     it = iterator()
     for _ in range(preset.warmup):
@@ -116,6 +133,8 @@ def measure(config, src, p_train, state, mesh, preset: Preset) -> tuple[dict[str
     jax.block_until_ready(state)
     both = _rate(b * preset.steps, time.perf_counter() - t0)
     row = dict(
+        decoder=config.data.decoder,
+        status="measured",
         workers=config.data.worker_count,
         read_threads=config.data.read_threads,
         batch=b,
@@ -137,6 +156,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "workers", None, "data worker counts (default: the preset's)", flag_values=fv
         )
         flags.DEFINE_integer("batch", None, "global batch (default: the config's)", flag_values=fv)
+        flags.DEFINE_string(
+            "decoders", None, "config.data.decoder values (default: the preset's)", flag_values=fv
+        )
 
     args = _common.parse_args("end_to_end", __doc__, argv, PRESETS, "small", define)
     _common.setup_jax(args)
@@ -147,6 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.batch:
         config.train.batch_size = args.batch
     workers = [int(w) for w in args.workers.split(",")] if args.workers else preset.workers
+    decoders = args.decoders.split(",") if args.decoders else preset.decoders
     load_before = reporting.load_average()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -173,28 +196,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         state, _ = p_train(state, sharding.global_batch(host, mesh))  # compiles
         jax.block_until_ready(state)
         print(f"set-up and compile: {time.perf_counter() - t0:.1f} s", flush=True)
-        for worker_count in workers:
-            config.data.worker_count = worker_count
-            row, state = measure(config, src, p_train, state, mesh, preset)
-            rows.append(row)
-            print(
-                f"workers={worker_count}: data {row['data_images_per_s']} model "
-                f"{row['model_images_per_s']} both {row['both_images_per_s']} images/s",
-                flush=True,
-            )
+        for decoder in decoders:
+            config.data.decoder = decoder
+            pipeline.decoder(config.data)  # an unknown name fails here
+            why_not = dali_unavailable() if decoder == "dali" else None
+            for worker_count in workers:
+                config.data.worker_count = worker_count
+                if why_not:
+                    rows.append(dict(decoder=decoder, status=f"not run: {why_not}"))
+                    print(f"decoder={decoder}: not run: {why_not}", flush=True)
+                    break
+                row, state = measure(config, src, p_train, state, mesh, preset)
+                rows.append(row)
+                print(
+                    f"decoder={decoder} workers={worker_count}: data {row['data_images_per_s']} "
+                    f"model {row['model_images_per_s']} both {row['both_images_per_s']} images/s",
+                    flush=True,
+                )
     info = reporting.machine()
     info["load_average_before"] = load_before
     print(
         f"\nconfigs/{preset.config}.py:{preset.arg}, {args.preset} preset, batch "
         f"{config.train.batch_size}, on {reporting.machine_line(info, load=True)}"
     )
-    headers = ["workers", "read threads", "px", "data images/s", "model images/s"]
+    headers = ["decoder", "workers", "read threads", "px", "data images/s", "model images/s"]
     headers += ["both images/s", "bottleneck", "both / min"]
+    measured = [r for r in rows if r["status"] == "measured"]
     print(
         reporting.markdown_table(
             headers,
             [
                 [
+                    r["decoder"],
                     r["workers"],
                     r["read_threads"],
                     r["image_size"],
@@ -204,10 +237,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     r["bottleneck"],
                     f"{100 * r['both_over_min']:.0f}%",
                 ]
-                for r in rows
+                for r in measured
             ],
         )
     )
+    for r in rows:
+        if r["status"] != "measured":
+            print(f"decoder {r['decoder']}: {r['status']}")
     out = dict(
         benchmark="end_to_end",
         preset=args.preset,

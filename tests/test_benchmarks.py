@@ -88,9 +88,13 @@ def test_end_to_end_paper_preset_on_jpegs(tmp_path, monkeypatch):
     monkeypatch.setitem(end_to_end.PRESETS, "paper", small)
     args = ["--preset", "paper", "--workers", "0", "--batch", "2", *FAST]
     out = end_to_end.main([*args, "--json", str(tmp_path / "e.json")])
-    (row,) = out["rows"]
+    row, gpu_row = out["rows"]
+    assert row["decoder"] == "cpu" and row["status"] == "measured"
     assert row["image_size"] == 224 and row["batch"] == 2 and row["workers"] == 0
     assert row["data_images_per_s"] > 0 and row["model_images_per_s"] > 0
+    assert gpu_row["decoder"] == "dali"
+    if end_to_end.dali_unavailable():  # on a GPU host with DALI the GPU decode is measured
+        assert gpu_row["status"].startswith("not run: ")
 
 
 def test_torch_side_by_side_tiny_preset(tmp_path):

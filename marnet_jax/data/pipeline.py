@@ -18,6 +18,9 @@ Element flow (dicts): source {'image': encoded bytes, 'label', 'ingredients', 'i
      (with flips on), 'label' int32, 'ingredients' float32 [B, V]}. The train step flips, applies
      the jitter and normalises on the accelerator (marnet_jax/data/photometric.py): the host ships
      uint8 crops.
+  -> train with data.decoder 'dali': CropBox draws the same boxes without decoding, then the same
+     draws and TrainFeatures -> batch with 'encoded' (a list of B uint8 byte arrays) and 'crop'
+     int32 [B, 4] in place of 'image'; marnet_jax/data/dali.py decodes and crops on the GPU.
   -> eval: ResizeCentreCrop (decodes as it crops), then the caller's `extra_transforms`,
      EvalFeatures -> batch:
      {'image' uint8 [B, S, S, 3], 'label', 'ingredients', 'mask' float32 [B]}; the eval step
@@ -260,6 +263,33 @@ class ResizeCentreCrop(grain.transforms.Map):
         return {**element, "image": image}
 
 
+class CropBox(grain.transforms.RandomMap):
+    """The box that `crop` (RandomResizedCrop or ResizeCentreCrop) would cut, drawn from the same
+    random stream but without decoding, for a decoder that crops itself (DALI): adds 'crop' int32
+    [left, top, right, bottom] in the encoded image's pixels and moves the bytes, as a uint8 array,
+    from 'image' to 'encoded'. In a transform list at the crop's place, a given seed and position
+    give the box the crop would have used."""
+
+    def __init__(self, crop: RandomResizedCrop | ResizeCentreCrop):
+        self.crop = crop
+
+    def random_map(self, element: Example, rng: np.random.Generator) -> Example:
+        image = element["image"]
+        if isinstance(image, np.ndarray) and image.ndim == 3:
+            raise ValueError(
+                "data.decoder='dali' needs encoded images (PNG/JPEG bytes); this source gives "
+                f"decoded arrays of shape {image.shape}: use data.decoder='cpu'."
+            )
+        data = _encoded(image)
+        width, height = _jpeg_size(data) or _open(data).size
+        if isinstance(self.crop, RandomResizedCrop):
+            box = self.crop.crop_box(height, width, rng)
+        else:
+            box = self.crop.crop_box(height, width)
+        out = {k: v for k, v in element.items() if k != "image"}
+        return {**out, "encoded": np.frombuffer(data, np.uint8), "crop": np.asarray(box, np.int32)}
+
+
 class RandomFlip(grain.transforms.RandomMap):
     """Left-right flip with probability 1/2: draws element 'flip' (np.bool_); the train step
     mirrors the image (photometric.flip)."""
@@ -307,19 +337,28 @@ class EvalFeatures(grain.transforms.Map):
 
 
 class TrainFeatures(grain.transforms.Map):
-    """Per example, before batching: uint8 'image', int32 'label', float32 'ingredients' and the
-    jitter factors and flip if drawn; everything else (e.g. 'image_path') is dropped."""
+    """Per example, before batching: uint8 'image' (or 'encoded' and 'crop' from CropBox), int32
+    'label', float32 'ingredients' and the jitter factors and flip if drawn; everything else (e.g.
+    'image_path') is dropped."""
 
     def map(self, element: Example) -> Example:
         out = {
-            "image": np.ascontiguousarray(element["image"]),
             "label": np.int32(element["label"]),
             "ingredients": np.asarray(element["ingredients"], np.float32),
         }
-        for key in ("jitter", "flip"):
+        if "image" in element:
+            out["image"] = np.ascontiguousarray(element["image"])
+        for key in ("encoded", "crop", "jitter", "flip"):
             if key in element:
                 out[key] = element[key]
         return out
+
+
+def _batch_encoded(examples: Sequence[Example]) -> Example:
+    """A batch of CropBox examples: 'encoded' as the list of their byte arrays (they differ in
+    length), everything else stacked."""
+    batch = {k: np.stack([e[k] for e in examples]) for k in examples[0] if k != "encoded"}
+    return {**batch, "encoded": [e["encoded"] for e in examples]}
 
 
 class CheckBatch(grain.transforms.Map):
@@ -333,8 +372,13 @@ class CheckBatch(grain.transforms.Map):
 
     def map(self, batch: Example) -> Example:
         b, s = self.batch_size, self.image_size
-        chex.assert_shape(batch["image"], (b, s, s, 3))
-        chex.assert_type(batch["image"], self.image_dtype)
+        if "encoded" in batch:
+            chex.assert_equal(len(batch["encoded"]), b)
+            chex.assert_shape(batch["crop"], (b, 4))
+            chex.assert_type(batch["crop"], np.int32)
+        else:
+            chex.assert_shape(batch["image"], (b, s, s, 3))
+            chex.assert_type(batch["image"], self.image_dtype)
         if "flip" in batch:
             chex.assert_shape(batch["flip"], (b,))
             chex.assert_type(batch["flip"], np.bool_)
@@ -458,16 +502,28 @@ def _apply(ds: grain.MapDataset, transform: Any, seed: int) -> grain.MapDataset:
     raise TypeError(f"Expected a grain Map/RandomMap transform or a callable, got {transform!r}.")
 
 
+DECODERS = ("cpu", "dali")  # data.decoder: where training crops are decoded
+
+
+def decoder(data_cfg: ml_collections.ConfigDict) -> str:
+    """data.decoder, checked ('cpu' where a config predates the field)."""
+    name = data_cfg.get("decoder", "cpu")
+    if name not in DECODERS:
+        raise ValueError(f"Unknown data.decoder {name!r}; expected one of {list(DECODERS)}.")
+    return name
+
+
 def train_transforms(data_cfg: ml_collections.ConfigDict) -> list[Any]:
     """The per-example training transforms: a crop of the encoded image (decoded as it is
-    cropped) to uint8, then the draws of the jitter's factors and of the flip."""
+    cropped) to uint8, or with data.decoder 'dali' only its box (CropBox), then the draws of the
+    jitter's factors and of the flip."""
     aug = data_cfg.augment
     size = data_cfg.image_size
-    out: list[Any] = []
     if aug.random_resized_crop:
-        out.append(RandomResizedCrop(size, aug.crop_scale, aug.crop_ratio, data_cfg.interpolation))
+        crop = RandomResizedCrop(size, aug.crop_scale, aug.crop_ratio, data_cfg.interpolation)
     else:
-        out.append(ResizeCentreCrop(size, data_cfg.eval_crop_ratio, data_cfg.interpolation))
+        crop = ResizeCentreCrop(size, data_cfg.eval_crop_ratio, data_cfg.interpolation)
+    out: list[Any] = [CropBox(crop) if decoder(data_cfg) == "dali" else crop]
     if aug.color_jitter:
         out.append(ColorJitter(aug.brightness, aug.contrast, aug.saturation))
     if aug.horizontal_flip:
@@ -504,9 +560,10 @@ def train_iterator(
       A grain DatasetIterator of dicts 'image' uint8 [b, S, S, 3] (crops), 'jitter' float32
       [b, 3] (with colour jitter on: ColorJitter), 'flip' bool [b] (with flips on: RandomFlip),
       'label' int32 [b], 'ingredients' float32 [b, V]: photometric.train_images makes the model
-      input of them. Its get_state() is a JSON-able
-      dict; set_state() on a fresh iterator made with the same arguments continues with exactly
-      the same batches.
+      input of them. With data.decoder 'dali', 'encoded' (b uint8 byte arrays) and 'crop' int32
+      [b, 4] (CropBox) replace 'image' (dali.GpuCrops decodes them). Its get_state() is a
+      JSON-able dict; set_state() on a fresh iterator made with the same arguments continues with
+      exactly the same batches.
     """
     shard_index, shard_count = _default_shard(shard_index, shard_count)
     if seed < 0:
@@ -532,7 +589,8 @@ def train_iterator(
     for i, t in enumerate(train_transforms(data_cfg)):  # the crop decodes the encoded image
         ds = _apply(ds, t, derive_seed(seed, 1, shard_index, i))
     ds = ds.map(TrainFeatures())
-    ds = ds.batch(batch_size, drop_remainder=True)
+    encoded = decoder(data_cfg) == "dali"
+    ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_batch_encoded if encoded else None)
     ds = ds.map(CheckBatch(batch_size, data_cfg.image_size, np.uint8, with_mask=False))
     return _to_iterator(ds, data_cfg)
 

@@ -134,10 +134,15 @@ def per_process_batch(global_size: int, mesh: Mesh, what: str) -> int:
     return global_size // jax.process_count()
 
 
-def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Stitches each process's slice of the batch into global arrays sharded over the batch axes."""
+def global_batch(
+    local_batch: dict[str, np.ndarray | jax.Array], mesh: Mesh
+) -> dict[str, jax.Array]:
+    """Stitches each process's slice of the batch into global arrays sharded over the batch axes;
+    a value that is already a jax.Array (dali.GpuCrops' crops) is taken as the global array."""
     sharding = batch_sharding(mesh)
     return {
-        k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+        k: v
+        if isinstance(v, jax.Array)
+        else jax.make_array_from_process_local_data(sharding, np.asarray(v))
         for k, v in local_batch.items()
     }

@@ -18,7 +18,7 @@ import ml_collections
 from etils import epath
 from tqdm import tqdm
 
-from marnet_jax.data import datasets, pipeline
+from marnet_jax.data import dali, datasets, pipeline
 from marnet_jax.models import build_model
 from marnet_jax.models.config import upgrade_model_config
 from marnet_jax.models.marnet import MARNet
@@ -55,6 +55,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
     )
+    train_iter = dali.decoded(train_iter, sharding.batch_sharding(exp.mesh), config.data)
     manager = checkpoint.make_manager(workdir, config.checkpoint)
     start = checkpoint.resume_step(manager, workdir, config.checkpoint.resume_step)
     if start is None:
