@@ -335,12 +335,9 @@ def _low_data_claims(report: Mapping[str, Any] | None) -> list[str]:
 
 
 def _pretrained_claims(reports: Mapping[str, Mapping[str, Any]] | None) -> list[str]:
-    """ImageNet weights against scratch, and MARNet against the baseline on ImageNet weights."""
-    comparisons = [
-        c
-        for c in (pretrained_comparisons(reports) if reports else [])
-        if c["variant"].startswith("imagenet")
-    ]
+    """ImageNet weights against scratch, and MARNet against the baseline under each
+    initialisation."""
+    comparisons = pretrained_comparisons(reports) if reports else []
     if not comparisons:
         return ["- A backbone from ImageNet weights: not measured (run the pretrained study)."]
     return [

@@ -503,7 +503,8 @@ def test_pretrained_section_pairs_imagenet_with_scratch_by_seed(evidence, tmp_pa
         ("Full MARNet, ImageNet-1k weights", "no consistent effect (1 of 3 seeds better)"),
     ]
     claims = results._pretrained_claims(reports)
-    assert len(claims) == 3 and "**helps** (61.0 vs 51.0 %" in claims[0]
+    assert len(claims) == 4 and "**helps** (61.0 vs 51.0 %" in claims[0]
+    assert claims[2].startswith("- Full MARNet, from scratch (scratch full vs scratch baseline)")
     page = results.page(tmp_path, tmp_path / "results.md", "cmd")
     assert f"## {results.STUDIES[results.PRETRAINED]}" in page and md.strip() in page
     assert results._pretrained_claims(None)[0].endswith("not measured (run the pretrained study).")
