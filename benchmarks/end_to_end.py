@@ -84,7 +84,7 @@ def dali_unavailable() -> str | None:
         dali.require_dali()
     except ImportError as e:
         return str(e)
-    return None if jax.default_backend() == "gpu" else "it decodes on a GPU and there is none"
+    return dali.not_on_gpus(jax.local_devices())
 
 
 def measure(config, src, p_train, state, mesh, preset: Preset) -> tuple[dict[str, Any], Any]:

@@ -128,7 +128,7 @@ def get_data_config(dataset: str = "synthetic_food") -> ml_collections.ConfigDic
     c.read_threads = 2
     c.prefetch_buffer_size = 4  # Batches buffered by those threads (host memory: this x a batch).
     # Where training crops are decoded and resized: 'cpu' (in the threads and workers above) or
-    # 'dali' (NVIDIA DALI on each of the process's GPUs; needs the nvidia-dali-cuda12x package
+    # 'dali' (NVIDIA DALI on each of the process's GPUs; needs nvidia-dali-cuda120 or -cuda130,
     # matching the CUDA of jax). Boxes, flips and jitter are drawn alike on either; the pixels
     # differ by decoder and resampler. Evaluation always decodes on the CPU.
     c.decoder = "cpu"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import types
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import jax
@@ -45,6 +45,17 @@ def require_dali() -> types.ModuleType:
             "uses; or set data.decoder='cpu'."
         ) from e
     return nvidia.dali
+
+
+def not_on_gpus(devices: Iterable[jax.Device]) -> str | None:
+    """Why DALI cannot decode for `devices` (this process's) when they are not all GPUs, or None."""
+    platforms = sorted({d.platform for d in devices})
+    if platforms == ["gpu"]:
+        return None
+    return (
+        f"data.decoder='dali' decodes on GPUs; this process's JAX devices are {platforms}: set "
+        "data.decoder='cpu'."
+    )
 
 
 def crop_pipeline(
@@ -94,13 +105,13 @@ def crop_pipeline(
 
 
 def _device_rows(
-    batch_sharding: jax.sharding.Sharding, local_batch: int, size: int
+    batch_sharding: jax.sharding.Sharding, local_batch: int
 ) -> list[tuple[Any, slice]]:
     """(device, rows of the process batch it holds) for each of this process's devices under
     `batch_sharding`, in the layout `jax.make_array_from_process_local_data` gives the batch."""
-    global_shape = (local_batch * jax.process_count(), size, size, 3)
-    index_map = batch_sharding.addressable_devices_indices_map(global_shape)
-    starts = [index[0].indices(global_shape[0])[:2] for index in index_map.values()]
+    global_rows = local_batch * jax.process_count()
+    index_map = batch_sharding.addressable_devices_indices_map((global_rows,))
+    starts = [index[0].indices(global_rows)[:2] for index in index_map.values()]
     first = min(start for start, _ in starts)
     if max(stop for _, stop in starts) - first != local_batch:
         raise ValueError(
@@ -134,31 +145,27 @@ class GpuCrops:
         on_cpu: bool = False,
     ):
         require_dali()
-        platforms = {d.platform for d in batch_sharding.addressable_devices}
-        if not on_cpu and platforms != {"gpu"}:
-            raise RuntimeError(
-                "data.decoder='dali' decodes on GPUs; this process's JAX devices are "
-                f"{sorted(platforms)}: set data.decoder='cpu'."
-            )
+        problem = None if on_cpu else not_on_gpus(batch_sharding.addressable_devices)
+        if problem:
+            raise RuntimeError(problem)
         self._batches, self._sharding, self._cfg = batches, batch_sharding, data_cfg
         self._on_cpu = on_cpu
         self._decoders: list[tuple[Any, slice, Any]] | None = None  # built at the first batch
 
     def _build(self, local_batch: int) -> None:
-        size = self._cfg.image_size
         self._decoders = [
             (
                 device,
                 rows,
                 crop_pipeline(
                     rows.stop - rows.start,
-                    size,
+                    self._cfg.image_size,
                     self._cfg.interpolation,
                     None if self._on_cpu else device.local_hardware_id,
                     int(self._cfg.dali_threads),
                 ),
             )
-            for device, rows in _device_rows(self._sharding, local_batch, size)
+            for device, rows in _device_rows(self._sharding, local_batch)
         ]
 
     def __iter__(self) -> GpuCrops:
