@@ -5,9 +5,10 @@
   python -m benchmarks.end_to_end --preset tiny       # seconds (tests)
   python -m benchmarks.end_to_end --preset paper      # paper scale, for a GPU host: ResNet-50 MARNet
                                                       # at 224 px in bf16 on 512x384 JPEGs, 8 and 16
-                                                      # workers, crops decoded on the CPU and by DALI
-                                                      # on the GPU [--workers 8,16] [--batch 256]
-                                                      # [--decoders cpu,dali]
+                                                      # workers, crops decoded on the CPU (resized
+                                                      # there or in the train step) and by DALI on
+                                                      # the GPU [--workers 8,16] [--batch 256]
+                                                      # [--decoders cpu,cpu_decode,dali]
 
 For each data worker count three rates are measured, in images/s over the same number of steps
 after warm-up:
@@ -17,9 +18,9 @@ after warm-up:
          the device) into the train step, metrics checked asynchronously (loop.PendingMetrics).
 The bottleneck is the slower of data and model; 'both / min' near 100% means they overlap. On a
 machine whose cores are shared by the pipeline and the step (the CPU backend), both compete.
-Each decoder (config.data.decoder: 'cpu', or 'dali' for DALI on the GPU, where data includes the
-GPU decode) is measured at each worker count; a decoder that cannot run here gets a row that says
-why.
+Each decoder (config.data.decoder: 'cpu'; 'cpu_decode', whose train step, and so model, includes
+the resize; or 'dali' for DALI on the GPU, where data includes the GPU decode) is measured at each
+worker count; a decoder that cannot run here gets a row that says why.
 """
 
 from __future__ import annotations
@@ -60,7 +61,9 @@ PRESETS = {
     "tiny": Preset("tiny", "full", "tiny", 64, (0,), ("cpu",), 1, 3),
     "small": Preset("default", "full", "default", 1024, (0, 1, 2), ("cpu",), 3, 12),
     "full": Preset("default", "full", None, 0, (0, 1, 2), ("cpu",), 5, 30),
-    "paper": Preset("vireo_food172", "resnet50,full", JPEG, 256, (8, 16), ("cpu", "dali"), 5, 20),
+    "paper": Preset(
+        "vireo_food172", "resnet50,full", JPEG, 256, (8, 16), ("cpu", "cpu_decode", "dali"), 5, 20
+    ),
 }
 
 

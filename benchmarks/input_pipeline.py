@@ -16,8 +16,10 @@ Cases:
                       stores them (manual_release.shrink_image).
 Each case runs its train pipeline (decode + random-resized-crop to uint8, the flip and colour-jitter
 draws; the flip, jitter and normalisation run in the train step) with worker_count 0, 1, 2 (and
-read_threads 0 and the config default at 0 workers), and its eval pipeline (decode, resize + centre
-crop to uint8; the eval step normalises) at 0 workers.
+read_threads 0 and the config default at 0 workers), once per host decoder (--decoders: 'cpu'
+resizes the crop on the host, 'cpu_decode' ships the decoded box for the train step to resize),
+and its eval pipeline (decode, resize + centre crop to uint8; the eval step normalises) at 0
+workers.
 Images/s is wall-clock over --batches batches after --warmup batches (worker start-up excluded; it
 is reported as the time to the first batch). On a shared machine wall-clock rates depend on the
 load; images/CPU-s (main process, 0 workers) is the load-independent single-core cost.
@@ -175,11 +177,19 @@ def main(argv: list[str] | None = None) -> None:
     def define(fv: flags.FlagValues) -> None:
         flags.DEFINE_string("workers", "0,1,2", "comma-separated worker counts", flag_values=fv)
         flags.DEFINE_string("data_dir", None, "tfds data_dir (default: a temp dir)", flag_values=fv)
+        flags.DEFINE_string(
+            "decoders", "cpu,cpu_decode", "config.data.decoder values (host ones)", flag_values=fv
+        )
 
     args = _common.parse_args("input_pipeline", __doc__, argv, PRESETS, "small", define)
     flags.FLAGS.mark_as_parsed()  # grain worker processes read absl flags.
     preset = PRESETS[args.preset]
     workers = [int(w) for w in args.workers.split(",")]
+    decoders = args.decoders.split(",")
+    if not set(decoders) <= {"cpu", "cpu_decode"}:
+        raise ValueError(
+            f"--decoders takes 'cpu' and 'cpu_decode' (host decoders), got {decoders}."
+        )
 
     rows = []
     load_before = os.getloadavg()[0]
@@ -206,12 +216,14 @@ def main(argv: list[str] | None = None) -> None:
                 jpeg_source(preset["jpegs"], tmp / "jpeg1024s", (1024, 768), SHRINK_TO),
             ),
         ]
-        for (case, dataset, src), kind in itertools.product(cases, ("train", "eval")):
+        runs = [("train", d) for d in decoders] + [("eval", "cpu")]
+        for (case, dataset, src), (kind, decoder) in itertools.product(cases, runs):
             default_threads = data_config.get_data_config(dataset).read_threads
             settings = [(0, 0)] + [(w, default_threads) for w in workers if kind == "train"]
             for worker_count, threads in settings:
                 cfg = data_config.get_data_config(dataset)
                 cfg.worker_count, cfg.read_threads = worker_count, threads
+                cfg.decoder = decoder
                 rate, cpu_rate, first = measure(
                     cfg,
                     src,
@@ -223,6 +235,7 @@ def main(argv: list[str] | None = None) -> None:
                 row = dict(
                     case=case,
                     pipeline=kind,
+                    decoder=decoder,
                     image_size=cfg.image_size,
                     workers=worker_count,
                     read_threads=threads,
@@ -233,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 rows.append(row)
                 print(
-                    f"{case:20s} {kind:5s} {cfg.image_size:4d}px  workers={worker_count}  "
+                    f"{case:20s} {kind:5s} {decoder:10s} {cfg.image_size:4d}px  workers={worker_count}  "
                     f"threads={threads}  {rate:8.1f} img/s  first batch {first:5.2f} s",
                     flush=True,
                 )
@@ -247,6 +260,7 @@ def main(argv: list[str] | None = None) -> None:
         [
             r["case"],
             r["pipeline"],
+            r["decoder"],
             r["image_size"],
             r["workers"],
             r["read_threads"],
@@ -256,7 +270,8 @@ def main(argv: list[str] | None = None) -> None:
         ]
         for r in rows
     ]
-    headers = ["case", "pipeline", "px", "workers", "read threads", "images/s", "images/CPU-s"]
+    headers = ["case", "pipeline", "decoder", "px", "workers", "read threads", "images/s"]
+    headers.append("images/CPU-s")
     print(reporting.markdown_table([*headers, "first batch (s)"], table))
     out = dict(preset=args.preset, machine=info, load_average_before=load_before, rows=rows)
     _common.save(args.json, out)

@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 
 from marnet_jax import cli, reporting
-from marnet_jax.data import datasets
+from marnet_jax.data import datasets, pipeline
 from marnet_jax.train import cost, sharding
 from marnet_jax.train.experiment import Experiment
 
@@ -233,6 +233,11 @@ def batch_specs(
     if eval_:
         out["mask"] = _spec((batch,), np.float32, shard)
         return out
+    if pipeline.decoder(config.data) == "cpu_decode":
+        canvas = pipeline.canvas_size(size)
+        out["image"] = _spec((batch, canvas, canvas, 3), np.uint8, shard)
+        out["box"] = _spec((batch, 4), np.float32, shard)
+        out["extent"] = _spec((batch, 2), np.int32, shard)
     if config.data.augment.color_jitter:
         out["jitter"] = _spec((batch, 3), np.float32, shard)
     if config.data.augment.horizontal_flip:

@@ -98,7 +98,7 @@ def test_dali_batches_resume_exactly():
 
 def test_decoder_errors_name_the_field_and_the_remedy():
     c = data_cfg("nvjpeg")
-    with pytest.raises(ValueError, match=r"data.decoder 'nvjpeg'.*\['cpu', 'dali'\]"):
+    with pytest.raises(ValueError, match=r"data.decoder 'nvjpeg'.*\['cpu', 'cpu_decode', 'dali'\]"):
         pipeline.train_iterator(
             c, batch_size=2, seed=0, shard_index=0, shard_count=1, data_source=jpeg_source(4)
         )

@@ -307,12 +307,13 @@ def test_jpeg_decode_gives_pils_pixels_at_every_dct_scale():
         pipeline._decode(cases[0][:200])
 
 
-def test_train_batches_of_jpegs_are_deterministic_and_resume_exactly():
+@pytest.mark.parametrize("decoder", ["cpu", "cpu_decode"])
+def test_train_batches_of_jpegs_are_deterministic_and_resume_exactly(decoder):
     src = [
         {"image": _photo_jpeg(seed=i), "label": i, "ingredients": np.eye(V)[i % V]}
         for i in range(6)
     ]
-    c = cfg(shuffle=True)
+    c = cfg(shuffle=True, decoder=decoder)
     kwargs = dict(batch_size=3, seed=5, shard_index=0, shard_count=1, data_source=src)
     reference = take(pipeline.train_iterator(c, **kwargs), 4)
     assert_same_batches(reference, take(pipeline.train_iterator(c, **kwargs), 4))
@@ -321,6 +322,88 @@ def test_train_batches_of_jpegs_are_deterministic_and_resume_exactly():
     restored = pipeline.train_iterator(c, **kwargs)
     restored.set_state(pipeline.state_from_json(pipeline.state_to_json(it.get_state())))
     assert_same_batches(take(restored, 2), reference[2:])
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "lanczos"])
+def test_resize_crops_is_pils_resize_of_the_box(interpolation):
+    """The accelerator's resize (data.decoder 'cpu_decode') gives PIL's Image.resize(box=...) of a
+    canvas's pixels: shrinking and enlarging, boxes at the image's edge (where the filter is cut
+    off and renormalised) and inside it, whatever lies in the canvas beyond the extent."""
+    rng = np.random.default_rng(0)
+    resample = pipeline._resample(interpolation)
+    canvas, size, canvases, boxes, extents, expected = 96, 24, [], [], [], []
+    for i in range(12):
+        height, width = (int(v) for v in rng.integers(20, canvas + 1, 2))
+        photo = np.asarray(Image.open(io.BytesIO(_photo_jpeg(width, height, seed=i))))
+        left, top = rng.uniform(0, width / 2), rng.uniform(0, height / 2)
+        box = (left, top, rng.uniform(left + 4, width), rng.uniform(top + 4, height))
+        if i % 3 == 0:
+            box = (0.0, 0.0, float(width), float(height))  # the whole image, edges on all sides
+        expected.append(np.asarray(Image.fromarray(photo).resize((size, size), resample, box=box)))
+        padded = rng.integers(0, 256, (canvas, canvas, 3), dtype=np.uint8)  # junk beyond extent
+        padded[:height, :width] = photo
+        canvases.append(padded)
+        boxes.append(box)
+        extents.append((height, width))
+    out = photometric.resize_crops(
+        jnp.asarray(np.stack(canvases)),
+        jnp.asarray(boxes, jnp.float32),
+        jnp.asarray(extents, jnp.int32),
+        size,
+        interpolation,
+    )
+    assert out.shape == (12, size, size, 3) and out.dtype == jnp.float32
+    diff = np.abs(np.asarray(out) - np.stack(expected).astype(np.float32))
+    # PIL rounds between its two passes and picks their order; a sum on a rounding tie may go
+    # the other way.
+    assert diff.max() <= 1 and diff.mean() < 0.05, (diff.max(), diff.mean())
+
+
+def test_cpu_decode_ships_the_boxes_that_the_train_step_resizes_to_the_cpu_crops():
+    """data.decoder 'cpu_decode' draws what 'cpu' draws (boxes, flips, jitter) and ships each
+    box's decoded pixels in a fixed canvas; resized in the train step they are the 'cpu' crops
+    (within one level where PIL's two rounded passes tie). A box too wide for the canvas is
+    resized on the host and shipped as the identity box; an unsupported filter is refused."""
+    src = [
+        {"image": _photo_jpeg(seed=i), "label": i, "ingredients": np.eye(V)[i % V]}
+        for i in range(8)
+    ]
+    c = data_config.get_data_config("vireo_food172")
+    c.read_threads, c.image_size = 0, 64
+    kwargs = dict(batch_size=8, seed=3, shard_index=0, shard_count=1, data_source=src)
+    crops = next(pipeline.train_iterator(c, **kwargs))
+    c.decoder = "cpu_decode"
+    shipped = next(pipeline.train_iterator(c, **kwargs))
+    canvas = pipeline.canvas_size(64)
+    assert shipped["image"].shape == (8, canvas, canvas, 3) and shipped["image"].dtype == np.uint8
+    assert shipped["box"].dtype == np.float32 and shipped["extent"].dtype == np.int32
+    for key in ("flip", "jitter", "label", "ingredients"):
+        np.testing.assert_array_equal(shipped[key], crops[key])
+    resized = photometric.resize_crops(
+        jnp.asarray(shipped["image"]), shipped["box"], shipped["extent"], 64, "bilinear"
+    )
+    diff = np.abs(np.asarray(resized) - crops["image"].astype(np.float32))
+    assert diff.max() <= 1 and diff.mean() < 0.05, (diff.max(), diff.mean())
+    np.testing.assert_array_equal(
+        photometric.train_images(shipped, c),
+        photometric.train_images({**crops, "image": np.asarray(resized, np.uint8)}, c),
+    )
+
+    wide = np.asarray(Image.open(io.BytesIO(_photo_jpeg(512, 200))))
+    t = pipeline.RandomResizedCrop(32, scale=(1.0, 1.0), ratio=(2.56, 2.56))
+    element = pipeline.CanvasCrop(t).random_map({"image": wide}, np.random.default_rng(0))
+    np.testing.assert_array_equal(element["box"], [0, 0, 32, 32])  # 512 px wide: no 80-px canvas
+    host = t.random_map({"image": wide}, np.random.default_rng(0))["image"]
+    same = photometric.resize_crops(
+        jnp.asarray(element["image"][None]),
+        element["box"][None],
+        element["extent"][None],
+        32,
+        "bilinear",
+    )
+    np.testing.assert_array_equal(np.asarray(same[0]), host)
+    with pytest.raises(ValueError, match=r"data\.interpolation is 'nearest'"):
+        pipeline.CanvasCrop(pipeline.RandomResizedCrop(32, interpolation="nearest"))
 
 
 def test_augmentation_deterministic_by_seed_and_varies_across_seeds_and_epochs():

@@ -12,7 +12,7 @@ import pytest
 
 from configs import tiny
 from marnet_jax import preflight
-from marnet_jax.data import datasets
+from marnet_jax.data import datasets, pipeline
 from marnet_jax.train.experiment import Experiment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,6 +117,25 @@ def test_tiny_config_compiles_for_v5e_with_the_trainers_parameters(variant):
     assert record["train_flops_per_chip"] > 0
     assert record["images_per_s_at_50_mfu"] == pytest.approx(record["images_per_s_at_100_mfu"] / 2)
     assert "| train step memory per chip | peak 0.0" in preflight.table(record)
+
+
+@needs_libtpu
+def test_cpu_decode_compiles_the_resize_of_canvases_into_the_train_step():
+    """With data.decoder 'cpu_decode' the train step takes canvases, boxes and extents: the train
+    arguments grow by the canvases' bytes, and the step does more work (the resize)."""
+    records = {}
+    for decoder in ("cpu", "cpu_decode"):
+        config = _config()
+        config.data.decoder = decoder
+        records[decoder] = preflight.run(config, "v5e:2x2")
+    batch, size = records["cpu"]["per_chip_batch"], tiny.get_config().data.image_size
+    canvas = pipeline.canvas_size(size)
+    grown = (
+        records["cpu_decode"]["train_memory"]["arguments"]
+        - records["cpu"]["train_memory"]["arguments"]
+    )
+    assert grown >= batch * 3 * (canvas**2 - size**2)
+    assert records["cpu_decode"]["train_flops_per_chip"] > records["cpu"]["train_flops_per_chip"]
 
 
 @needs_libtpu

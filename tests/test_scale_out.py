@@ -20,7 +20,7 @@ import pytest
 
 from configs import tiny
 from marnet_jax import main as cli
-from marnet_jax.data import photometric
+from marnet_jax.data import photometric, pipeline
 from marnet_jax.train import checkpoint, metrics, sharding, trainer
 from marnet_jax.train.experiment import Experiment
 
@@ -200,16 +200,26 @@ def test_diffusion_noise_is_sharding_invariant():
     np.testing.assert_array_equal(np.asarray(sharded), np.asarray(jax.jit(draw)(key)))
 
 
-def test_train_images_are_sharding_invariant():
-    """The train step's flip, jitter (with its per-image mean grey level) and normalisation give the
-    model bit-identical input however the batch is split over devices."""
+@pytest.mark.parametrize("resize", [False, True])
+def test_train_images_are_sharding_invariant(resize):
+    """The train step's resize (data.decoder 'cpu_decode'), flip, jitter (with its per-image mean
+    grey level) and normalisation give the model bit-identical input however the batch is split
+    over devices."""
     config = _config("unused", data=2, fsdp=4)
     rng = np.random.default_rng(0)
+    size = config.data.image_size
+    side = pipeline.canvas_size(size) if resize else size
     batch = {
-        "image": rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
+        "image": rng.integers(0, 256, (16, side, side, 3), dtype=np.uint8),
         "jitter": rng.uniform(0.6, 1.4, (16, 3)).astype(np.float32),
         "flip": rng.random(16) < 0.5,
     }
+    if resize:
+        extent = rng.integers(size // 2, side + 1, (16, 2)).astype(np.int32)
+        lo = rng.uniform(0, extent[:, ::-1] / 2)
+        hi = rng.uniform(lo + 1, extent[:, ::-1])
+        batch["box"] = np.concatenate([lo, hi], 1).astype(np.float32)  # left, top, right, bottom
+        batch["extent"] = extent
 
     def prepare(b):
         return photometric.train_images(b, config.data)

@@ -81,6 +81,20 @@ def test_aux_variant_on_a_training_subset_trains_end_to_end(tiny_data_dir, tmp_p
     assert "aux_head" in params and "text_encoder" not in params
 
 
+def test_cpu_decode_trains_end_to_end(tiny_data_dir, tmp_path):
+    """data.decoder 'cpu_decode': the host ships decoded boxes in canvases and the train step
+    resizes them; the trainer runs on it as on 'cpu' crops."""
+    config = apply_variant(
+        _config(tiny_data_dir, train__num_steps=3, train__log_every=1), "baseline"
+    )
+    config.data.decoder = "cpu_decode"
+    results = trainer.train_and_evaluate(config, str(tmp_path))
+    assert 0.0 <= results[config.data.test_split]["visual_top1"] <= 1.0
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [x["loss"] for x in lines if x["split"] == "train"]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+
+
 # Slow: the default run checks the same equality through resume_step
 # (test_damaged_newest_checkpoint_names_itself_and_resume_step_recovers).
 @pytest.mark.slow

@@ -127,10 +127,13 @@ def get_data_config(dataset: str = "synthetic_food") -> ml_collections.ConfigDic
     # PIL and numpy release the GIL); 0 = synchronous.
     c.read_threads = 2
     c.prefetch_buffer_size = 4  # Batches buffered by those threads (host memory: this x a batch).
-    # Where training crops are decoded and resized: 'cpu' (in the threads and workers above) or
-    # 'dali' (NVIDIA DALI on each of the process's GPUs; needs nvidia-dali-cuda120 or -cuda130,
-    # matching the CUDA of jax). Boxes, flips and jitter are drawn alike on either; the pixels
-    # differ by decoder and resampler. Evaluation always decodes on the CPU.
+    # Where training crops are decoded and resized: 'cpu' (both in the threads and workers
+    # above), 'cpu_decode' (decoded there, resized by the train step on the accelerator with
+    # PIL's filter and rounding: about half the host's work per JPEG; each crop ships in a
+    # (2 S + 16)^2 canvas) or 'dali' (NVIDIA DALI on each of the process's GPUs; needs
+    # nvidia-dali-cuda120 or -cuda130, matching the CUDA of jax). Boxes, flips and jitter are
+    # drawn alike on each; the pixels differ by decoder and resampler. Evaluation always decodes
+    # and resizes on the CPU.
     c.decoder = "cpu"
     c.dali_threads = 4  # DALI's CPU threads per GPU (JPEG parsing, host decoding of PNG).
     return c

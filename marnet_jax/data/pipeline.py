@@ -21,6 +21,9 @@ Element flow (dicts): source {'image': encoded bytes, 'label', 'ingredients', 'i
   -> train with data.decoder 'dali': CropBox draws the same boxes without decoding, then the same
      draws and TrainFeatures -> batch with 'encoded' (a list of B uint8 byte arrays) and 'crop'
      int32 [B, 4] in place of 'image'; marnet_jax/data/dali.py decodes and crops on the GPU.
+  -> train with data.decoder 'cpu_decode': CanvasCrop decodes the same boxes but does not resize
+     them: 'image' uint8 canvases [B, C, C, 3], 'box' float32 [B, 4], 'extent' int32 [B, 2];
+     the train step resizes them (photometric.resize_crops), then flips, jitters, normalises.
   -> eval: ResizeCentreCrop (decodes as it crops), then the caller's `extra_transforms`,
      EvalFeatures -> batch:
      {'image' uint8 [B, S, S, 3], 'label', 'ingredients', 'mask' float32 [B]}; the eval step
@@ -44,7 +47,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
-from marnet_jax.data import datasets
+from marnet_jax.data import datasets, photometric
 
 Example = dict[str, Any]
 
@@ -143,14 +146,14 @@ def _decode(data: bytes, factor: int = 1) -> np.ndarray | Image.Image:
     return rgb if rgb is not None else _decode_pil(_open(data), factor)
 
 
-def _crop_resized(
-    image: Any, crop_box: Callable[[int, int], tuple[int, int, int, int]], size: int, resample: str
-) -> np.ndarray:
-    """The box `crop_box(height, width)` of a decoded uint8 image or of encoded bytes, resized to
-    size x size. Encoded JPEGs are decoded only as finely as the box needs (_dct_factor): far less
-    work for a large photo, the same pixels whenever the box spans less than twice the output."""
+def _decoded_box(
+    image: Any, crop_box: Callable[[int, int], tuple[int, int, int, int]], size: int
+) -> tuple[np.ndarray | Image.Image, tuple[float, ...]]:
+    """A decoded uint8 image, or encoded bytes decoded only as finely as the box
+    `crop_box(height, width)` needs at size x size (_dct_factor: far less work for a large photo),
+    and that box in the decoded image's pixels."""
     if isinstance(image, np.ndarray) and image.ndim == 3:
-        return _resize_box(image, crop_box(image.shape[0], image.shape[1]), size, resample)
+        return image, crop_box(image.shape[0], image.shape[1])
     data = _encoded(image)
     jpeg_size = _jpeg_size(data)
     img = _open(data) if jpeg_size is None else None  # header read once, whichever decodes
@@ -163,7 +166,54 @@ def _crop_resized(
     decoded_width = rgb.shape[1] if isinstance(rgb, np.ndarray) else rgb.width
     if decoded_width != width:
         box = tuple(x * decoded_width / width for x in box)
-    return _resize_box(rgb, box, size, resample)
+    return rgb, box
+
+
+def _crop_resized(
+    image: Any, crop_box: Callable[[int, int], tuple[int, int, int, int]], size: int, resample: str
+) -> np.ndarray:
+    """The box `crop_box(height, width)` of a decoded uint8 image or of encoded bytes, resized to
+    size x size (the same pixels as a full decode whenever the box spans less than twice the
+    output)."""
+    return _resize_box(*_decoded_box(image, crop_box, size), size, resample)
+
+
+def canvas_size(image_size: int) -> int:
+    """Side of the canvas in which data.decoder 'cpu_decode' ships a training crop's decoded box:
+    the DCT scale (_dct_factor) leaves the box's shorter side under twice the output, and the
+    margin holds the resampling filter's reach."""
+    return 2 * image_size + 16
+
+
+def _canvas(
+    rgb: np.ndarray | Image.Image,
+    box: tuple[float, ...],
+    size: int,
+    interpolation: str,
+    canvas: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pixels that resizing `box` of `rgb` to size x size reads (the box and the filter's
+    reach around it) in the top-left corner of a zero canvas x canvas uint8 array, the box in
+    canvas pixels (float32 [4]) and the extent of the copied pixels (int32 [height, width]), for
+    photometric.resize_crops. A box whose reach does not fit (the longer side of a wide or tall
+    crop, now and then) is resized here and shipped with the identity box."""
+    pixels = np.asarray(rgb)
+    height, width = pixels.shape[:2]
+    left, top, right, bottom = box
+    support = photometric.filter_support(interpolation)
+    reach = [
+        support * max((hi - lo) / size, 1.0) + 1.0 for lo, hi in ((left, right), (top, bottom))
+    ]
+    x0, y0 = max(math.floor(left - reach[0]), 0), max(math.floor(top - reach[1]), 0)
+    x1, y1 = min(math.ceil(right + reach[0]), width), min(math.ceil(bottom + reach[1]), height)
+    out = np.zeros((canvas, canvas, 3), np.uint8)
+    if x1 - x0 > canvas or y1 - y0 > canvas:
+        out[:size, :size] = _resize_box(rgb, box, size, interpolation)
+        x0, y0, x1, y1, box = 0, 0, size, size, (0, 0, size, size)
+    else:
+        out[: y1 - y0, : x1 - x0] = pixels[y0:y1, x0:x1]
+    shifted = np.asarray([box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0], np.float32)
+    return out, shifted, np.asarray([y1 - y0, x1 - x0], np.int32)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -263,6 +313,15 @@ class ResizeCentreCrop(grain.transforms.Map):
         return {**element, "image": image}
 
 
+def _box_drawer(
+    crop: RandomResizedCrop | ResizeCentreCrop, rng: np.random.Generator
+) -> Callable[[int, int], tuple[int, int, int, int]]:
+    """(height, width) -> the box `crop` cuts, drawn from `rng` as its own map would draw it."""
+    if isinstance(crop, RandomResizedCrop):
+        return lambda height, width: crop.crop_box(height, width, rng)
+    return crop.crop_box
+
+
 class CropBox(grain.transforms.RandomMap):
     """The box that `crop` (RandomResizedCrop or ResizeCentreCrop) would cut, drawn from the same
     random stream but without decoding, for a decoder that crops itself (DALI): adds 'crop' int32
@@ -282,12 +341,28 @@ class CropBox(grain.transforms.RandomMap):
             )
         data = _encoded(image)
         width, height = _jpeg_size(data) or _open(data).size
-        if isinstance(self.crop, RandomResizedCrop):
-            box = self.crop.crop_box(height, width, rng)
-        else:
-            box = self.crop.crop_box(height, width)
+        box = _box_drawer(self.crop, rng)(height, width)
         out = {k: v for k, v in element.items() if k != "image"}
         return {**out, "encoded": np.frombuffer(data, np.uint8), "crop": np.asarray(box, np.int32)}
+
+
+class CanvasCrop(grain.transforms.RandomMap):
+    """The box that `crop` (RandomResizedCrop or ResizeCentreCrop) would cut, drawn from the same
+    random stream and decoded as it would decode it, but not resized: for data.decoder
+    'cpu_decode', whose train step resizes on the accelerator (photometric.resize_crops). 'image'
+    becomes a uint8 [C, C, 3] canvas (C = canvas_size(S)) holding the box's pixels (_canvas),
+    'box' float32 [4] the box in it and 'extent' int32 [2] the height and width of its pixels."""
+
+    def __init__(self, crop: RandomResizedCrop | ResizeCentreCrop):
+        photometric.filter_support(crop.interpolation)  # an unsupported filter fails here
+        self.crop = crop
+        self.canvas = canvas_size(crop.size)
+
+    def random_map(self, element: Example, rng: np.random.Generator) -> Example:
+        size = self.crop.size
+        rgb, decoded_box = _decoded_box(element["image"], _box_drawer(self.crop, rng), size)
+        image, box_, extent = _canvas(rgb, decoded_box, size, self.crop.interpolation, self.canvas)
+        return {**element, "image": image, "box": box_, "extent": extent}
 
 
 class RandomFlip(grain.transforms.RandomMap):
@@ -348,7 +423,7 @@ class TrainFeatures(grain.transforms.Map):
         }
         if "image" in element:
             out["image"] = np.ascontiguousarray(element["image"])
-        for key in ("encoded", "crop", "jitter", "flip"):
+        for key in ("encoded", "crop", "box", "extent", "jitter", "flip"):
             if key in element:
                 out[key] = element[key]
         return out
@@ -376,6 +451,14 @@ class CheckBatch(grain.transforms.Map):
             chex.assert_equal(len(batch["encoded"]), b)
             chex.assert_shape(batch["crop"], (b, 4))
             chex.assert_type(batch["crop"], np.int32)
+        elif "box" in batch:
+            c = canvas_size(s)
+            chex.assert_shape(
+                [batch["image"], batch["box"], batch["extent"]], [(b, c, c, 3), (b, 4), (b, 2)]
+            )
+            chex.assert_type(
+                [batch["image"], batch["box"], batch["extent"]], [np.uint8, np.float32, np.int32]
+            )
         else:
             chex.assert_shape(batch["image"], (b, s, s, 3))
             chex.assert_type(batch["image"], self.image_dtype)
@@ -502,7 +585,7 @@ def _apply(ds: grain.MapDataset, transform: Any, seed: int) -> grain.MapDataset:
     raise TypeError(f"Expected a grain Map/RandomMap transform or a callable, got {transform!r}.")
 
 
-DECODERS = ("cpu", "dali")  # data.decoder: where training crops are decoded
+DECODERS = ("cpu", "cpu_decode", "dali")  # data.decoder: where training crops are decoded
 
 
 def decoder(data_cfg: ml_collections.ConfigDict) -> str:
@@ -515,15 +598,16 @@ def decoder(data_cfg: ml_collections.ConfigDict) -> str:
 
 def train_transforms(data_cfg: ml_collections.ConfigDict) -> list[Any]:
     """The per-example training transforms: a crop of the encoded image (decoded as it is
-    cropped) to uint8, or with data.decoder 'dali' only its box (CropBox), then the draws of the
-    jitter's factors and of the flip."""
+    cropped) to uint8, with data.decoder 'cpu_decode' decoded but not resized (CanvasCrop), with
+    'dali' only its box (CropBox); then the draws of the jitter's factors and of the flip."""
     aug = data_cfg.augment
     size = data_cfg.image_size
     if aug.random_resized_crop:
         crop = RandomResizedCrop(size, aug.crop_scale, aug.crop_ratio, data_cfg.interpolation)
     else:
         crop = ResizeCentreCrop(size, data_cfg.eval_crop_ratio, data_cfg.interpolation)
-    out: list[Any] = [CropBox(crop) if decoder(data_cfg) == "dali" else crop]
+    wrap = {"cpu": lambda c: c, "cpu_decode": CanvasCrop, "dali": CropBox}[decoder(data_cfg)]
+    out: list[Any] = [wrap(crop)]
     if aug.color_jitter:
         out.append(ColorJitter(aug.brightness, aug.contrast, aug.saturation))
     if aug.horizontal_flip:
@@ -561,7 +645,9 @@ def train_iterator(
       [b, 3] (with colour jitter on: ColorJitter), 'flip' bool [b] (with flips on: RandomFlip),
       'label' int32 [b], 'ingredients' float32 [b, V]: photometric.train_images makes the model
       input of them. With data.decoder 'dali', 'encoded' (b uint8 byte arrays) and 'crop' int32
-      [b, 4] (CropBox) replace 'image' (dali.GpuCrops decodes them). Its get_state() is a
+      [b, 4] (CropBox) replace 'image' (dali.GpuCrops decodes them); with 'cpu_decode',
+      'image' is uint8 canvases [b, C, C, 3] with 'box' float32 [b, 4] and 'extent' int32 [b, 2]
+      (CanvasCrop), which the train step resizes. Its get_state() is a
       JSON-able dict; set_state() on a fresh iterator made with the same arguments continues with
       exactly the same batches.
     """

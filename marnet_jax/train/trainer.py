@@ -30,7 +30,8 @@ from marnet_jax.train.metrics import MetricWriter, summary_table
 __all__ = ["NonFiniteLossError", "Trained", "evaluate", "load_trained", "train_and_evaluate"]
 
 log = logging.getLogger("marnet_jax")
-TRAIN_KEYS = ("image", "jitter", "flip", "label", "ingredients")  # "jitter", "flip" when drawn
+# "jitter", "flip" when drawn; "box", "extent" with data.decoder 'cpu_decode'
+TRAIN_KEYS = ("image", "box", "extent", "jitter", "flip", "label", "ingredients")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
