@@ -100,14 +100,20 @@ def test_errors_before_compiling_name_the_field():
         preflight.compile_steps(config, jax.devices("cpu")[:1] * 4, "v5e:2x2")
 
 
+@pytest.fixture(scope="module")
+def baseline_v5e_record():
+    """The tiny baseline compiled for v5e:2x2 (shared: each compile takes seconds)."""
+    return preflight.run(_config(), "v5e:2x2")
+
+
 @needs_libtpu
 @pytest.mark.parametrize(
     "variant",
     ["baseline", pytest.param("full", marks=pytest.mark.slow)],  # full: a minute more
 )
-def test_tiny_config_compiles_for_v5e_with_the_trainers_parameters(variant):
+def test_tiny_config_compiles_for_v5e_with_the_trainers_parameters(variant, baseline_v5e_record):
     config = _config(variant)
-    record = preflight.run(config, "v5e:2x2")
+    record = baseline_v5e_record if variant == "baseline" else preflight.run(config, "v5e:2x2")
     assert record["chips"] == 4 and record["mesh"] == {"data": 4, "fsdp": 1}
     assert record["chip"] == "TPU v5 lite" and record["per_chip_batch"] == 4
     abstract = Experiment.build(config, datasets.shape_facts(config.data)).abstract
@@ -120,14 +126,12 @@ def test_tiny_config_compiles_for_v5e_with_the_trainers_parameters(variant):
 
 
 @needs_libtpu
-def test_cpu_decode_compiles_the_resize_of_canvases_into_the_train_step():
+def test_cpu_decode_compiles_the_resize_of_canvases_into_the_train_step(baseline_v5e_record):
     """With data.decoder 'cpu_decode' the train step takes canvases, boxes and extents: the train
     arguments grow by the canvases' bytes, and the step does more work (the resize)."""
-    records = {}
-    for decoder in ("cpu", "cpu_decode"):
-        config = _config()
-        config.data.decoder = decoder
-        records[decoder] = preflight.run(config, "v5e:2x2")
+    config = _config()
+    config.data.decoder = "cpu_decode"
+    records = {"cpu": baseline_v5e_record, "cpu_decode": preflight.run(config, "v5e:2x2")}
     batch, size = records["cpu"]["per_chip_batch"], tiny.get_config().data.image_size
     canvas = pipeline.canvas_size(size)
     grown = (
