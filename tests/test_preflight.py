@@ -8,11 +8,13 @@ import types
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 
 from configs import tiny
 from marnet_jax import preflight
 from marnet_jax.data import datasets, pipeline
+from marnet_jax.train import sharding
 from marnet_jax.train.experiment import Experiment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,20 +102,14 @@ def test_errors_before_compiling_name_the_field():
         preflight.compile_steps(config, jax.devices("cpu")[:1] * 4, "v5e:2x2")
 
 
-@pytest.fixture(scope="module")
-def baseline_v5e_record():
-    """The tiny baseline compiled for v5e:2x2 (shared: each compile takes seconds)."""
-    return preflight.run(_config(), "v5e:2x2")
-
-
 @needs_libtpu
 @pytest.mark.parametrize(
     "variant",
     ["baseline", pytest.param("full", marks=pytest.mark.slow)],  # full: a minute more
 )
-def test_tiny_config_compiles_for_v5e_with_the_trainers_parameters(variant, baseline_v5e_record):
+def test_tiny_config_compiles_for_v5e_with_the_trainers_parameters(variant):
     config = _config(variant)
-    record = baseline_v5e_record if variant == "baseline" else preflight.run(config, "v5e:2x2")
+    record = preflight.run(config, "v5e:2x2")
     assert record["chips"] == 4 and record["mesh"] == {"data": 4, "fsdp": 1}
     assert record["chip"] == "TPU v5 lite" and record["per_chip_batch"] == 4
     abstract = Experiment.build(config, datasets.shape_facts(config.data)).abstract
@@ -125,21 +121,23 @@ def test_tiny_config_compiles_for_v5e_with_the_trainers_parameters(variant, base
     assert "| train step memory per chip | peak 0.0" in preflight.table(record)
 
 
-@needs_libtpu
-def test_cpu_decode_compiles_the_resize_of_canvases_into_the_train_step(baseline_v5e_record):
-    """With data.decoder 'cpu_decode' the train step takes canvases, boxes and extents: the train
-    arguments grow by the canvases' bytes, and the step does more work (the resize)."""
+def test_cpu_decode_train_batch_is_canvases_boxes_and_extents():
+    """With data.decoder 'cpu_decode' the train step is compiled for what the host ships: uint8
+    canvases, boxes and extents, split over the batch axes like the rest of the batch (the
+    trainer's test trains on them)."""
     config = _config()
     config.data.decoder = "cpu_decode"
-    records = {"cpu": baseline_v5e_record, "cpu_decode": preflight.run(config, "v5e:2x2")}
-    batch, size = records["cpu"]["per_chip_batch"], tiny.get_config().data.image_size
-    canvas = pipeline.canvas_size(size)
-    grown = (
-        records["cpu_decode"]["train_memory"]["arguments"]
-        - records["cpu"]["train_memory"]["arguments"]
-    )
-    assert grown >= batch * 3 * (canvas**2 - size**2)
-    assert records["cpu_decode"]["train_flops_per_chip"] > records["cpu"]["train_flops_per_chip"]
+    facts = datasets.shape_facts(config.data)
+    mesh = sharding.make_mesh(config.mesh)
+    specs = preflight.batch_specs(config, facts, mesh, 8, eval_=False)
+    canvas = pipeline.canvas_size(config.data.image_size)
+    assert specs["image"].shape == (8, canvas, canvas, 3) and specs["image"].dtype == np.uint8
+    assert specs["box"].shape == (8, 4) and specs["box"].dtype == np.float32
+    assert specs["extent"].shape == (8, 2) and specs["extent"].dtype == np.int32
+    assert specs["box"].sharding == specs["extent"].sharding == specs["label"].sharding
+    config.data.decoder = "cpu"
+    plain = preflight.batch_specs(config, facts, mesh, 8, eval_=False)
+    assert plain["image"].shape == (8, 32, 32, 3) and "box" not in plain
 
 
 @needs_libtpu
