@@ -197,8 +197,7 @@ def _canvas(
     canvas pixels (float32 [4]) and the extent of the copied pixels (int32 [height, width]), for
     photometric.resize_crops. A box whose reach does not fit (the longer side of a wide or tall
     crop, now and then) is resized here and shipped with the identity box."""
-    pixels = np.asarray(rgb)
-    height, width = pixels.shape[:2]
+    width, height = rgb.size if isinstance(rgb, Image.Image) else (rgb.shape[1], rgb.shape[0])
     left, top, right, bottom = box
     support = photometric.filter_support(interpolation)
     reach = [
@@ -211,7 +210,7 @@ def _canvas(
         out[:size, :size] = _resize_box(rgb, box, size, interpolation)
         x0, y0, x1, y1, box = 0, 0, size, size, (0, 0, size, size)
     else:
-        out[: y1 - y0, : x1 - x0] = pixels[y0:y1, x0:x1]
+        out[: y1 - y0, : x1 - x0] = np.asarray(rgb)[y0:y1, x0:x1]
     shifted = np.asarray([box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0], np.float32)
     return out, shifted, np.asarray([y1 - y0, x1 - x0], np.int32)
 
@@ -277,9 +276,7 @@ class RandomResizedCrop(grain.transforms.RandomMap):
         return left, top, left + w, top + h
 
     def random_map(self, element: Example, rng: np.random.Generator) -> Example:
-        def box(height: int, width: int) -> tuple[int, int, int, int]:
-            return self.crop_box(height, width, rng)
-
+        box = _box_drawer(self, rng)
         image = _crop_resized(element["image"], box, self.size, self.interpolation)
         return {**element, "image": image}
 
