@@ -31,7 +31,7 @@ import ml_collections
 
 from evidence import common
 from marnet_jax import cli, reporting
-from marnet_jax.config import VARIANTS, apply_variant
+from marnet_jax.config import PROTOCOLS, VARIANTS, apply_variant
 from marnet_jax.models.config import upgrade_model_config
 from marnet_jax.train.steps import EVAL_HEADS
 
@@ -48,6 +48,8 @@ COMPARISONS = (
     ("EMA on top of CDR", "full", "cdr"),
     ("Ingredient head (aux) alone", "aux", "baseline"),
     ("MARNet against the ingredient head", "full", "aux"),
+    ("Distillation from the text teacher (distill) alone", "distill", "baseline"),
+    ("MARNet against distillation", "full", "distill"),
 )
 # Config fields that do not change what a run computes: they may differ when a run is resumed.
 _IGNORED = ("data.data_dir", "data.manual_dir", "data.read_threads", "data.prefetch_buffer_size")
@@ -59,6 +61,8 @@ CSV_COLUMNS = [
     "use_ema",
     "use_cdr",
     "use_aux",
+    "use_distill",
+    "protocol",
     "num_seeds",
     "seeds",
     *[f"{h}_{m}_{s}" for h in HEADS for m in ("top1", "top5") for s in ("mean", "std")],
@@ -79,6 +83,8 @@ def parse_extra_variant(spec: str) -> tuple[str, str, dict[str, Any]]:
     """'LABEL=BASE field=value ...' -> (label, base variant, {dotted field: value}).
 
     Values are Python literals (numbers, True, 'quoted') or bare strings: 'gated=full model.fusion=gated'.
+    The field `protocol` (a key of PROTOCOLS) trains the variant under another protocol than the
+    config's: 'full_joint=full protocol=joint'.
     """
     head, *assignments = spec.split()
     label, sep, base = head.partition("=")
@@ -136,10 +142,16 @@ def _set_field(config: ml_collections.ConfigDict, field: str, value: Any) -> Non
 def variant_config(
     config: ml_collections.ConfigDict, base: str, overrides: Mapping[str, Any], seed: int
 ) -> ml_collections.ConfigDict:
-    """A copy of `config` switched to variant `base` with `overrides` and `seed`."""
+    """A copy of `config` switched to variant `base` (under the config's protocol, or the one
+    `overrides` names) with `overrides` and `seed`."""
     config = copy.deepcopy(config)
-    apply_variant(config, base)
+    protocol = overrides.get("protocol", config.get("protocol", "joint"))
+    if protocol not in PROTOCOLS:
+        raise common.UsageError(f"protocol={protocol!r}: expected one of {sorted(PROTOCOLS)}.")
+    apply_variant(config, f"{base},{protocol}")
     for field, value in overrides.items():
+        if field == "protocol":
+            continue
         _set_field(config, field, value)
     config.seed = int(seed)
     return config
@@ -307,6 +319,8 @@ def markdown(report: Mapping[str, Any]) -> str:
                 "yes" if v["use_ema"] else "no",
                 "yes" if v["use_cdr"] else "no",
                 "yes" if v.get("use_aux") else "no",
+                "yes" if v.get("use_distill") else "no",
+                v.get("protocol", "joint"),
                 ", ".join(str(r["seed"]) for r in v["runs"]),
                 reporting.pct_pm(s.get("fused_top1_mean"), s.get("fused_top1_std")),
                 reporting.pct_pm(s.get("fused_top5_mean"), s.get("fused_top5_std")),
@@ -321,7 +335,10 @@ def markdown(report: Mapping[str, Any]) -> str:
         "(paired verdicts use the seeds both variants share). `fused` is the model's "
         "classifier; `visual probe` is the stop-gradient linear probe on the visual feature "
         "(x_EMA with EMA, x_v without); `CDR head` classifies x_CDR from the image-only reverse chain; "
-        "`aux` is the visual-only model trained with an extra ingredient-prediction head (BCE).",
+        "`aux` is the visual-only model trained with an extra ingredient-prediction head (BCE); "
+        "`distill` the visual-only model trained towards the text teacher's softened class "
+        "probabilities. Protocol: how the text side is trained (docs/method.md, 'Training "
+        "protocol'); it matters only to variants that read the text.",
         "",
         reporting.markdown_table(
             [
@@ -329,6 +346,8 @@ def markdown(report: Mapping[str, Any]) -> str:
                 "EMA",
                 "CDR",
                 "aux",
+                "distill",
+                "protocol",
                 "seeds",
                 "fused top-1",
                 "fused top-5",
@@ -364,6 +383,8 @@ def csv_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "use_ema": v["use_ema"],
                 "use_cdr": v["use_cdr"],
                 "use_aux": v.get("use_aux", False),
+                "use_distill": v.get("use_distill", False),
+                "protocol": v.get("protocol", "joint"),
                 "num_seeds": len(v["runs"]),
                 "seeds": [r["seed"] for r in v["runs"]],
                 **v["summary"],
@@ -433,12 +454,15 @@ def run(
     report: dict[str, Any] = {"study": "ablation", "variants": {}}
     for label, (base, overrides) in plan.items():
         runs = [records[label][s] for s in seeds_by_label[label]]
+        use_ema, use_cdr, use_aux, use_distill = VARIANTS[base]
         report["variants"][label] = {
             "base": base,
             "overrides": overrides,
-            "use_ema": VARIANTS[base][0],
-            "use_cdr": VARIANTS[base][1],
-            "use_aux": VARIANTS[base][2],
+            "use_ema": use_ema,
+            "use_cdr": use_cdr,
+            "use_aux": use_aux,
+            "use_distill": use_distill,
+            "protocol": configs[label, seeds_by_label[label][0]].protocol,
             "runs": [{k: v for k, v in r.items() if k != "config"} for r in runs],
             "summary": summarise(runs),
         }

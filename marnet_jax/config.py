@@ -21,6 +21,10 @@ def train_config() -> ml_collections.ConfigDict:
             eval_batch_size=256,  # global; the last batch is padded and masked
             log_every=50,  # steps between train-metric lines (JSONL, TensorBoard, progress bar)
             eval_every=0,  # steps between validation passes; 0 = only after training
+            # steps between gradient diagnostics (steps.grad_diagnostics: each loss term's gradient
+            # on the backbone, its norm and its cosine with the CE's; one forward and a backward
+            # per term, on the step's own batch); 0 = off
+            grad_diag_every=0,
             stop_check_every=10,  # steps between cross-process checks for SIGTERM (multi-host only)
         )
     )
@@ -39,7 +43,12 @@ def optim_config() -> ml_collections.ConfigDict:
             nesterov=True,  # SGD
             weight_decay=0.05,  # decoupled; not applied to biases, norm scales, posembs, tokens
             grad_clip_norm=1.0,  # global-norm clipping; 0 disables
-            backbone_lr_mult=1.0,  # backbone lr = lr * this; use ~0.1 with a pretrained backbone
+            # per-group lr = lr * multiplier (optim.py); 0 freezes the group (no gradient, no
+            # update, no weight decay). backbone: ~0.1 for a pretrained one; text: the ingredient
+            # encoder, g_s and the text head (model.freeze_text freezes it whatever this says)
+            backbone_lr_mult=1.0,
+            text_lr_mult=1.0,
+            heads_lr_mult=1.0,
             grad_accum_steps=1,  # >1 accumulates gradients over this many micro-batches (optax.MultiSteps)
         )
     )
@@ -73,32 +82,88 @@ def checkpoint_config() -> ml_collections.ConfigDict:
     )
 
 
-# name -> (use_ema, use_cdr, use_aux): the paper's ablation grid from one code path, plus 'aux', the
-# visual-only model with an ingredient-prediction head (the simplest use of the same text).
+def teacher_config() -> ml_collections.ConfigDict:
+    """config.teacher: the text teacher stage (marnet_jax/train/teacher.py). It runs before the
+    joint stage when the model has a text head (model.use_text_head, set by the 'teacher'
+    protocol and the 'distill' variant): the ingredient encoder, g_s and the text head learn to
+    classify from the ingredient lists alone (CE), with their own checkpoints."""
+    return ml_collections.ConfigDict(
+        dict(
+            steps=3000,  # teacher steps (a small MLP on multi-hots: seconds on a CPU)
+            batch_size=256,  # global batch of ingredient lists
+            lr=1e-3,  # AdamW peak learning rate (warm-up, then cosine decay to 0)
+            warmup_steps=100,
+            weight_decay=0.0,
+            log_every=500,  # steps between teacher metric lines (train loss, validation top-1)
+            checkpoint_every=1000,  # also saved at the end and on SIGTERM
+            # a finished run's workdir whose teacher to use instead of training one (its model's
+            # text side must match this one's); '' = train the teacher here
+            init_from="",
+        )
+    )
+
+
+# name -> (use_ema, use_cdr, use_aux, use_distill): the paper's ablation grid from one code path,
+# plus two references that use the same text more simply: 'aux', the visual-only model with an
+# ingredient-prediction head, and 'distill', the visual-only model distilled from the text teacher.
 VARIANTS = {
-    "baseline": (False, False, False),
-    "ema": (True, False, False),
-    "cdr": (False, True, False),
-    "full": (True, True, False),
-    "aux": (False, False, True),
+    "baseline": (False, False, False, False),
+    "ema": (True, False, False, False),
+    "cdr": (False, True, False, False),
+    "full": (True, True, False, False),
+    "aux": (False, False, True, False),
+    "distill": (False, False, False, True),
+}
+
+# How a variant that reads the text is trained (docs/method.md, "Training protocol"):
+# 'joint': both encoders from random initialisation, trained together; the alignment moves both.
+# 'teacher': the text channel is trained first, alone (config.teacher), then frozen (no dropout, no
+#   gradient, no update); the alignment targets are stop-gradient, so only the image side moves
+#   (the lab's ATNet protocol).
+# Config files may tune the rest of a protocol (classifier_input, align_fraction, weights, ramp).
+PROTOCOLS: dict[str, dict[str, object]] = {
+    "joint": {
+        "model.use_text_head": False,
+        "model.freeze_text": False,
+        "model.align_moves": "both",
+    },
+    "teacher": {
+        "model.use_text_head": True,
+        "model.freeze_text": True,
+        "model.align_moves": "image",
+    },
 }
 
 
-def apply_variant(config: ml_collections.ConfigDict, name: str | None) -> ml_collections.ConfigDict:
-    """Sets the variant: 'baseline' (visual only), 'ema', 'cdr', 'full' or 'aux'."""
-    name = name or "full"
+def apply_variant(
+    config: ml_collections.ConfigDict, arg: str | None, default_protocol: str = "joint"
+) -> ml_collections.ConfigDict:
+    """Sets the variant and the protocol from a config arg 'VARIANT[,PROTOCOL]': VARIANT one of
+    VARIANTS (default 'full'), PROTOCOL one of PROTOCOLS (default `default_protocol`). The
+    protocol matters only to variants that read the text; 'distill' always has its teacher."""
+    name, _, protocol = (arg or "full").partition(",")
+    protocol = protocol or default_protocol
     if name not in VARIANTS:
         raise ValueError(f"Unknown variant {name!r}; expected one of {sorted(VARIANTS)}.")
-    config.model.use_ema, config.model.use_cdr, config.model.use_aux = VARIANTS[name]
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"Unknown protocol {protocol!r}; expected one of {sorted(PROTOCOLS)}.")
+    m = config.model
+    m.use_ema, m.use_cdr, m.use_aux, m.use_distill = VARIANTS[name]
+    protocol = "teacher" if m.use_distill else protocol
+    for field, value in PROTOCOLS[protocol].items():
+        section, key = field.split(".")
+        config[section][key] = value
+    if not (m.use_ema or m.use_cdr or m.use_distill):
+        m.use_text_head = False  # the baseline and aux never read the text
     config.variant = name
+    config.protocol = protocol
     return config
 
 
 def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.variant = (
-        "full"  # informational: set by apply_variant (baseline | ema | cdr | full | aux)
-    )
+    config.variant = "full"  # informational: set by apply_variant (a key of VARIANTS)
+    config.protocol = "joint"  # informational: set by apply_variant (a key of PROTOCOLS)
     config.seed = 0  # one seed for initialisation, data order, augmentation and diffusion noise
     config.data = get_data_config()
     config.model = get_model_config()
@@ -107,4 +172,5 @@ def base_config() -> ml_collections.ConfigDict:
     config.optim = optim_config()
     config.mesh = mesh_config()
     config.checkpoint = checkpoint_config()
+    config.teacher = teacher_config()
     return config

@@ -226,7 +226,7 @@ def test_ablation_writes_its_tables(evidence):
     assert (out / run["dir"] / ablation.MARKER).exists()
     assert [c["name"] for c in data["comparisons"]] == ["EMA + CDR (full MARNet)"]
     md = (out / "ablation.md").read_text()
-    assert "| baseline | no | no | no | 0 |" in md and "one seed only" in md
+    assert "| baseline | no | no | no | no | joint | 0 |" in md and "one seed only" in md
 
 
 def test_ablation_rerun_skips_finished_runs_and_refuses_a_changed_config(evidence, monkeypatch):
@@ -296,7 +296,10 @@ def test_ablation_gives_some_variants_more_seeds_and_pairs_on_shared_seeds(
     assert by_name["EMA + CDR (full MARNet)"]["delta_mean"] == pytest.approx(0.1)
     assert by_name["EMA alone"]["seeds"] == [0, 1]
     assert report["provenance"]["seeds"] == [0, 1, 2, 3]
-    assert "| ema | yes | no | no | 0, 1 |" in (tmp_path / "ablation/ablation.md").read_text()
+    assert (
+        "| ema | yes | no | no | no | joint | 0, 1 |"
+        in (tmp_path / "ablation/ablation.md").read_text()
+    )
     with pytest.raises(common.UsageError, match=r"'aux'.*not trained here"):
         ablation.run(config, tmp_path, variants=("baseline",), seeds=(0,), seeds_of={"aux": [0]})
     with pytest.raises(common.UsageError, match="expected 'VARIANT"):

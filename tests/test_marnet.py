@@ -8,6 +8,7 @@ from typing import Any
 import chex
 import flax.linen as nn
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -280,6 +281,10 @@ def test_invalid_combinations_raise():
         make_model(cdr_target_grad="detach"),
         make_model(cdr_train_estimate="two_step"),
         make_model(cdr_head_input="s0"),
+        make_model(classifier_input="x_s"),
+        make_model(align_moves="text"),
+        make_model(align_fraction=0.0),
+        make_model(use_ema=False, use_cdr=False, use_distill=True),  # distillation needs a teacher
     ]
     for model in bad:
         with pytest.raises(ValueError):
@@ -288,6 +293,178 @@ def test_invalid_combinations_raise():
         jax.eval_shape(lambda r: make_model().init(r, images), rngs())
     # The baseline never reads the text.
     jax.eval_shape(lambda r: make_model(False, False).init(r, images), rngs())
+
+
+# --- the text teacher, distillation and the joint-stage options
+
+
+def _grads_of(model, variables, part):
+    """Gradient of one unweighted loss part with respect to every parameter."""
+
+    def loss(params):
+        out, _ = train_apply(model, {**variables, "params": params}, IMAGES, INGREDIENTS)
+        return marnet_loss(out, LABELS, get_loss_config())[1][part]
+
+    return jax.grad(loss)(variables["params"])
+
+
+def test_text_head_is_a_text_only_classifier_and_a_frozen_text_side_gets_no_gradient():
+    norm = lambda tree: float(optax.global_norm(tree))
+    model = make_model(use_text_head=True)
+    variables = host_init(model, IMAGES, INGREDIENTS)
+    logits = model.apply(variables, INGREDIENTS, method=MARNet.text_logits)
+    assert logits.shape == (B, C)
+    out, _ = train_apply(model, variables, IMAGES, INGREDIENTS)
+    # trained on, the text side runs with dropout (TinyText's) in training
+    assert float(jnp.max(jnp.abs(out["text_logits"] - logits))) > 1e-3
+    grads = _grads_of(model, variables, "text")
+    assert norm(grads["text_encoder"]) > 0 and norm(grads["text_head"]) > 0
+    assert norm(grads["backbone"]) == 0.0  # the teacher reads the text only
+    # A trained-on text side moves under EMA; a frozen one gets no gradient from any term, and
+    # runs without dropout (its logits are the inference-mode ones).
+    assert norm(_grads_of(model, variables, "ema")["text_encoder"]) > 0
+    frozen = make_model(use_text_head=True, freeze_text=True)
+    out, _ = train_apply(frozen, variables, IMAGES, INGREDIENTS)
+    np.testing.assert_allclose(out["text_logits"], logits, atol=1e-6)
+    for part in ("ema", "ce_cdr", "text", "ce"):
+        g = _grads_of(frozen, variables, part)
+        assert norm(g["text_encoder"]) == norm(g["text_head"]) == norm(g["ema"]["g_s"]) == 0.0
+
+
+def test_alignment_moves_the_image_side_only_and_aligns_a_fraction():
+    norm = lambda tree: float(optax.global_norm(tree))
+    model = make_model(align_moves="image", align_fraction=0.375)
+    variables = host_init(model, IMAGES, INGREDIENTS)
+    out, _ = train_apply(model, variables, IMAGES, INGREDIENTS)
+    k = round(0.375 * E)
+    assert out["ema_z_v"].shape == out["ema_z_s"].shape == (B, k)
+    np.testing.assert_allclose(jnp.linalg.norm(out["ema_z_v"], axis=-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(
+        out["ema_z_v"],
+        out["x_ema"][:, :k] / jnp.linalg.norm(out["x_ema"][:, :k], axis=-1, keepdims=True),
+        rtol=1e-5,
+    )
+    for part in ("ema", "mse", "ce_cdr"):
+        g = _grads_of(model, variables, part)
+        assert norm(g["text_encoder"]) == 0.0 and norm(g["ema"]["g_s"]) == 0.0, part
+    g = _grads_of(model, variables, "ema")
+    assert norm(g["backbone"]) > 0 and norm(g["ema"]["g_v"]) > 0
+    # Only the aligned dimensions of g_v's output receive EMA's gradient.
+    kernel = g["ema"]["g_v"]["out"]["kernel"]
+    assert float(jnp.abs(kernel[:, :k]).max()) > 0 and float(jnp.abs(kernel[:, k:]).max()) == 0.0
+
+
+def test_classifier_reading_x_v_leaves_g_v_a_projection_head():
+    norm = lambda tree: float(optax.global_norm(tree))
+    model = make_model(use_cdr=False, classifier_input="x_v")
+    variables = host_init(model, IMAGES, INGREDIENTS)
+    out, _ = train_apply(model, variables, IMAGES, INGREDIENTS)
+    # the fused classifier and the probe normalise x_v (TinyBackbone: 12 features), not x_EMA (E)
+    assert variables["params"]["fused_head"]["norm_0"]["scale"].shape == (12,)
+    assert variables["params"]["visual_head"]["norm_0"]["scale"].shape == (12,)
+    assert norm(_grads_of(model, variables, "ce")["ema"]["g_v"]) == 0.0
+    assert norm(_grads_of(model, variables, "ema")["ema"]["g_v"]) > 0
+    assert (
+        out["logits"].shape == predict(model, variables, IMAGES, jax.random.key(0))["logits"].shape
+    )
+
+
+def test_distillation_loss_by_hand_and_the_student_alone_learns():
+    from marnet_jax.models.losses import distillation_loss
+
+    s = jnp.array([[1.0, 0.0, -1.0]])
+    t = jnp.array([[0.0, 2.0, 0.0]])
+    pt, ps = jax.nn.softmax(t / 2.0), jax.nn.softmax(s / 2.0)
+    expected = 4.0 * float(jnp.sum(pt * (jnp.log(pt) - jnp.log(ps))))
+    np.testing.assert_allclose(distillation_loss(s, t, 2.0), expected, rtol=1e-6)
+    np.testing.assert_allclose(distillation_loss(t, t, 4.0), 0.0, atol=1e-6)
+
+    norm = lambda tree: float(optax.global_norm(tree))
+    model = make_model(False, False, use_text_head=True, use_distill=True, freeze_text=True)
+    variables = host_init(model, IMAGES, INGREDIENTS)
+    out, _ = train_apply(model, variables, IMAGES, INGREDIENTS)
+    np.testing.assert_array_equal(out["teacher_logits"], out["text_logits"])
+    _, parts = marnet_loss(out, LABELS, get_loss_config())
+    want = distillation_loss(
+        out["logits"], out["teacher_logits"], get_loss_config().distill_temperature
+    )
+    np.testing.assert_allclose(parts["distill"], want, rtol=1e-6)
+    g = _grads_of(model, variables, "distill")
+    assert norm(g["backbone"]) > 0 and norm(g["fused_head"]) > 0
+    assert norm(g["text_encoder"]) == norm(g["text_head"]) == 0.0
+    assert "teacher_logits" not in predict(model, variables, IMAGES, jax.random.key(0))
+
+
+def test_auxiliary_terms_ramp_up():
+    from marnet_jax.models.losses import rampup
+
+    cfg = get_loss_config()
+    out = {
+        "logits": jnp.zeros((2, 3)),
+        "visual_logits": jnp.zeros((2, 3)),
+        "aux_logits": jnp.zeros((2, 4)),
+        "aux_targets": jnp.ones((2, 4)),
+    }
+    labels = jnp.array([0, 1])
+    full, parts = marnet_loss(out, labels, cfg)
+    half, _ = marnet_loss(out, labels, cfg, aux_scale=rampup(50, 100))
+    base = parts["ce"] + parts["ce_visual"]
+    np.testing.assert_allclose(half - base, 0.5 * (full - base), rtol=1e-6)
+    assert float(rampup(0, 100)) == 0.0 and float(rampup(500, 100)) == 1.0
+    assert float(rampup(0, 0)) == 1.0
+
+
+def test_gradient_diagnostics_match_a_direct_computation():
+    from configs import tiny
+    from marnet_jax.data import photometric
+    from marnet_jax.models.losses import weighted_terms
+    from marnet_jax.train import steps
+
+    model = make_model()
+    data_cfg = tiny.get_config().data
+    cfg = get_loss_config()
+    cfg.aux_rampup_steps = 10
+    # away from the initialisation, where the denoiser's zero output layer passes no gradient
+    variables = host_init(model, IMAGES, INGREDIENTS)
+    state = steps.TrainState(
+        step=jnp.asarray(4, jnp.int32),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state={},
+        rng=jax.random.key(2),
+    )
+    pixels = np.random.default_rng(0).integers(0, 256, (B, H, H, 3))
+    batch = {"image": jnp.asarray(pixels, jnp.uint8), "label": LABELS, "ingredients": INGREDIENTS}
+    kw = dict(model=model, loss_cfg=cfg, data_cfg=data_cfg)
+    diag = jax.jit(functools.partial(steps.grad_diagnostics, **kw))(state, batch)
+    terms = steps.backbone_terms(model)
+    assert terms == ("ce", "ema", "mse", "ce_cdr")
+    images = photometric.train_images(batch, data_cfg)
+
+    def weighted(backbone):
+        outputs, _ = steps._train_forward(
+            model, {**state.params, "backbone": backbone}, state, images, batch
+        )
+        _, parts = marnet_loss(outputs, batch["label"], cfg, aux_scale=0.4)
+        w = weighted_terms(parts, cfg, 0.4)
+        return jnp.stack([w[t] for t in terms])
+
+    # the Jacobian of the weighted terms, taken directly (one backward pass per term)
+    jac = jax.jit(jax.jacrev(weighted))(state.params["backbone"])
+    grads = {
+        t: jax.flatten_util.ravel_pytree(jax.tree.map(lambda j, i=i: j[i], jac))[0]
+        for i, t in enumerate(terms)
+    }
+    for t in terms:
+        assert np.isfinite(float(diag[f"grad/{t}_norm"])) and float(diag[f"grad/{t}_norm"]) > 0
+        np.testing.assert_allclose(diag[f"grad/{t}_norm"], jnp.linalg.norm(grads[t]), rtol=1e-4)
+    for t in terms[1:]:
+        cos = jnp.dot(grads[t], grads["ce"]) / (
+            jnp.linalg.norm(grads[t]) * jnp.linalg.norm(grads["ce"])
+        )
+        np.testing.assert_allclose(diag[f"grad/{t}_cos_ce"], cos, atol=1e-4)
+    total = jnp.linalg.norm(sum(grads.values()))
+    np.testing.assert_allclose(diag["grad/total_norm"], total, rtol=1e-4)
 
 
 # --- jit / no-jit agreement
@@ -332,8 +509,10 @@ def test_full_loss_decreases_and_gradients_go_where_the_design_says(full_vars):
     vmapped backward pass) and combines them with the loss weights, so the same compiled loop checks
     that the loss falls and which parameters each part trains."""
     cfg = get_loss_config()
-    weights = jnp.array([1.0, cfg.w_ema, cfg.w_mse, cfg.w_cdr, cfg.w_visual, cfg.w_aux])
-    assert PART_KEYS == ("ce", "ema", "mse", "ce_cdr", "ce_visual", "aux")
+    weights = jnp.array(
+        [1.0, cfg.w_ema, cfg.w_mse, cfg.w_cdr, cfg.w_visual, cfg.w_aux, cfg.w_distill, cfg.w_text]
+    )
+    assert PART_KEYS == ("ce", "ema", "mse", "ce_cdr", "ce_visual", "aux", "distill", "text")
     opt = optax.adam(1e-2)
 
     @jax.jit
@@ -364,7 +543,7 @@ def test_full_loss_decreases_and_gradients_go_where_the_design_says(full_vars):
     assert bool(jnp.all(jnp.isfinite(totals)))
     assert float(totals[-1]) < 0.7 * float(totals[0]), totals
     for k in PART_KEYS:
-        if k == "aux":  # full MARNet has no ingredient head
+        if k in ("aux", "distill", "text"):  # full MARNet has no ingredient or text head
             np.testing.assert_array_equal(parts[k], 0.0)
             continue
         assert float(parts[k][-1]) < float(parts[k][0]), (k, parts[k])

@@ -36,7 +36,9 @@ def get_model_config() -> ml_collections.ConfigDict:
     cfg.remat = False
     # --- pretrained backbone (models/pretrained.py); only the backbone is imported: the text encoder,
     # EMA, CDR and classifiers always start fresh. Used when a run starts, never when it resumes.
-    cfg.init_from = ""  # local weights: .pth/.pt (needs torch), .safetensors, .npz; '' = random
+    # local weights: .pth/.pt (needs torch), .safetensors, .npz; or a finished run's workdir (its
+    # newest checkpoint's backbone and BatchNorm statistics: a warm start); '' = random
+    cfg.init_from = ""
     # 'auto' (from the key names) | 'torchvision' | 'timm' | 'big_vision' | 'efficientnet_pytorch'
     cfg.init_format = "auto"
     cfg.init_reinit = ()  # regexes over 'params/...' backbone paths kept at init, e.g. ('layer4/',)
@@ -114,6 +116,14 @@ def get_loss_config() -> ml_collections.ConfigDict:
     cfg.w_cdr = 1.0  # weight of the CE of the CDR head (s0_hat in training, x_CDR at test)
     cfg.w_visual = 1.0  # weight of the stop-gradient visual probe's CE (trains only the probe)
     cfg.w_aux = 1.0  # weight of the ingredient head's BCE (the 'aux' variant; 0 elsewhere)
+    cfg.w_distill = 1.0  # weight of the distillation KL (the 'distill' variant; 0 elsewhere)
+    cfg.distill_temperature = 2.0  # T of the softened probabilities (Hinton et al.: 2-4)
+    # weight of the text head's CE in the joint stage (model.use_text_head; the teacher stage
+    # trains it alone): keeps a text side that is still trained a classifier
+    cfg.w_text = 0.0
+    # the auxiliary terms (all but the fused CE and the probe) ramp up linearly from 0 over this
+    # many steps: the classifier first, the text's pull later; 0 = no ramp
+    cfg.aux_rampup_steps = 0
     cfg.label_smoothing = 0.0  # label smoothing of every CE term
     cfg.ema_form = "infonce"  # 'infonce' (symmetric, on cosine similarities) | 'cosine' (1 - cos)
     cfg.ema_class_aware = True  # same-label pairs are positives (lists repeat within a class)

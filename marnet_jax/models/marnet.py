@@ -18,6 +18,12 @@ that is much weaker at test (docs/method.md has the numbers).
 
 The `aux` reference (use_aux, with EMA and CDR off) is the simplest use of the same privileged text:
 a multi-label ingredient head on x_v, trained with BCE and never read at test.
+
+The text teacher (use_text_head): a classifier on g_s(f_s(ingredients)), trained alone before the
+joint stage (marnet_jax/train/teacher.py). The `distill` reference (use_distill, with EMA and CDR
+off) trains the visual-only model towards the teacher's softened class probabilities (generalized
+distillation, Lopez-Paz et al. 2016); MARNet under the 'teacher' protocol aligns to the teacher's
+fixed embedding instead (align_moves='image').
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ from marnet_jax.models.text import build_text_encoder
 
 Array = jax.Array
 FUSIONS = ("concat", "sum", "gated")
+CLASSIFIER_INPUTS = ("x_ema", "x_v")
+ALIGN_MOVES = ("both", "image")
 
 
 class ClassifierHead(nn.Module):
@@ -92,6 +100,21 @@ class MARNet(nn.Module):
       cdr: the diffusion module; may be None when use_cdr is False. cdr.dim == ema.embed_dim.
       use_ema, use_cdr: the variant (both off: the visual-only baseline).
       use_aux: add the ingredient head on x_v (training only; 'aux_logits', 'aux_targets').
+      use_text_head: add the text teacher's classifier on g_s(x_s) ('text_head'; `text_logits`);
+        trained by the teacher stage, and in the joint stage by loss.w_text.
+      use_distill: the visual-only model distilled from the text head ('teacher_logits', gradient
+        stopped); needs use_text_head.
+      classifier_input: what the fused classifier (and the probe) reads on the visual side with
+        EMA on: 'x_ema' (g_v(x_v), the paper's x_EMA) or 'x_v' (EMA is then a projection head
+        whose loss shapes x_v through g_v, as in SimCLR, and the classifier never reads g_v).
+      freeze_text: the text side (ingredient encoder, g_s, text head) is a fixed teacher: it runs
+        in inference mode (no dropout) and its outputs carry no gradient; the optimizer leaves
+        its parameters as they are, weight decay included (train/optim.py).
+      align_moves: 'both' (the alignment targets g_s(x_s) carry gradients into the text side) or
+        'image' (EMA's and CDR's targets are stop-gradient: only the image side moves towards
+        the text, as the lab's ATNet detaches its text features).
+      align_fraction: EMA aligns the first round(align_fraction * E) dimensions of g_v and g_s
+        only (ATNet aligns 3/8 of its latent); the rest of x_EMA is free for the classifier.
       fusion: 'concat' | 'sum' | 'gated' of x_EMA (x_v with EMA off) and x_CDR; fusion_dropout
         before the fused classifier.
       cdr_target_grad: gradient into s0 in the CDR training path: 'stop' | 'straight_through'
@@ -120,6 +143,12 @@ class MARNet(nn.Module):
     use_ema: bool = True
     use_cdr: bool = True
     use_aux: bool = False
+    use_text_head: bool = False
+    use_distill: bool = False
+    freeze_text: bool = False
+    classifier_input: str = "x_ema"
+    align_moves: str = "both"
+    align_fraction: float = 1.0
     fusion: str = "concat"
     fusion_dropout: float = 0.0
     cdr_target_grad: str = "straight_through"
@@ -141,8 +170,12 @@ class MARNet(nn.Module):
                 raise ValueError(
                     "cdr_condition_on='x_ema' and cdr_chain_start='visual' need use_ema=True"
                 )
-        if (self.use_ema or self.use_cdr) and self.text_encoder is None:
-            raise ValueError("EMA and CDR need a text encoder")
+        if self.reads_text and self.text_encoder is None:
+            raise ValueError("EMA, CDR, the text head and distillation need a text encoder")
+        if self.use_distill and not self.use_text_head:
+            raise ValueError("use_distill=True needs use_text_head=True (the teacher)")
+        if not 0.0 < self.align_fraction <= 1.0:
+            raise ValueError(f"MARNet.align_fraction={self.align_fraction!r}; expected (0, 1]")
         for name, value, allowed in (
             ("cdr_condition_on", self.cdr_condition_on, ("x_v", "x_ema")),
             ("cdr_chain_start", self.cdr_chain_start, ("noise", "visual")),
@@ -150,6 +183,8 @@ class MARNet(nn.Module):
             ("cdr_train_estimate", self.cdr_train_estimate, ("chain", "one_step")),
             ("cdr_head_input", self.cdr_head_input, ("chain", "one_step")),
             ("cdr_chain_grad", self.cdr_chain_grad, CHAIN_GRADS),
+            ("classifier_input", self.classifier_input, CLASSIFIER_INPUTS),
+            ("align_moves", self.align_moves, ALIGN_MOVES),
         ):
             if value not in allowed:
                 raise ValueError(f"MARNet.{name}={value!r}; expected one of {allowed}")
@@ -161,6 +196,26 @@ class MARNet(nn.Module):
             if self.num_ingredients is None:
                 raise ValueError("use_aux=True needs num_ingredients (the ingredient head's size)")
             self.aux_head = ClassifierHead(self.num_ingredients)
+        if self.use_text_head:
+            self.text_head = ClassifierHead(self.num_classes)
+
+    @property
+    def reads_text(self) -> bool:
+        """Whether training reads the ingredients through the text encoder."""
+        return self.use_ema or self.use_cdr or self.use_text_head or self.use_distill
+
+    def _semantic(self, ingredients: Array, train: bool) -> Array:
+        """g_s(f_s(ingredients)), float32 [B, E]."""
+        x_s = self.text_encoder(ingredients, train=train)
+        chex.assert_rank(x_s, 2)
+        return self.ema.project_semantic(x_s)
+
+    def text_logits(self, ingredients: Array, train: bool = False) -> Array:
+        """The text teacher: class logits [B, C] from the ingredients alone (the teacher stage
+        trains this path: text encoder, g_s and the text head)."""
+        chex.assert_rank(ingredients, 2)
+        g_s = self._semantic(ingredients.astype(jnp.float32), train)
+        return self.text_head([g_s], train)
 
     def _visual(self, images: Array, train: bool) -> dict[str, Array]:
         chex.assert_rank(images, 4)
@@ -187,7 +242,7 @@ class MARNet(nn.Module):
         train: bool,
         cdr_head_input: Array | None = None,
     ) -> dict[str, Array]:
-        visual = out["x_ema"] if self.use_ema else out["x_v"]
+        visual = out["x_ema"] if self.use_ema and self.classifier_input == "x_ema" else out["x_v"]
         feats = [visual] if x_cdr is None else [visual, x_cdr]
         out["logits"] = self.fused_head(feats, train)
         # The probe reads what the fused classifier reads on the visual side, gradient stopped.
@@ -207,11 +262,12 @@ class MARNet(nn.Module):
         use_cdr: 'cdr_logits' [B, C] (the CDR head on its `cdr_head_input`), 's0', 's0_hat',
           'cdr_pred', 'cdr_target' [B, E], 'cdr_t' int32 [B]; 'x_cdr' [B, E] when either head
           reads the chain;
-        use_aux: 'aux_logits' [B, V] (ingredient head on x_v), 'aux_targets' [B, V] (the multi-hot).
+        use_aux: 'aux_logits' [B, V] (ingredient head on x_v), 'aux_targets' [B, V] (the multi-hot);
+        use_text_head: 'text_logits' [B, C]; use_distill: 'teacher_logits' [B, C] (stop-gradient).
         """
         out = self._visual(images, train)
         x_cdr = head_in = None
-        if self.use_ema or self.use_cdr or self.use_aux:
+        if self.reads_text or self.use_aux:
             if ingredients is None:
                 raise ValueError(
                     "the training path of MARNet with EMA, CDR or aux needs ingredients"
@@ -224,13 +280,22 @@ class MARNet(nn.Module):
         if self.use_aux:
             out["aux_logits"] = self.aux_head([out["x_v"]], train)
             out["aux_targets"] = ingredients
-        if self.use_ema or self.use_cdr:
-            x_s = self.text_encoder(ingredients, train=train)
-            chex.assert_rank(x_s, 2)
-            g_s = self.ema.project_semantic(x_s)
+        if self.reads_text:
+            g_s = self._semantic(ingredients, train and not self.freeze_text)
+            if self.freeze_text:
+                g_s = jax.lax.stop_gradient(g_s)
+            if self.use_text_head:
+                text_logits = self.text_head([g_s], train and not self.freeze_text)
+                frozen = self.freeze_text
+                out["text_logits"] = jax.lax.stop_gradient(text_logits) if frozen else text_logits
+                if self.use_distill:
+                    out["teacher_logits"] = jax.lax.stop_gradient(text_logits)
+            if self.align_moves == "image":
+                g_s = jax.lax.stop_gradient(g_s)
             if self.use_ema:
-                out["ema_z_v"] = l2_normalize(out["x_ema"])
-                out["ema_z_s"] = l2_normalize(g_s)
+                k = max(1, round(self.align_fraction * out["x_ema"].shape[-1]))
+                out["ema_z_v"] = l2_normalize(out["x_ema"][:, :k])
+                out["ema_z_s"] = l2_normalize(g_s[:, :k])
                 out["ema_logit_scale"] = self.ema.logit_scale()
             if self.use_cdr:
                 s0 = self.cdr.semantic_target(g_s)
@@ -292,7 +357,7 @@ def build_model(
         backbone_kwargs["remat"] = True
     backbone = build_backbone(cfg.backbone, dtype, **backbone_kwargs)
     text_encoder = None
-    if cfg.use_ema or cfg.use_cdr:
+    if cfg.use_ema or cfg.use_cdr or cfg.use_text_head or cfg.use_distill:
         text_kwargs = cfg.text_kwargs.to_dict()
         if cfg.word_vectors:
             text_kwargs["word_dim"] = word_vectors.dim(cfg.word_vectors)

@@ -20,6 +20,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from marnet_jax.train import sharding
+
 _STATE = "state"
 _DATA = "data_iter"
 SET_ASIDE = (
@@ -30,6 +32,12 @@ log = logging.getLogger("marnet_jax")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be resumed from; the message names it and the way to go on."""
+
+
+def is_run_dir(path: str | epath.Path) -> bool:
+    """Whether `path` is a training workdir (config.json and checkpoints/), not a weights file."""
+    path = epath.Path(path)
+    return (path / "config.json").exists() and (path / "checkpoints").is_dir()
 
 
 def make_manager(workdir: str | epath.Path, ckpt_cfg: ml_collections.ConfigDict):
@@ -130,6 +138,17 @@ def restore(manager, step: int, target: Any, data_iter: Any | None) -> Any:
             "or the config's model is not the one the run trained. " + _earlier_hint(manager, step)
         ) from e
     return restored[_STATE]
+
+
+def restore_as_saved(manager, step: int, mesh, mesh_cfg: ml_collections.ConfigDict) -> Any:
+    """The state of checkpoint `step` in the tree it was saved with (no model needed: the tree
+    comes from the checkpoint's metadata), placed on `mesh` by its FSDP rules."""
+    saved = manager.item_metadata(step)[_STATE].tree
+    shardings = sharding.tree_shardings(saved, mesh, mesh_cfg)
+    target = jax.tree.map(
+        lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), saved, shardings
+    )
+    return restore(manager, step, target, None)
 
 
 def resume_step(manager, workdir: str | epath.Path, requested: int) -> int | None:

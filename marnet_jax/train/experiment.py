@@ -23,7 +23,13 @@ from marnet_jax.models import build_model, pretrained, word_vectors
 from marnet_jax.models.marnet import MARNet
 from marnet_jax.train import checkpoint, sharding
 from marnet_jax.train.optim import make_optimizer
-from marnet_jax.train.steps import TrainState, eval_step, init_state, train_step
+from marnet_jax.train.steps import (
+    TrainState,
+    eval_step,
+    grad_diagnostics,
+    init_state,
+    train_step,
+)
 
 log = logging.getLogger("marnet_jax")
 
@@ -79,7 +85,8 @@ class Experiment:
         facts = datasets.prepare(config.data) if facts is None else facts
         mesh = sharding.make_mesh(config.mesh, devices)
         model = build_model(config.model, facts.num_classes, facts.num_ingredients)
-        tx, schedule = make_optimizer(config.optim, config.train.num_steps)
+        frozen = ("text",) if config.model.get("freeze_text") else ()
+        tx, schedule = make_optimizer(config.optim, config.train.num_steps, frozen)
         init_fn = functools.partial(
             init_state,
             model=model,
@@ -102,11 +109,49 @@ class Experiment:
         jitted = jax.jit(self.init_fn, out_shardings=self.shardings)
         state = _compile_once(jitted, self.rng)(self.rng)
         model_cfg = self.config.model
-        if model_cfg.init_from:
+        if model_cfg.init_from and checkpoint.is_run_dir(model_cfg.init_from):
+            state = self._backbone_from_run(state, model_cfg.init_from)
+        elif model_cfg.init_from:
             state = pretrained.load_into_state(state, model_cfg)
         if model_cfg.get("word_vectors") and state.params.get("text_encoder"):
             state = word_vectors.load_into_state(state, model_cfg, self.facts.ingredient_names)
         return state
+
+    def _backbone_from_run(self, state: TrainState, workdir: str) -> TrainState:
+        """`state` with the backbone (parameters and BatchNorm statistics) of the newest checkpoint
+        of another run (warm start, e.g. from a finished baseline); the rest stays fresh."""
+        manager = checkpoint.make_manager(workdir, self.config.checkpoint)
+        try:
+            step = manager.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"model.init_from={workdir!r}: the run has no checkpoint.")
+            saved = checkpoint.restore_as_saved(manager, step, self.mesh, self.config.mesh)
+        finally:
+            manager.close()
+        params, stats = dict(state.params), dict(state.batch_stats or {})
+        for tree, name, ours in (
+            (saved["params"], "params", params),
+            (saved.get("batch_stats") or {}, "batch_stats", stats),
+        ):
+            if "backbone" not in ours:
+                continue
+            theirs = tree.get("backbone")
+            same = theirs is not None and jax.tree.structure(theirs) == jax.tree.structure(
+                ours["backbone"]
+            )
+            if not same or any(
+                a.shape != b.shape
+                for a, b in zip(jax.tree.leaves(theirs), jax.tree.leaves(ours["backbone"]))
+            ):
+                raise ValueError(
+                    f"model.init_from={workdir!r}: the backbone {name} of its checkpoint {step} "
+                    "do not match this model's (another model.backbone or backbone_kwargs)."
+                )
+            ours["backbone"] = jax.tree.map(
+                lambda x, t: jax.device_put(x, t.sharding), theirs, ours["backbone"]
+            )
+        log.info("Backbone warm-started from %s (step %d).", workdir, step)
+        return state.replace(params=params, batch_stats=stats)
 
     def jit_train_step(self) -> Callable[[TrainState, dict[str, jax.Array]], Any]:
         """The train step as training runs it: sharded state and batch, state buffers donated."""
@@ -127,6 +172,19 @@ class Experiment:
 
     def jit_eval_step(self) -> Callable[..., dict[str, jax.Array]]:
         return jit_eval_step(self.model, self.mesh, self.config.data)
+
+    def jit_grad_diagnostics(self) -> Callable[[TrainState, dict[str, jax.Array]], Any]:
+        """steps.grad_diagnostics on the train step's shardings (the state is not donated)."""
+        return jax.jit(
+            functools.partial(
+                grad_diagnostics,
+                model=self.model,
+                loss_cfg=self.config.loss,
+                data_cfg=self.config.data,
+            ),
+            in_shardings=(self.shardings, sharding.batch_sharding(self.mesh)),
+            out_shardings=sharding.replicated(self.mesh),
+        )
 
     def log_layout(self) -> None:
         n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract.params))

@@ -8,12 +8,13 @@ import chex
 import flax
 import flax.linen as nn
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import ml_collections
 import optax
 
 from marnet_jax.data import photometric
-from marnet_jax.models.losses import marnet_loss
+from marnet_jax.models.losses import marnet_loss, rampup, weighted_terms
 from marnet_jax.models.marnet import MARNet
 
 # Heads whose accuracy is reported: the fused classifier, the visual probe and the CDR head.
@@ -68,6 +69,30 @@ def init_state(
     )
 
 
+def _step_rngs(state: TrainState) -> dict[str, jax.Array]:
+    """The step's dropout and diffusion keys: fold_in(rng, step), so a resumed run draws the same."""
+    dropout_rng, diffusion_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
+    return {"dropout": dropout_rng, "diffusion": diffusion_rng}
+
+
+def _train_forward(
+    model: nn.Module, params: Any, state: TrainState, images: jax.Array, batch: dict[str, jax.Array]
+) -> tuple[dict[str, jax.Array], Any]:
+    """MARNet's training call: (outputs, new batch_stats)."""
+    variables = {"params": params}
+    if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+    outputs, new_vars = model.apply(
+        variables,
+        images,
+        batch["ingredients"],
+        train=True,
+        rngs=_step_rngs(state),
+        mutable=["batch_stats"],
+    )
+    return outputs, new_vars.get("batch_stats", {})
+
+
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
@@ -85,23 +110,12 @@ def train_step(
     chex.assert_rank(batch["image"], 4)
     images = photometric.train_images(batch, data_cfg)
     chex.assert_type(batch["label"], jnp.int32)
-    step_rng = jax.random.fold_in(state.rng, state.step)
-    dropout_rng, diffusion_rng = jax.random.split(step_rng)
+    aux_scale = rampup(state.step, loss_cfg.get("aux_rampup_steps", 0))
 
     def loss_fn(params):
-        variables = {"params": params}
-        if state.batch_stats:
-            variables["batch_stats"] = state.batch_stats
-        outputs, new_vars = model.apply(
-            variables,
-            images,
-            batch["ingredients"],
-            train=True,
-            rngs={"dropout": dropout_rng, "diffusion": diffusion_rng},
-            mutable=["batch_stats"],
-        )
-        total, parts = marnet_loss(outputs, batch["label"], loss_cfg)
-        return total, (parts, outputs["logits"], new_vars.get("batch_stats", {}))
+        outputs, batch_stats = _train_forward(model, params, state, images, batch)
+        total, parts = marnet_loss(outputs, batch["label"], loss_cfg, aux_scale=aux_scale)
+        return total, (parts, outputs["logits"], batch_stats)
 
     (loss, (parts, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params
@@ -120,6 +134,62 @@ def train_step(
         lr=schedule(state.step // grad_accum_steps),
     )
     return new_state, metrics
+
+
+def backbone_terms(model: MARNet) -> tuple[str, ...]:
+    """The loss terms whose gradients reach the backbone: the fused CE and the model's auxiliary
+    terms (the probe reads stop-gradient features and the text head reads the text only)."""
+    terms = ["ce"]
+    if model.use_ema:
+        terms.append("ema")
+    if model.use_cdr:
+        terms += ["mse", "ce_cdr"]
+    if model.use_aux:
+        terms.append("aux")
+    if model.use_distill:
+        terms.append("distill")
+    return tuple(terms)
+
+
+def grad_diagnostics(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    model: MARNet,
+    loss_cfg: ml_collections.ConfigDict,
+    data_cfg: ml_collections.ConfigDict,
+) -> dict[str, jax.Array]:
+    """Whether the loss terms pull the backbone the same way: for each term of `backbone_terms`,
+    weighted as it enters the total (ramp included), the norm of its gradient on the backbone's
+    parameters ('grad/<term>_norm') and its cosine with the fused CE's gradient
+    ('grad/<term>_cos_ce'), at this state and on this batch with the train step's own keys. One
+    forward pass and one backward pass per term."""
+    images = photometric.train_images(batch, data_cfg)
+    aux_scale = rampup(state.step, loss_cfg.get("aux_rampup_steps", 0))
+    terms = backbone_terms(model)
+
+    def terms_fn(backbone):
+        outputs, _ = _train_forward(
+            model, {**state.params, "backbone": backbone}, state, images, batch
+        )
+        _, parts = marnet_loss(outputs, batch["label"], loss_cfg, aux_scale=aux_scale)
+        weighted = weighted_terms(parts, loss_cfg, aux_scale)
+        return jnp.stack([weighted[t] for t in terms])
+
+    _, vjp = jax.vjp(terms_fn, state.params["backbone"])
+    flat = [
+        jax.flatten_util.ravel_pytree(vjp(row)[0])[0]
+        for row in jnp.eye(len(terms), dtype=jnp.float32)
+    ]
+    ce = flat[0]
+    ce_norm = jnp.linalg.norm(ce)
+    out = {"grad/total_norm": jnp.linalg.norm(sum(flat))}
+    for term, g in zip(terms, flat, strict=True):
+        norm = jnp.linalg.norm(g)
+        out[f"grad/{term}_norm"] = norm
+        if term != "ce":
+            out[f"grad/{term}_cos_ce"] = jnp.dot(g, ce) / jnp.maximum(norm * ce_norm, 1e-30)
+    return out
 
 
 def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:

@@ -22,7 +22,7 @@ from marnet_jax.data import dali, datasets, pipeline
 from marnet_jax.models import build_model
 from marnet_jax.models.config import upgrade_model_config
 from marnet_jax.models.marnet import MARNet
-from marnet_jax.train import checkpoint, sharding
+from marnet_jax.train import checkpoint, sharding, teacher
 from marnet_jax.train.experiment import Experiment, jit_eval_step
 from marnet_jax.train.loop import DevicePrefetcher, NonFiniteLossError, PendingMetrics, StopFlag
 from marnet_jax.train.metrics import MetricWriter, summary_table
@@ -59,64 +59,90 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_iter = dali.decoded(train_iter, sharding.batch_sharding(exp.mesh), config.data)
     manager = checkpoint.make_manager(workdir, config.checkpoint)
     start = checkpoint.resume_step(manager, workdir, config.checkpoint.resume_step)
-    if start is None:
-        state, start = exp.initial_state(), 0
-    else:
-        state = checkpoint.restore(manager, start, exp.restore_target(), train_iter)
-        log.info("Resumed from step %d in %s.", start, workdir)
-
-    p_train, p_eval = exp.jit_train_step(), exp.jit_eval_step()
     writer = MetricWriter(workdir, enabled=is_main)
+    with StopFlag() as stop:
+        if start is None:
+            state, start = exp.initial_state(), 0
+            if exp.model.use_text_head:
+                state, stopped = teacher.provide(
+                    config, exp.model, exp.mesh, state, workdir, writer, stop
+                )
+                if state is None:
+                    writer.close()
+                    manager.close()
+                    return {"preempted_at_step": stopped, "stage": "teacher"}
+        else:
+            state = checkpoint.restore(manager, start, exp.restore_target(), train_iter)
+            log.info("Resumed from step %d in %s.", start, workdir)
+        p_eval = exp.jit_eval_step()
+        results = _train(config, exp, p_eval, state, start, train_iter, manager, writer, stop)
+    if "preempted_at_step" not in results:
+        results = _final_evaluation(
+            p_eval,
+            results.pop("variables"),
+            config,
+            exp.mesh,
+            writer,
+            results.pop("step"),
+        )
+    writer.close()
+    manager.close()
+    return results
+
+
+def _train(config, exp, p_eval, state, start, train_iter, manager, writer, stop) -> dict[str, Any]:
+    """The joint stage's loop from `start` to config.train.num_steps: {'variables', 'step'} at the
+    end, or {'preempted_at_step'} after SIGTERM (a checkpoint saved at that step)."""
+    is_main = jax.process_index() == 0
+    p_train = exp.jit_train_step()
+    p_diag = exp.jit_grad_diagnostics() if config.train.get("grad_diag_every", 0) else None
     num_steps, last_saved = config.train.num_steps, (start or None)
     pending = PendingMetrics()
     batches = DevicePrefetcher(train_iter, exp.mesh, TRAIN_KEYS)
     window_start, window_steps = time.perf_counter(), 0
     bar = tqdm(total=num_steps, initial=start, disable=not is_main, mininterval=2.0, unit="step")
 
-    with StopFlag() as stop:
-        step = start
-        while step < num_steps:
-            state, metrics = p_train(state, next(batches))
-            step += 1
-            window_steps += 1
-            pending.add(step, metrics, last_saved)
+    step = start
+    while step < num_steps:
+        batch = next(batches)
+        if p_diag is not None and step % config.train.grad_diag_every == 0:
+            writer.write(step, "grad", jax.device_get(p_diag(state, batch)))
+        state, metrics = p_train(state, batch)
+        step += 1
+        window_steps += 1
+        pending.add(step, metrics, last_saved)
 
-            if step % config.train.log_every == 0 or step == num_steps:
-                pending.drain(last_saved)
-                host = jax.device_get(metrics)
-                elapsed = time.perf_counter() - window_start
-                host["step_time_s"] = elapsed / window_steps
-                host["examples_per_s"] = config.train.batch_size * window_steps / elapsed
-                writer.write(step, "train", host)
-                bar.set_postfix(loss=f"{host['loss']:.3f}", acc=f"{host['accuracy']:.3f}")
-                window_start, window_steps = time.perf_counter(), 0
-            bar.update(1)
+        if step % config.train.log_every == 0 or step == num_steps:
+            pending.drain(last_saved)
+            host = jax.device_get(metrics)
+            elapsed = time.perf_counter() - window_start
+            host["step_time_s"] = elapsed / window_steps
+            host["examples_per_s"] = config.train.batch_size * window_steps / elapsed
+            writer.write(step, "train", host)
+            bar.set_postfix(loss=f"{host['loss']:.3f}", acc=f"{host['accuracy']:.3f}")
+            window_start, window_steps = time.perf_counter(), 0
+        bar.update(1)
 
-            preempted = stop.should_stop(step, config.train.stop_check_every)
-            every = config.checkpoint.every_steps
-            if preempted or step == num_steps or (every and step % every == 0):
-                pending.drain(last_saved)
-                checkpoint.save(manager, step, state, batches.position(), force=True)
-                last_saved = step
-            if preempted:
-                log.warning("SIGTERM: saved a checkpoint at step %d; exiting.", step)
-                manager.wait_until_finished()
-                bar.close()
-                writer.close()
-                return {"preempted_at_step": step}
+        preempted = stop.should_stop(step, config.train.stop_check_every)
+        every = config.checkpoint.every_steps
+        if preempted or step == num_steps or (every and step % every == 0):
+            pending.drain(last_saved)
+            checkpoint.save(manager, step, state, batches.position(), force=True)
+            last_saved = step
+        if preempted:
+            log.warning("SIGTERM: saved a checkpoint at step %d; exiting.", step)
+            manager.wait_until_finished()
+            bar.close()
+            return {"preempted_at_step": step}
 
-            if config.train.eval_every and step % config.train.eval_every == 0 and step < num_steps:
-                split = config.data.eval_split
-                val = _evaluate_split(p_eval, state.variables(), config, split, exp.mesh)
-                writer.write(step, split, val)
-                window_start, window_steps = time.perf_counter(), 0
+        if config.train.eval_every and step % config.train.eval_every == 0 and step < num_steps:
+            split = config.data.eval_split
+            val = _evaluate_split(p_eval, state.variables(), config, split, exp.mesh)
+            writer.write(step, split, val)
+            window_start, window_steps = time.perf_counter(), 0
     bar.close()
     manager.wait_until_finished()
-
-    results = _final_evaluation(p_eval, state.variables(), config, exp.mesh, writer, step)
-    writer.close()
-    manager.close()
-    return results
+    return {"variables": state.variables(), "step": step}
 
 
 def _evaluate_split(p_eval, variables, config, split: str, mesh) -> dict[str, float]:
@@ -236,13 +262,8 @@ def load_trained(
         step = steps[-1] if step is None else step
         if step not in steps:
             raise FileNotFoundError(f"No checkpoint for step {step} in {ckpt_dir}; have {steps}.")
-        saved = manager.item_metadata(step)["state"].tree
         mesh = sharding.make_mesh(config.mesh)
-        shardings = sharding.tree_shardings(saved, mesh, config.mesh)
-        target = jax.tree.map(
-            lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), saved, shardings
-        )
-        state = checkpoint.restore(manager, step, target, None)
+        state = checkpoint.restore_as_saved(manager, step, mesh, config.mesh)
     finally:
         manager.close()
     variables = {"params": state["params"]}

@@ -1,0 +1,243 @@
+"""The training protocol: variants and protocols from the config arg, per-group learning rates and
+freezing, the text teacher stage (trains, resumes exactly after a kill in either stage, stays
+frozen), distillation end to end, warm starts from a run, and the gradient diagnostics."""
+
+import json
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from configs import default, tiny
+from marnet_jax.config import apply_variant
+from marnet_jax.models import build_model
+from marnet_jax.train import checkpoint, loop, optim, teacher, trainer
+from marnet_jax.train.experiment import Experiment
+
+# --- config
+
+
+def test_config_arg_sets_variant_and_protocol():
+    config = apply_variant(tiny.get_config(), "full,teacher")
+    m = config.model
+    assert (m.use_ema, m.use_cdr, m.use_text_head, m.freeze_text) == (True, True, True, True)
+    assert m.align_moves == "image" and config.protocol == "teacher"
+    joint = apply_variant(tiny.get_config(), "full,joint")
+    assert not joint.model.use_text_head and not joint.model.freeze_text
+    assert joint.model.align_moves == "both"
+    # The baseline never reads the text, whatever the protocol; distillation always has a teacher.
+    assert not apply_variant(tiny.get_config(), "baseline,teacher").model.use_text_head
+    distill = apply_variant(tiny.get_config(), "distill,joint")
+    assert distill.model.use_distill and distill.model.freeze_text and distill.protocol == "teacher"
+    for bad in ("fused", "full,staged"):
+        with pytest.raises(ValueError, match="Unknown"):
+            apply_variant(tiny.get_config(), bad)
+
+
+def test_default_config_variants_build():
+    for arg in ("full", "baseline", "distill", "full,joint", "aux"):
+        config = default.get_config(arg)
+        assert config.variant == arg.split(",")[0]
+
+
+# --- optimizer groups
+
+
+def _params():
+    k = jnp.ones((3, 3))
+    return {
+        "backbone": {"conv": {"kernel": k}},
+        "text_encoder": {"Dense_0": {"kernel": k}},
+        "text_head": {"classifier": {"kernel": k}},
+        "ema": {"g_s": {"out": {"kernel": k}}, "g_v": {"out": {"kernel": k}}},
+        "fused_head": {"classifier": {"kernel": k}},
+    }
+
+
+def test_parameter_groups():
+    flat = traverse_util.flatten_dict(_params())
+    groups = {"/".join(k): optim.param_group(list(k)) for k in flat}
+    assert groups == {
+        "backbone/conv/kernel": "backbone",
+        "text_encoder/Dense_0/kernel": "text",
+        "text_head/classifier/kernel": "text",
+        "ema/g_s/out/kernel": "text",
+        "ema/g_v/out/kernel": "heads",
+        "fused_head/classifier/kernel": "heads",
+    }
+
+
+def test_frozen_group_stays_bit_identical_and_multipliers_scale_each_group():
+    """AdamW's decoupled weight decay moves parameters whose gradient is zero: a frozen group must
+    get no update at all, and its gradient must not count in the clipping norm."""
+    cfg = tiny.get_config().optim
+    cfg.weight_decay, cfg.warmup_steps, cfg.grad_clip_norm = 0.5, 0, 1.0
+    params = _params()
+    grads = jax.tree.map(jnp.ones_like, params)
+    grads["text_encoder"]["Dense_0"]["kernel"] *= 100.0  # would dominate the global norm
+    tx, _ = optim.make_optimizer(cfg, 10, frozen=("text",))
+    updates, _ = tx.update(grads, tx.init(params), params)
+    flat = traverse_util.flatten_dict(updates)
+    for k, u in flat.items():
+        moved = float(jnp.max(jnp.abs(u)))
+        assert (moved == 0.0) == (optim.param_group(list(k)) == "text"), k
+    # Without the text gradient in the norm, the others are clipped as if it were absent.
+    no_text = {k: v for k, v in traverse_util.flatten_dict(grads).items()}
+    ref_grads = traverse_util.unflatten_dict(
+        {k: (0 * v if optim.param_group(list(k)) == "text" else v) for k, v in no_text.items()}
+    )
+    ref_tx, _ = optim.make_optimizer(cfg, 10, frozen=("text",))
+    ref, _ = ref_tx.update(ref_grads, ref_tx.init(params), params)
+    jax.tree.map(np.testing.assert_array_equal, updates, ref)
+
+    cfg.heads_lr_mult, cfg.backbone_lr_mult, cfg.text_lr_mult = 0.5, 0.0, 1.0
+    tx, _ = optim.make_optimizer(cfg, 10)
+    scaled = traverse_util.flatten_dict(tx.update(grads, tx.init(params), params)[0])
+    cfg.heads_lr_mult = 1.0
+    tx, _ = optim.make_optimizer(cfg, 10)
+    plain = traverse_util.flatten_dict(tx.update(grads, tx.init(params), params)[0])
+    for k in scaled:
+        group = optim.param_group(list(k))
+        want = {"heads": 0.5, "backbone": 0.0, "text": 1.0}[group]
+        np.testing.assert_allclose(scaled[k], want * plain[k], rtol=1e-6, err_msg=str(k))
+
+
+# --- the teacher's data
+
+
+def test_teacher_batches_are_a_pure_function_of_seed_and_step_and_cover_each_epoch():
+    n, b = 10, 4
+    stream = np.concatenate([teacher.batch_indices(n, b, 3, s) for s in range(5)])
+    assert len(stream) == 20
+    for epoch in range(2):
+        assert sorted(stream[epoch * n : (epoch + 1) * n]) == list(range(n))
+    np.testing.assert_array_equal(teacher.batch_indices(n, b, 3, 2), stream[8:12])
+    assert not np.array_equal(teacher.batch_indices(n, b, 4, 0), stream[:4])
+
+
+# --- the teacher stage end to end (tiny config)
+
+
+def _config(data_dir, arg="full,teacher"):
+    config = apply_variant(tiny.get_config(), arg)
+    config.data.data_dir = str(data_dir)
+    config.mesh.num_devices = 1
+    config.teacher.steps = 12
+    config.teacher.batch_size = 32
+    config.teacher.log_every = 6
+    config.teacher.checkpoint_every = 6
+    return config
+
+
+def _state(workdir, config, subdir=""):
+    manager = checkpoint.make_manager(workdir / subdir if subdir else workdir, config.checkpoint)
+    mesh = Experiment.build(config).mesh
+    state = checkpoint.restore_as_saved(manager, manager.latest_step(), mesh, config.mesh)
+    manager.close()
+    return jax.device_get(state)
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tiny_data_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("teacher_straight")
+    config = _config(tiny_data_dir)
+    config.train.grad_diag_every = 4
+    results = trainer.train_and_evaluate(config, str(workdir))
+    return workdir, config, results
+
+
+def test_teacher_stage_trains_logs_and_stays_frozen_through_the_joint_stage(teacher_run):
+    workdir, config, results = teacher_run
+    assert 0.0 <= results[config.data.test_split]["fused_top1"] <= 1.0
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    taught = [x for x in lines if x["split"] == "teacher"]
+    assert [x["step"] for x in taught] == [6, 12]
+    assert all(0.0 <= x["validation_top1"] <= 1.0 and np.isfinite(x["loss"]) for x in taught)
+    assert taught[-1]["loss"] < taught[0]["loss"] * 1.5
+    grad_lines = [x for x in lines if x["split"] == "grad"]
+    assert [x["step"] for x in grad_lines] == [0, 4]
+    assert all(np.isfinite(v) for x in grad_lines for k, v in x.items() if k != "split")
+
+    final = _state(workdir, config)
+    taught_params = _state(workdir, config, teacher.SUBDIR)["params"]
+    text = teacher.text_params(final["params"])
+    jax.tree.map(np.testing.assert_array_equal, text, taught_params)  # bit-identical
+    init = jax.device_get(teacher.text_params(Experiment.build(config).initial_state().params))
+    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), taught_params, init)
+    assert max(jax.tree.leaves(moved)) > 0.0  # the teacher did train
+
+
+def test_kills_in_either_stage_resume_to_the_uninterrupted_run(
+    teacher_run, tiny_data_dir, tmp_path, monkeypatch
+):
+    workdir, config, _ = teacher_run
+    # A kill at teacher step 6, then one at joint step 4 (as preemptions would), then the rest.
+    for stop_at, stage in ((6, "teacher"), (4, None)):
+        monkeypatch.setattr(
+            loop.StopFlag, "should_stop", lambda self, step, every, s=stop_at: step == s
+        )
+        out = trainer.train_and_evaluate(_config(tiny_data_dir), str(tmp_path))
+        assert out["preempted_at_step"] == stop_at and out.get("stage") == stage
+        monkeypatch.undo()
+    trainer.train_and_evaluate(_config(tiny_data_dir), str(tmp_path))
+    jax.tree.map(np.testing.assert_array_equal, _state(tmp_path, config), _state(workdir, config))
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["split"] == "teacher"] == [6, 12]
+
+
+def test_distill_from_a_finished_teacher_and_a_warm_started_backbone(
+    teacher_run, tiny_data_dir, tmp_path
+):
+    """distill on the tiny config, its teacher taken from another run (teacher.init_from), its
+    backbone warm-started from that run's final checkpoint (model.init_from = a workdir)."""
+    workdir, config, _ = teacher_run
+    cfg = _config(tiny_data_dir, "distill")
+    cfg.teacher.init_from = str(workdir)
+    cfg.model.init_from = str(workdir)
+    cfg.train.num_steps = 3
+    cfg.train.log_every = 1
+    exp = Experiment.build(cfg)
+    state = jax.device_get(exp.initial_state())
+    theirs = _state(workdir, config)
+    jax.tree.map(
+        np.testing.assert_array_equal, state.params["backbone"], theirs["params"]["backbone"]
+    )
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        state.batch_stats["backbone"],
+        theirs["batch_stats"]["backbone"],
+    )
+    results = trainer.train_and_evaluate(cfg, str(tmp_path))
+    assert set(results[cfg.data.test_split]) >= {"fused_top1", "visual_top1"}
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert not any(x["split"] == "teacher" for x in lines)  # taken, not trained
+    distill = [x["loss/distill"] for x in lines if x["split"] == "train"]
+    assert len(distill) == 3 and all(np.isfinite(distill)) and distill[0] > 0
+    final = _state(tmp_path, cfg)
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        teacher.text_params(final["params"]),
+        teacher.text_params(theirs["params"]),
+    )
+    # a model whose text side differs from the teacher's is refused with the field named
+    bad = _config(tiny_data_dir, "distill")
+    bad.teacher.init_from = str(workdir)
+    bad.model.embed_dim = 16
+    with pytest.raises(ValueError, match="does not fit"):
+        trainer.train_and_evaluate(bad, str(tmp_path / "bad"))
+
+
+def test_text_head_without_a_teacher_is_an_error(tiny_data_dir, tmp_path):
+    cfg = _config(tiny_data_dir)
+    cfg.teacher.steps = 0
+    with pytest.raises(ValueError, match=r"config\.teacher\.steps"):
+        trainer.train_and_evaluate(cfg, str(tmp_path))
+
+
+def test_build_model_reads_the_protocol_fields():
+    model = build_model(tiny.get_config("distill").model, 4, 6)
+    assert model.use_distill and model.use_text_head and model.freeze_text
+    assert model.text_encoder is not None
