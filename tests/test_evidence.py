@@ -17,6 +17,7 @@ from evidence import (
     ablation,
     cdr_inference,
     common,
+    convergence,
     corruptions,
     figures,
     low_data,
@@ -563,6 +564,44 @@ def test_low_data_study_trains_subsets_and_shares_full_data_runs_with_the_ablati
     assert again["rows"] == report["rows"]
     with pytest.raises(common.UsageError, match="fractions"):
         low_data._parse_fractions(["0.1", "2"])
+
+
+def test_convergence_trains_each_budget_as_its_own_run_and_finds_where_it_converged(
+    tiny_data_dir, tmp_path, monkeypatch
+):
+    def fake_training(config, workdir):  # validation rises with the budget, then levels off
+        n = config.train.num_steps
+        acc = {1: 0.5, 2: 0.7, 4: 0.745, 8: 0.75}[n] - 0.2 * (config.protocol == "joint")
+        split = {"fused_top1": acc, "fused_top5": 1.0, "num_examples": 64.0}
+        return {config.data.eval_split: split, config.data.test_split: split}
+
+    monkeypatch.setattr(trainer, "train_and_evaluate", fake_training)
+    config = apply_variant(_config(tiny_data_dir), "full,teacher")
+    report = convergence.run(
+        config,
+        tmp_path,
+        budgets=(8, 1, 2, 4),
+        variants=("baseline",),
+        seeds=(0, 1),
+        extra_variants=("full_joint=full protocol=joint",),
+    )
+    steps = [(r["variant"], r["steps"], r["protocol"]) for r in report["rows"]]
+    assert steps[:4] == [("baseline", n, "teacher") for n in (1, 2, 4, 8)]
+    assert steps[4:] == [("full_joint", n, "joint") for n in (1, 2, 4, 8)]
+    # within 1 point of the best (75 %): 4 steps (74.5 %), not 2 (70 %)
+    assert report["variants"] == {
+        "baseline": {"converged_at": 4},
+        "full_joint": {"converged_at": 4},
+    }
+    marker = tmp_path / "convergence/runs/full_joint/steps_2/seed_1" / ablation.MARKER
+    recorded = json.loads(marker.read_text())["config"]
+    assert recorded["train"]["num_steps"] == 2 and recorded["protocol"] == "joint"
+    out = tmp_path / "convergence"
+    assert _csv_header(out / "convergence.csv") == convergence.CSV_COLUMNS
+    _png_ok(out / "convergence.png")
+    md = (out / "convergence.md").read_text()
+    assert "| baseline | teacher | 4 | 0, 1 | 74.5 ± 0.0 |" in md
+    assert "- full_joint: from 4 steps." in md
 
 
 def test_results_without_studies_is_a_clear_error(tmp_path):
