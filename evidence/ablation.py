@@ -53,7 +53,13 @@ COMPARISONS = (
 )
 # Config fields that do not change what a run computes: they may differ when a run is resumed.
 _IGNORED = ("data.data_dir", "data.manual_dir", "data.read_threads", "data.prefetch_buffer_size")
-_IGNORED_PREFIXES = ("checkpoint.", "mesh.", "train.log_every", "train.stop_check_every")
+_IGNORED_PREFIXES = (
+    "checkpoint.",
+    "mesh.",
+    "train.log_every",
+    "train.stop_check_every",
+    "train.grad_diag_every",  # the diagnostics read the state, never change it
+)
 CSV_COLUMNS = [
     "variant",
     "base",

@@ -20,6 +20,7 @@ from evidence import (
     convergence,
     corruptions,
     figures,
+    gradients,
     low_data,
     results,
     robustness,
@@ -602,6 +603,32 @@ def test_convergence_trains_each_budget_as_its_own_run_and_finds_where_it_conver
     md = (out / "convergence.md").read_text()
     assert "| baseline | teacher | 4 | 0, 1 | 74.5 ± 0.0 |" in md
     assert "- full_joint: from 4 steps." in md
+
+    # The gradient figure reads the diagnostics those runs logged.
+    with pytest.raises(common.UsageError, match="grad_diag_every"):
+        gradients.run(tmp_path, 8)
+    lines = [
+        {
+            "step": s,
+            "split": "grad",
+            "grad/ce_norm": 2.0,
+            "grad/ema_norm": 1.0 + s,
+            "grad/ema_cos_ce": 0.5 - s / 10,
+            "grad/total_norm": 3.0,
+        }
+        for s in range(8)
+    ]
+    run_dir = convergence.run_dir(tmp_path, "full_joint", 8, 0)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    report = gradients.run(tmp_path, 8)
+    assert list(report["variants"]) == ["full_joint"]
+    (row,) = report["variants"]["full_joint"]["summary"]
+    assert row["term"] == "ema" and row["ratio_early"] == pytest.approx(0.5)  # step 0 only
+    assert row["cos_late"] == pytest.approx(np.mean([0.5 - s / 10 for s in (4, 5, 6, 7)]))
+    _png_ok(tmp_path / "gradients/gradients.png")
+    assert (
+        "| full_joint | joint | ema | 0.50 |" in (tmp_path / "gradients/gradients.md").read_text()
+    )
 
 
 def test_results_without_studies_is_a_clear_error(tmp_path):
