@@ -9,8 +9,11 @@ help), then one section per study with the machine, config, seeds and exact comm
 The search that chose the default's settings is read from the ablation runs under
 `<workdir>/tuning/<name>/` (validation split only); the ImageNet-weights study from the ablations
 under `<workdir>/pretrained/scratch/` and `<workdir>/pretrained/imagenet/` (the same network and
-variants from scratch and from the packaged ImageNet weights, paired by seed). The PNG figures are
-copied next to the page, into `<output stem>/` (docs/results/).
+variants from scratch and from the packaged ImageNet weights, paired by seed); the searches over
+training protocols from `<workdir>/protocol_tuning/<name>/`. The PNG figures, every study's JSON and
+CSV and every search's JSON are copied next to the page, into `<output stem>/` (docs/results/):
+`--restore_from docs/results` lays them out into a workdir again, so that a later session
+regenerates the page with every earlier study and adds its own.
 """
 
 from __future__ import annotations
@@ -34,8 +37,14 @@ STUDIES = {
     "figures": "5. Feature clustering (Figure 3) and confidence (Figure 4)",
     "cdr_inference": "6. CDR inference: accuracy and cost of the reverse chain",
     "pretrained": "7. Starting from ImageNet weights: EfficientNet-Lite0",
+    "convergence": "8. Learning curves: accuracy against the training budget",
+    "gradients": "9. Do the loss terms fight? Their gradients on the backbone",
+    "protocol_tuning": "10. The training protocol: the search on the validation split",
 }
 TUNING = "tuning"  # <workdir>/tuning/<name>/ablation/ablation.json: one ablation call per search
+# <workdir>/protocol_tuning/<name>/ablation/ablation.json: the searches over training protocols.
+PROTOCOL_TUNING = "protocol_tuning"
+SEARCHES = (TUNING, PROTOCOL_TUNING)
 # <workdir>/pretrained/<init>/ablation/ablation.json: one ablation call per initialisation.
 PRETRAINED = "pretrained"
 INITS = {"scratch": "from scratch", "imagenet": "ImageNet-1k weights"}
@@ -50,16 +59,22 @@ COMMANDS = {
     "pretrained": "python -m evidence.ablation --config configs/efficientnet_lite0.py "
     "--workdir W/pretrained/scratch --variants baseline,full --seeds 0,1,2, and the same with "
     "--config configs/efficientnet_lite0.py:full,imagenet --workdir W/pretrained/imagenet",
+    "convergence": "python -m evidence.convergence --config configs/default.py --workdir W "
+    "--config.train.grad_diag_every=100",
+    "gradients": "python -m evidence.gradients --workdir W --steps N",
+    "protocol_tuning": "python -m evidence.ablation --config configs/default.py "
+    "--workdir W/protocol_tuning/NAME --seeds 0 --variants ... --extra_variant 'LABEL=BASE ...'",
 }
 
 
 def load_studies(workdir: Path) -> dict[str, dict[str, Any]]:
     """{study: {'json': ..., 'md': fragment, 'dir': Path}} for the studies that wrote their files."""
     out = {}
-    searches = sorted((workdir / TUNING).glob(f"*/{STUDY_ABLATION}/{STUDY_ABLATION}.json"))
-    if searches:
-        reports = [json.loads(p.read_text()) for p in searches]
-        out[TUNING] = {"json": reports, "md": tuning_markdown(reports), "dir": workdir / TUNING}
+    for group in SEARCHES:
+        searches = sorted((workdir / group).glob(f"*/{STUDY_ABLATION}/{STUDY_ABLATION}.json"))
+        if searches:
+            reports = [json.loads(p.read_text()) for p in searches]
+            out[group] = {"json": reports, "md": tuning_markdown(reports), "dir": workdir / group}
     inits = {
         init: workdir / PRETRAINED / init / STUDY_ABLATION / f"{STUDY_ABLATION}.json"
         for init in INITS
@@ -72,7 +87,7 @@ def load_studies(workdir: Path) -> dict[str, dict[str, Any]]:
             "dir": workdir / PRETRAINED,
         }
     for study in STUDIES:
-        if study in (TUNING, PRETRAINED):
+        if study in (*SEARCHES, PRETRAINED):
             continue
         d = workdir / study
         if (d / f"{study}.json").exists() and (d / f"{study}.md").exists():
@@ -467,7 +482,7 @@ def page(workdir: Path, output: Path, command: str) -> str:
             text.append(f"Not run yet: `{COMMANDS[study]}`.")
             continue
         s = studies[study]
-        if study in (TUNING, PRETRAINED):
+        if study in (*SEARCHES, PRETRAINED):
             text.append(s["md"].rstrip())
             continue
         text.append(provenance_block(s["json"]["provenance"]))
@@ -482,8 +497,89 @@ def page(workdir: Path, output: Path, command: str) -> str:
     return "\n".join(text) + "\n"
 
 
+# --------------------------------------------------------------------------------------------------
+# The studies' summaries next to the page, and back.
+
+
+def _modules() -> dict[str, Any]:
+    from evidence import (
+        ablation,
+        cdr_inference,
+        convergence,
+        figures,
+        gradients,
+        low_data,
+        robustness,
+    )
+
+    return {
+        "ablation": ablation,
+        "low_data": low_data,
+        "robustness": robustness,
+        "figures": figures,
+        "cdr_inference": cdr_inference,
+        "convergence": convergence,
+        "gradients": gradients,
+    }
+
+
+def _search_files(workdir: Path) -> dict[str, Path]:
+    """{summary name: the JSON of a search or an initialisation's ablation} of a workdir."""
+    out = {}
+    for group in SEARCHES:
+        for p in sorted((workdir / group).glob(f"*/{STUDY_ABLATION}/{STUDY_ABLATION}.json")):
+            out[f"{group}_{p.parent.parent.name}"] = p
+    for init in INITS:
+        p = workdir / PRETRAINED / init / STUDY_ABLATION / f"{STUDY_ABLATION}.json"
+        if p.exists():
+            out[f"{PRETRAINED}_{init}"] = p
+    return out
+
+
+def publish(workdir: Path, out_dir: Path) -> None:
+    """Copies every study's JSON and CSV into `out_dir` (docs/results/) as <study>.json / .csv,
+    searches as <group>_<name>.json, so that the committed page can be regenerated (`restore`)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for study in _modules():
+        for ext in ("json", "csv"):
+            src = workdir / study / f"{study}.{ext}"
+            if src.exists():
+                shutil.copyfile(src, out_dir / src.name)
+    for name, src in _search_files(workdir).items():
+        shutil.copyfile(src, out_dir / f"{name}.json")
+
+
+def restore(summaries: Path, workdir: Path) -> list[str]:
+    """Lays committed summaries (`publish`'s files and the figures next to the page) out as an
+    evidence workdir, each study's fragment written again from its JSON, so that the page can be
+    regenerated, and new studies added to it, without the runs. What the workdir already holds is
+    kept. Returns what it restored."""
+    done = []
+    for study, module in _modules().items():
+        src, dest = summaries / f"{study}.json", workdir / study
+        if not src.exists() or (dest / src.name).exists():
+            continue
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest / src.name)
+        (dest / f"{study}.md").write_text(module.markdown(json.loads(src.read_text())))
+        for png in summaries.glob(f"{study}_*.png"):
+            shutil.copyfile(png, dest / png.name[len(study) + 1 :])
+        done.append(study)
+    for src in sorted(summaries.glob("*.json")):
+        for group in (*SEARCHES, PRETRAINED):
+            if src.stem.startswith(f"{group}_"):
+                name = src.stem[len(group) + 1 :]
+                dest = workdir / group / name / STUDY_ABLATION / f"{STUDY_ABLATION}.json"
+                if not dest.exists():
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(src, dest)
+                    done.append(src.stem)
+    return done
+
+
 def run(workdir: str | Path, output: str | Path, command: str = "") -> Path:
-    """Writes the results page; returns its path."""
+    """Writes the results page and publishes the studies' summaries next to it; returns its
+    path."""
     workdir, output = Path(workdir), Path(output)
     if not workdir.is_dir():
         raise FileNotFoundError(f"{workdir} is not a directory (the evidence --workdir).")
@@ -494,6 +590,7 @@ def run(workdir: str | Path, output: str | Path, command: str = "") -> Path:
         )
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(page(workdir, output, command))
+    publish(workdir, output.parent / output.stem)
     return output
 
 
@@ -505,6 +602,9 @@ def _main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         sys.exit(f"evidence.results: unexpected arguments {argv[1:]}.")
     f = flags.FLAGS
+    if f.restore_from:
+        restored = restore(Path(f.restore_from), Path(f.workdir))
+        print(f"Restored into {f.workdir}: {', '.join(restored) or 'nothing new'}")
     common.run_cli(
         "evidence.results",
         lambda: print(f"Wrote {run(f.workdir, f.output, common.command_line())}"),
@@ -516,6 +616,12 @@ def main() -> None:
 
     flags.DEFINE_string("workdir", None, "Evidence workdir the studies wrote into.")
     flags.DEFINE_string("output", "docs/results.md", "The page to write (figures go next to it).")
+    flags.DEFINE_string(
+        "restore_from",
+        None,
+        "First lay the committed summaries in this folder (docs/results) out into --workdir, so "
+        "that the page is regenerated with the studies of earlier sessions.",
+    )
     flags.mark_flags_as_required(["workdir"])
     app.run(_main)
 

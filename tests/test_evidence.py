@@ -631,6 +631,27 @@ def test_convergence_trains_each_budget_as_its_own_run_and_finds_where_it_conver
     )
 
 
+def test_results_page_regenerates_from_the_committed_summaries(tmp_path):
+    """docs/results/ holds what the page needs: restored into a workdir, it gives the same page
+    (and the summaries back), so a later session can add its studies without the earlier runs."""
+    workdir = tmp_path / "w"
+    restored = results.restore(REPO / "docs/results", workdir)
+    assert {"ablation", "low_data", "robustness", "figures", "cdr_inference"} <= set(restored)
+    assert "pretrained_scratch" in restored and "tuning_baseline_lr_wd" in restored
+    assert (workdir / "figures/tsne.png").exists()
+    assert results.restore(REPO / "docs/results", workdir) == []  # nothing is overwritten
+    page = results.run(workdir, tmp_path / "out/results.md").read_text()
+    committed = (REPO / "docs/results.md").read_text()
+    for title in list(results.STUDIES.values())[:7]:
+        assert f"## {title}" in page and f"## {title}" in committed
+    table = "| full | yes | yes | no | no | joint | 0, 1, 2, 3, 4 | 65.3 ± 1.8 |"
+    assert table in page
+    for name in ("ablation.json", "pretrained_scratch.json", "tuning_baseline_lr_wd.json"):
+        assert (tmp_path / "out/results" / name).read_bytes() == (
+            REPO / "docs/results" / name
+        ).read_bytes()
+
+
 def test_results_without_studies_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="No study results"):
         results.run(tmp_path, tmp_path / "results.md")
