@@ -52,7 +52,13 @@ COMPARISONS = (
     ("MARNet against distillation", "full", "distill"),
 )
 # Config fields that do not change what a run computes: they may differ when a run is resumed.
-_IGNORED = ("data.data_dir", "data.manual_dir", "data.read_threads", "data.prefetch_buffer_size")
+_IGNORED = (
+    "data.data_dir",
+    "data.manual_dir",
+    "data.read_threads",
+    "data.prefetch_buffer_size",
+    "protocol",  # a name: the fields it sets are compared (a baseline is one run under any)
+)
 _IGNORED_PREFIXES = (
     "checkpoint.",
     "mesh.",

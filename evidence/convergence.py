@@ -2,11 +2,12 @@
 
     python -m evidence.convergence --config configs/default.py --workdir runs/evidence \
         [--budgets 1600,3200,6400,12800] [--variants baseline,full] [--seeds 0]
-        [--extra_variant 'full_joint=full protocol=joint']
+        [--extra_variant 'full_joint=full protocol=joint'] [--budgets_of full_joint=1600,6400]
 
 Every (variant, budget, seed) is a normal training run with `train.num_steps` set to the budget
 (its learning-rate schedule spans the whole budget: each point is a finished run, not a snapshot of
-a longer one). Variants and extra variants are named as in evidence.ablation. A variant has
+a longer one); `--budgets_of` gives some variants budgets of their own. Variants and extra variants
+are named as in evidence.ablation. A variant has
 converged at the smallest budget whose validation top-1 is within `--tolerance` points of its
 best; the comparison at convergence reads the runs of that budget. Rerunning skips finished runs
 and resumes an interrupted one. Writes `<workdir>/convergence/`: convergence.json, .csv, .md and
@@ -65,6 +66,7 @@ def run(
     variants: Sequence[str],
     seeds: Sequence[int],
     extra_variants: Sequence[str] = (),
+    budgets_of: Mapping[str, Sequence[int]] | None = None,
     tolerance: float = 0.01,
     command: str = "",
 ) -> dict[str, Any]:
@@ -83,10 +85,14 @@ def run(
         if label in plan:
             raise common.UsageError(f"Variant label {label!r} given twice.")
         plan[label] = (base, overrides)
+    budgets_of = dict(budgets_of or {})
+    unknown = sorted(set(budgets_of) - set(plan))
+    if unknown:
+        raise common.UsageError(f"--budgets_of names {unknown}, not trained here ({sorted(plan)}).")
     configs = {
         (label, n, s): ablation.variant_config(config, base, {**ov, "train.num_steps": n}, s)
         for label, (base, ov) in plan.items()
-        for n in sorted(budgets)
+        for n in sorted(budgets_of.get(label, budgets))
         for s in seeds
     }
     prov = common.Provenance(command, config, seeds)
@@ -228,6 +234,11 @@ def _define_flags() -> None:
     flags.DEFINE_multi_string(
         "extra_variant", None, "Another variant, as in evidence.ablation. Repeatable."
     )
+    flags.DEFINE_multi_string(
+        "budgets_of",
+        None,
+        "Budgets of some variants instead of --budgets: 'VARIANT[,VARIANT...]=STEPS[,STEPS...]'.",
+    )
     flags.DEFINE_float("tolerance", 1.0, "Converged: within this many points of the best budget.")
 
 
@@ -239,6 +250,7 @@ def _run_from_flags(f: Any) -> Path:
         variants=f.variants,
         seeds=common.parse_ints(f.seeds, "--seeds"),
         extra_variants=f.extra_variant or (),
+        budgets_of=ablation.parse_seeds_of(f.budgets_of or ()),
         tolerance=f.tolerance / 100.0,
         command=common.command_line(),
     )

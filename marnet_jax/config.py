@@ -150,11 +150,11 @@ def apply_variant(
     m = config.model
     m.use_ema, m.use_cdr, m.use_aux, m.use_distill = VARIANTS[name]
     protocol = "teacher" if m.use_distill else protocol
-    for field, value in PROTOCOLS[protocol].items():
+    # The baseline and aux never read the text: their runs are the same under every protocol.
+    reads_text = m.use_ema or m.use_cdr or m.use_distill
+    for field, value in PROTOCOLS[protocol if reads_text else "joint"].items():
         section, key = field.split(".")
         config[section][key] = value
-    if not (m.use_ema or m.use_cdr or m.use_distill):
-        m.use_text_head = False  # the baseline and aux never read the text
     config.variant = name
     config.protocol = protocol
     return config
