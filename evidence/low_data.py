@@ -33,6 +33,8 @@ COMPARISONS = (
     ("MARNet against the baseline", "full", "baseline"),
     ("MARNet against the ingredient head", "full", "aux"),
     ("Ingredient head against the baseline", "aux", "baseline"),
+    ("MARNet against distillation", "full", "distill"),
+    ("Distillation against the baseline", "distill", "baseline"),
 )
 CSV_COLUMNS = ["variant", "fraction", "num_train", "num_seeds", "seeds"] + [
     f"{h}_top1_{s}" for h in ablation.HEADS for s in ("mean", "std")

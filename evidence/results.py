@@ -331,6 +331,9 @@ def _fig(c: Mapping[str, Any], side: str) -> str:
     return reporting.pct_pm(mean, std) + " %"
 
 
+_REFERENCES = {"aux": "the ingredient head", "distill": "distillation from the text teacher"}
+
+
 def _low_data_claims(report: Mapping[str, Any] | None) -> list[str]:
     """Per training fraction: MARNet against the baseline and against the ingredient head."""
     if not report:
@@ -341,7 +344,7 @@ def _low_data_claims(report: Mapping[str, Any] | None) -> list[str]:
             continue
         lines.append(
             f"- With {100 * c['fraction']:.0f} % of the training data, MARNet beats "
-            f"{'the ingredient head' if c['reference'] == 'aux' else 'the baseline'}: "
+            f"{_REFERENCES.get(c['reference'], 'the baseline')}: "
             f"**{_plain(c['verdict'])}** ({reporting.pct(c['variant_mean'])} vs "
             f"{reporting.pct(c['reference_mean'])} %, difference {reporting.pct_pm(c['delta_mean'], c['delta_std'])} "
             f"points, seeds {', '.join(str(s) for s in c['seeds'])})."

@@ -82,6 +82,17 @@ class Experiment:
         """The set-up for `config`. `facts` given (predict, benchmarks, preflight: only the shapes
         matter) skips preparing the dataset; `devices` (default: jax.devices()) may be a TPU
         topology's abstract devices (preflight)."""
+        teacher = config.get("teacher")
+        if (
+            config.model.get("use_text_head")
+            and teacher
+            and teacher.steps < 1
+            and not teacher.init_from
+        ):
+            raise ValueError(
+                "model.use_text_head needs a teacher: set config.teacher.steps >= 1 or "
+                "config.teacher.init_from to a finished run's workdir."
+            )
         facts = datasets.prepare(config.data) if facts is None else facts
         mesh = sharding.make_mesh(config.mesh, devices)
         model = build_model(config.model, facts.num_classes, facts.num_ingredients)

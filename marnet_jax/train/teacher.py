@@ -171,11 +171,6 @@ class TeacherStage:
     def __init__(self, config: ml_collections.ConfigDict, model: MARNet, mesh: Any):
         self.config, self.model, self.mesh = config, model, mesh
         self.cfg = config.teacher
-        if self.cfg.steps < 1 and not self.cfg.init_from:
-            raise ValueError(
-                "model.use_text_head needs a teacher: set config.teacher.steps >= 1 or "
-                "config.teacher.init_from to a finished run's workdir."
-            )
         self.tx, self.schedule = _optimizer(self.cfg)
 
     def _shardings(self, params: Any, rng: jax.Array) -> tuple[TrainState, TrainState]:
