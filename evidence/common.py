@@ -98,6 +98,27 @@ def study_cli(
     app.run(main, flags_parser=flags_parser(prog))
 
 
+def write_study(
+    workdir: Path,
+    study: str,
+    report: Mapping[str, Any],
+    markdown: str,
+    csv: tuple[Sequence[str], Sequence[Mapping[str, Any]]] | None = None,
+    plot: Callable[[Mapping[str, Any], Path], None] | None = None,
+) -> Path:
+    """Writes a study's files into `<workdir>/<study>/`: <study>.json (the report), .md (its
+    fragment of docs/results.md) and, when given, .csv (columns, rows) and .png (`plot`)."""
+    out = Path(workdir) / study
+    out.mkdir(parents=True, exist_ok=True)
+    reporting.write_json(out / f"{study}.json", report)
+    if csv is not None:
+        reporting.write_csv(out / f"{study}.csv", *csv)
+    if plot is not None:
+        plot(report, out / f"{study}.png")
+    (out / f"{study}.md").write_text(markdown)
+    return out
+
+
 def command_line() -> str:
     """The command that started this process, as a user would type it."""
     argv = list(getattr(sys, "orig_argv", sys.argv))

@@ -133,12 +133,9 @@ def run(
         report["variants"][label] = {"converged_at": converged_at(rows, tolerance)}
     report["tolerance"] = tolerance
     report["provenance"] = prov.finish()
-    out = workdir / STUDY
-    out.mkdir(parents=True, exist_ok=True)
-    reporting.write_json(out / f"{STUDY}.json", report)
-    reporting.write_csv(out / f"{STUDY}.csv", CSV_COLUMNS, csv_rows(report))
-    plot(report, out / f"{STUDY}.png")
-    (out / f"{STUDY}.md").write_text(markdown(report))
+    common.write_study(
+        workdir, STUDY, report, markdown(report), (CSV_COLUMNS, csv_rows(report)), plot
+    )
     return report
 
 

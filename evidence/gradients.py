@@ -93,11 +93,7 @@ def run(workdir: str | Path, steps: int, seed: int = 0) -> dict[str, Any]:
             "gradient diagnostics (train with --config.train.grad_diag_every=N)."
         )
     report["provenance"] = curves["provenance"]
-    out = workdir / STUDY
-    out.mkdir(parents=True, exist_ok=True)
-    reporting.write_json(out / f"{STUDY}.json", report)
-    plot(report, out / f"{STUDY}.png")
-    (out / f"{STUDY}.md").write_text(markdown(report))
+    common.write_study(workdir, STUDY, report, markdown(report), plot=plot)
     return report
 
 
