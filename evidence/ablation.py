@@ -151,6 +151,13 @@ def _set_field(config: ml_collections.ConfigDict, field: str, value: Any) -> Non
         raise common.UsageError(f"Cannot set config field {field}={value!r}: {e}") from e
 
 
+def protocol_of(config: ml_collections.ConfigDict) -> str:
+    """The protocol a run was trained under, or '-' for a variant that never reads the text."""
+    m = config.model
+    reads_text = m.use_ema or m.use_cdr or m.get("use_distill", False)
+    return config.get("protocol", "joint") if reads_text else "-"
+
+
 def variant_config(
     config: ml_collections.ConfigDict, base: str, overrides: Mapping[str, Any], seed: int
 ) -> ml_collections.ConfigDict:
@@ -332,7 +339,7 @@ def markdown(report: Mapping[str, Any]) -> str:
                 "yes" if v["use_cdr"] else "no",
                 "yes" if v.get("use_aux") else "no",
                 "yes" if v.get("use_distill") else "no",
-                v.get("protocol", "joint"),
+                _protocol(v),
                 ", ".join(str(r["seed"]) for r in v["runs"]),
                 reporting.pct_pm(s.get("fused_top1_mean"), s.get("fused_top1_std")),
                 reporting.pct_pm(s.get("fused_top5_mean"), s.get("fused_top5_std")),
@@ -380,6 +387,13 @@ def markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(text) + "\n"
 
 
+def _protocol(v: Mapping[str, Any]) -> str:
+    """A report variant's protocol; reports written before protocols existed trained 'joint'."""
+    if "protocol" in v:
+        return v["protocol"]
+    return "joint" if v["use_ema"] or v["use_cdr"] else "-"
+
+
 def _overrides(v: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={val}" for k, val in v["overrides"].items())
 
@@ -396,7 +410,7 @@ def csv_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "use_cdr": v["use_cdr"],
                 "use_aux": v.get("use_aux", False),
                 "use_distill": v.get("use_distill", False),
-                "protocol": v.get("protocol", "joint"),
+                "protocol": _protocol(v),
                 "num_seeds": len(v["runs"]),
                 "seeds": [r["seed"] for r in v["runs"]],
                 **v["summary"],
@@ -474,7 +488,7 @@ def run(
             "use_cdr": use_cdr,
             "use_aux": use_aux,
             "use_distill": use_distill,
-            "protocol": configs[label, seeds_by_label[label][0]].protocol,
+            "protocol": protocol_of(configs[label, seeds_by_label[label][0]]),
             "runs": [{k: v for k, v in r.items() if k != "config"} for r in runs],
             "summary": summarise(runs),
         }

@@ -116,7 +116,7 @@ def run(
         report["rows"].append(
             {
                 "variant": label,
-                "protocol": configs[label, n, seeds[0]].protocol,
+                "protocol": ablation.protocol_of(configs[label, n, seeds[0]]),
                 "overrides": plan[label][1],
                 "steps": n,
                 "seeds": [r["seed"] for r in runs],

@@ -228,7 +228,7 @@ def test_ablation_writes_its_tables(evidence):
     assert (out / run["dir"] / ablation.MARKER).exists()
     assert [c["name"] for c in data["comparisons"]] == ["EMA + CDR (full MARNet)"]
     md = (out / "ablation.md").read_text()
-    assert "| baseline | no | no | no | no | joint | 0 |" in md and "one seed only" in md
+    assert "| baseline | no | no | no | no | - | 0 |" in md and "one seed only" in md
 
 
 def test_ablation_rerun_skips_finished_runs_and_refuses_a_changed_config(evidence, monkeypatch):
@@ -588,7 +588,7 @@ def test_convergence_trains_each_budget_as_its_own_run_and_finds_where_it_conver
         budgets_of={"full_joint": [2, 4, 8]},
     )
     steps = [(r["variant"], r["steps"], r["protocol"]) for r in report["rows"]]
-    assert steps[:4] == [("baseline", n, "teacher") for n in (1, 2, 4, 8)]
+    assert steps[:4] == [("baseline", n, "-") for n in (1, 2, 4, 8)]
     assert steps[4:] == [("full_joint", n, "joint") for n in (2, 4, 8)]
     # within 1 point of the best (75 %): 4 steps (74.5 %), not 2 (70 %)
     assert report["variants"] == {
@@ -602,7 +602,7 @@ def test_convergence_trains_each_budget_as_its_own_run_and_finds_where_it_conver
     assert _csv_header(out / "convergence.csv") == convergence.CSV_COLUMNS
     _png_ok(out / "convergence.png")
     md = (out / "convergence.md").read_text()
-    assert "| baseline | teacher | 4 | 0, 1 | 74.5 ± 0.0 |" in md
+    assert "| baseline | - | 4 | 0, 1 | 74.5 ± 0.0 |" in md
     assert "- full_joint: from 4 steps." in md
 
     # The gradient figure reads the diagnostics those runs logged.
@@ -645,8 +645,8 @@ def test_results_page_regenerates_from_the_committed_summaries(tmp_path):
     committed = (REPO / "docs/results.md").read_text()
     for title in list(results.STUDIES.values())[:7]:
         assert f"## {title}" in page and f"## {title}" in committed
-    table = "| full | yes | yes | no | no | joint | 0, 1, 2, 3, 4 | 65.3 ± 1.8 |"
-    assert table in page
+    assert "| full | yes | yes | no | no | joint | 0, 1, 2, 3, 4 | 65.3 ± 1.8 |" in page
+    assert "| baseline | no | no | no | no | - | 0, 1, 2, 3, 4 | 72.8 ± 0.9 |" in page
     for name in ("ablation.json", "pretrained_scratch.json", "tuning_baseline_lr_wd.json"):
         assert (tmp_path / "out/results" / name).read_bytes() == (
             REPO / "docs/results" / name
