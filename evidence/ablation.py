@@ -339,7 +339,7 @@ def markdown(report: Mapping[str, Any]) -> str:
                 "yes" if v["use_cdr"] else "no",
                 "yes" if v.get("use_aux") else "no",
                 "yes" if v.get("use_distill") else "no",
-                _protocol(v),
+                report_protocol(v),
                 ", ".join(str(r["seed"]) for r in v["runs"]),
                 reporting.pct_pm(s.get("fused_top1_mean"), s.get("fused_top1_std")),
                 reporting.pct_pm(s.get("fused_top5_mean"), s.get("fused_top5_std")),
@@ -387,7 +387,7 @@ def markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(text) + "\n"
 
 
-def _protocol(v: Mapping[str, Any]) -> str:
+def report_protocol(v: Mapping[str, Any]) -> str:
     """A report variant's protocol; reports written before protocols existed trained 'joint'."""
     if "protocol" in v:
         return v["protocol"]
@@ -410,7 +410,7 @@ def csv_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "use_cdr": v["use_cdr"],
                 "use_aux": v.get("use_aux", False),
                 "use_distill": v.get("use_distill", False),
-                "protocol": _protocol(v),
+                "protocol": report_protocol(v),
                 "num_seeds": len(v["runs"]),
                 "seeds": [r["seed"] for r in v["runs"]],
                 **v["summary"],

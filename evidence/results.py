@@ -40,6 +40,9 @@ STUDIES = {
     "convergence": "8. Learning curves: accuracy against the training budget",
     "gradients": "9. Do the loss terms fight? Their gradients on the backbone",
     "protocol_tuning": "10. The training protocol: the search on the validation split",
+    # the studies of the chosen protocol, in the sub-workdir <workdir>/protocol/
+    "protocol/ablation": "11. The chosen protocol: MARNet against the baseline, aux and distill",
+    "protocol/low_data": "12. The chosen protocol with little data",
 }
 TUNING = "tuning"  # <workdir>/tuning/<name>/ablation/ablation.json: one ablation call per search
 # <workdir>/protocol_tuning/<name>/ablation/ablation.json: the searches over training protocols.
@@ -64,7 +67,22 @@ COMMANDS = {
     "gradients": "python -m evidence.gradients --workdir W --steps N",
     "protocol_tuning": "python -m evidence.ablation --config configs/default.py "
     "--workdir W/protocol_tuning/NAME --seeds 0 --variants ... --extra_variant 'LABEL=BASE ...'",
+    "protocol/ablation": "python -m evidence.ablation --config configs/default.py:full,PROTOCOL "
+    "--workdir W/protocol --variants baseline,aux,distill,ema,cdr,full --seeds 0,1,2 "
+    "--seeds_of baseline,aux,distill,full=0,1,2,3,4",
+    "protocol/low_data": "python -m evidence.low_data --config configs/default.py:full,PROTOCOL "
+    "--workdir W/protocol --variants baseline,aux,distill,full",
 }
+
+
+def _name(study: str) -> str:
+    """A study's module name ('protocol/ablation' -> 'ablation')."""
+    return study.rsplit("/", 1)[-1]
+
+
+def _file_stem(study: str) -> str:
+    """A study's files next to the page: 'protocol/ablation' -> 'protocol_ablation'."""
+    return study.replace("/", "_")
 
 
 def load_studies(workdir: Path) -> dict[str, dict[str, Any]]:
@@ -89,11 +107,11 @@ def load_studies(workdir: Path) -> dict[str, dict[str, Any]]:
     for study in STUDIES:
         if study in (*SEARCHES, PRETRAINED):
             continue
-        d = workdir / study
-        if (d / f"{study}.json").exists() and (d / f"{study}.md").exists():
+        d, name = workdir / study, _name(study)
+        if (d / f"{name}.json").exists() and (d / f"{name}.md").exists():
             out[study] = {
-                "json": json.loads((d / f"{study}.json").read_text()),
-                "md": (d / f"{study}.md").read_text(),
+                "json": json.loads((d / f"{name}.json").read_text()),
+                "md": (d / f"{name}.md").read_text(),
                 "dir": d,
             }
     return out
@@ -367,6 +385,22 @@ def _pretrained_claims(reports: Mapping[str, Mapping[str, Any]] | None) -> list[
     ]
 
 
+def _protocol_claims(report: Mapping[str, Any] | None) -> list[str]:
+    """MARNet under the chosen protocol against the baseline and the two simpler uses of the text."""
+    if not report:
+        return []
+    from evidence import ablation
+
+    protocols = {ablation.report_protocol(v) for v in report["variants"].values()} - {"-"}
+    steps = report["provenance"]["config"].get("train_steps")
+    where = f"{'/'.join(sorted(protocols)) or '-'} protocol, {steps} steps"
+    return [
+        f"- {c['name']} ({where}): {_claim_ablation(report, c['name'])}."
+        for c in report["comparisons"]
+        if c["reference"] in ("baseline", "aux", "distill")
+    ]
+
+
 def summary(studies: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """One bullet per claim of the paper with the verdict of the numbers (or that it is not run)."""
     lines = []
@@ -382,6 +416,7 @@ def summary(studies: Mapping[str, Mapping[str, Any]]) -> list[str]:
             f"- Claim: {claim}: {text or 'not measured (run the ablation with both variants)'}."
         )
     lines += _low_data_claims(studies.get("low_data", {}).get("json"))
+    lines += _protocol_claims(studies.get("protocol/ablation", {}).get("json"))
     rb = studies.get("robustness", {}).get("json")
     found = False
     for c in rb["comparisons"] if rb else []:
@@ -427,12 +462,13 @@ def summary(studies: Mapping[str, Mapping[str, Any]]) -> list[str]:
 _PNG = re.compile(r"\]\(([\w.-]+\.png)\)")
 
 
-def _with_figures(fragment: str, study_dir: Path, out_dir: Path, rel: str) -> str:
-    """Copies the PNGs a fragment links to into `out_dir` and points the links there."""
+def _with_figures(fragment: str, study: str, study_dir: Path, out_dir: Path, rel: str) -> str:
+    """Copies the PNGs a fragment links to into `out_dir` (as <study>_<figure>.png) and points the
+    links there."""
 
     def repl(m: re.Match) -> str:
         src = study_dir / m.group(1)
-        name = f"{study_dir.name}_{m.group(1)}"
+        name = f"{_file_stem(study)}_{m.group(1)}"
         if src.exists():
             out_dir.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, out_dir / name)
@@ -496,7 +532,7 @@ def page(workdir: Path, output: Path, command: str) -> str:
         text.append("")
         if study == "robustness":
             text += [corruption_table(), ""]
-        text.append(_with_figures(s["md"].rstrip(), s["dir"], figures_dir, figures_dir.name))
+        text.append(_with_figures(s["md"].rstrip(), study, s["dir"], figures_dir, figures_dir.name))
     return "\n".join(text) + "\n"
 
 
@@ -539,15 +575,21 @@ def _search_files(workdir: Path) -> dict[str, Path]:
     return out
 
 
+def _summarised() -> list[str]:
+    """The studies whose JSON (and CSV) are published one file each."""
+    return [s for s in STUDIES if _name(s) in _modules()]
+
+
 def publish(workdir: Path, out_dir: Path) -> None:
-    """Copies every study's JSON and CSV into `out_dir` (docs/results/) as <study>.json / .csv,
-    searches as <group>_<name>.json, so that the committed page can be regenerated (`restore`)."""
+    """Copies every study's JSON and CSV into `out_dir` (docs/results/) as <study>.json / .csv
+    ('protocol/ablation' as protocol_ablation.json), searches as <group>_<name>.json, so that the
+    committed page can be regenerated (`restore`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for study in _modules():
+    for study in _summarised():
         for ext in ("json", "csv"):
-            src = workdir / study / f"{study}.{ext}"
+            src = workdir / study / f"{_name(study)}.{ext}"
             if src.exists():
-                shutil.copyfile(src, out_dir / src.name)
+                shutil.copyfile(src, out_dir / f"{_file_stem(study)}.{ext}")
     for name, src in _search_files(workdir).items():
         shutil.copyfile(src, out_dir / f"{name}.json")
 
@@ -558,16 +600,18 @@ def restore(summaries: Path, workdir: Path) -> list[str]:
     regenerated, and new studies added to it, without the runs. What the workdir already holds is
     kept. Returns what it restored."""
     done = []
-    for study, module in _modules().items():
-        src, dest = summaries / f"{study}.json", workdir / study
-        if not src.exists() or (dest / src.name).exists():
+    modules = _modules()
+    for study in _summarised():
+        stem, name = _file_stem(study), _name(study)
+        src, dest = summaries / f"{stem}.json", workdir / study
+        if not src.exists() or (dest / f"{name}.json").exists():
             continue
         dest.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dest / src.name)
-        (dest / f"{study}.md").write_text(module.markdown(json.loads(src.read_text())))
-        for png in summaries.glob(f"{study}_*.png"):
-            shutil.copyfile(png, dest / png.name[len(study) + 1 :])
-        done.append(study)
+        shutil.copyfile(src, dest / f"{name}.json")
+        (dest / f"{name}.md").write_text(modules[name].markdown(json.loads(src.read_text())))
+        for png in summaries.glob(f"{stem}_*.png"):
+            shutil.copyfile(png, dest / png.name[len(stem) + 1 :])
+        done.append(stem)
     for src in sorted(summaries.glob("*.json")):
         for group in (*SEARCHES, PRETRAINED):
             if src.stem.startswith(f"{group}_"):
@@ -588,7 +632,7 @@ def run(workdir: str | Path, output: str | Path, command: str = "") -> Path:
         raise FileNotFoundError(f"{workdir} is not a directory (the evidence --workdir).")
     if not load_studies(workdir):
         raise FileNotFoundError(
-            f"No study results in {workdir} (expected {', '.join(f'{s}/{s}.json' for s in STUDIES)}); "
+            f"No study results in {workdir} (expected {', '.join(f'{s}/{_name(s)}.json' for s in STUDIES)}); "
             "run the studies first."
         )
     output.parent.mkdir(parents=True, exist_ok=True)

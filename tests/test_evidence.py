@@ -652,6 +652,18 @@ def test_results_page_regenerates_from_the_committed_summaries(tmp_path):
             REPO / "docs/results" / name
         ).read_bytes()
 
+    # A study of the chosen protocol lives in <workdir>/protocol/ and round-trips the same way.
+    report = json.loads((workdir / "ablation/ablation.json").read_text())
+    (workdir / "protocol/ablation").mkdir(parents=True)
+    (workdir / "protocol/ablation/ablation.json").write_text(json.dumps(report))
+    (workdir / "protocol/ablation/ablation.md").write_text(ablation.markdown(report))
+    page = results.run(workdir, tmp_path / "out/results.md").read_text()
+    assert f"## {results.STUDIES['protocol/ablation']}" in page
+    assert "- EMA + CDR (full MARNet) (joint protocol, 1600 steps): **does not help" in page
+    again = tmp_path / "again"
+    assert "protocol_ablation" in results.restore(tmp_path / "out/results", again)
+    assert json.loads((again / "protocol/ablation/ablation.json").read_text()) == report
+
 
 def test_results_without_studies_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="No study results"):
