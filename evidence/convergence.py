@@ -51,9 +51,13 @@ def _mean_std(runs: Sequence[Mapping[str, Any]], split: str) -> tuple[float, flo
     return common.mean_std([r[split]["fused_top1"] for r in runs])
 
 
-def converged_at(rows: Sequence[Mapping[str, Any]], tolerance: float) -> int:
+def converged_at(rows: Sequence[Mapping[str, Any]], tolerance: float) -> int | None:
     """The smallest budget whose mean validation top-1 is within `tolerance` (a fraction) of the
-    best budget's."""
+    best budget's, or None when that cannot be told: one budget only, or the largest budget still
+    gained more than `tolerance` over the one before it."""
+    rows = sorted(rows, key=lambda r: r["steps"])
+    if len(rows) < 2 or rows[-1]["val_mean"] - rows[-2]["val_mean"] > tolerance:
+        return None
     best = max(r["val_mean"] for r in rows)
     return min(r["steps"] for r in rows if r["val_mean"] >= best - tolerance)
 
@@ -188,7 +192,13 @@ def markdown(report: Mapping[str, Any]) -> str:
         "",
     ]
     for label, v in report["variants"].items():
-        text.append(f"- {label}: from {v['converged_at']} steps.")
+        budgets = sorted(r["steps"] for r in report["rows"] if r["variant"] == label)
+        if v["converged_at"] is not None:
+            text.append(f"- {label}: from {v['converged_at']} steps.")
+        elif len(budgets) < 2:
+            text.append(f"- {label}: not known (one budget only, {budgets[0]} steps).")
+        else:
+            text.append(f"- {label}: not by {budgets[-1]} steps (still rising).")
     text += ["", f"![validation top-1 against the training budget]({STUDY}.png)"]
     return "\n".join(text) + "\n"
 

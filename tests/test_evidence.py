@@ -595,6 +595,9 @@ def test_convergence_trains_each_budget_as_its_own_run_and_finds_where_it_conver
         "baseline": {"converged_at": 4},
         "full_joint": {"converged_at": 4},
     }
+    rising = [{"steps": 2, "val_mean": 0.6}, {"steps": 4, "val_mean": 0.7}]
+    assert convergence.converged_at(rising, 0.01) is None  # still rising at its largest budget
+    assert convergence.converged_at(rising[:1], 0.01) is None  # one budget tells nothing
     marker = tmp_path / "convergence/runs/full_joint/steps_2/seed_1" / ablation.MARKER
     recorded = json.loads(marker.read_text())["config"]
     assert recorded["train"]["num_steps"] == 2 and recorded["protocol"] == "joint"
