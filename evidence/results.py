@@ -287,16 +287,25 @@ def provenance_block(p: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def training_machines(ablation: Mapping[str, Any]) -> str:
+def _study_runs(report: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The run records of an ablation (per variant) or a learning-curve study (per row)."""
+    groups = (
+        report["variants"].values()
+        if "runs" in next(iter(report["variants"].values()), {})
+        else report.get("rows", [])
+    )
+    return [r for g in groups for r in g["runs"]]
+
+
+def training_machines(report: Mapping[str, Any]) -> str:
     """Total training time, and where the runs were trained (each run records its machine when it
     finishes)."""
     seen: dict[str, list[float]] = {}
-    for v in ablation["variants"].values():
-        for r in v["runs"]:
-            m = r.get("machine")
-            if m:
-                seen.setdefault(reporting.machine_line(m), []).append(m["load_average_1_5_15"][1])
-    runs = [r for v in ablation["variants"].values() for r in v["runs"]]
+    runs = _study_runs(report)
+    for r in runs:
+        m = r.get("machine")
+        if m:
+            seen.setdefault(reporting.machine_line(m), []).append(m["load_average_1_5_15"][1])
     wall = sum(r["train_wall_s"] for r in runs) / 60
     cpu = sum(r["train_cpu_s"] for r in runs) / 60
     lines = [
@@ -525,7 +534,7 @@ def page(workdir: Path, output: Path, command: str) -> str:
             text.append(s["md"].rstrip())
             continue
         text.append(provenance_block(s["json"]["provenance"]))
-        if study == "ablation":
+        if _name(study) in ("ablation", "convergence"):
             machines = training_machines(s["json"])
             if machines:
                 text.append(machines)
