@@ -101,3 +101,18 @@ def test_two_processes_killed_one_or_all_resume_exactly(tiny_data_dir, tmp_path)
     assert report["identical"], report["differences"]
     assert all(124 not in t["exit_codes"] for t in report["trials"])  # nothing hung
     assert {t["target"] for t in report["trials"][:-1]} == {"one process", "all"}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--kills=2"], "after '--'"),
+        (["--signals=SIGHUP", "--", "--config", "configs/tiny.py"], "SIGHUP"),
+        (["--kills=0", "--", "--config", "configs/tiny.py"], "--kills"),
+    ],
+)
+def test_command_line_mistakes_are_one_line_errors(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        soak.main([f"--workdir={tmp_path}", *argv])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
