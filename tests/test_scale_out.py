@@ -50,7 +50,7 @@ def _config(data_dir, **mesh):
     config.optim.lr = LR
     config.train.num_steps = NUM_STEPS
     config.train.log_every = 1
-    config.checkpoint.every_steps = 0  # the final step only
+    config.checkpoint.every_steps = NUM_STEPS // 2  # a run resumes from the middle on other meshes
     for key, value in mesh.items():
         config.mesh[key] = value
     return config
@@ -185,6 +185,60 @@ def test_eval_on_other_device_counts_reproduces_accuracy(fsdp_run, tmp_path):
         again = trainer.evaluate(eval_config, str(copy))
         for split in (config.data.eval_split, config.data.test_split):
             assert again[split] == pytest.approx(results[split]), (num_devices, split)
+
+
+def _resumed_on(run, tmp_path, **mesh):
+    """`run` resumed from its middle checkpoint on another mesh, to its end."""
+    workdir, config, _ = run
+    copy = tmp_path / "resumed"
+    shutil.copytree(workdir, copy)
+    shutil.rmtree(copy / "checkpoints" / str(NUM_STEPS))
+    lines = [x for x in _metric_lines(copy) if x["step"] <= NUM_STEPS // 2]
+    (copy / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    resumed_config = _config(config.data.data_dir, **mesh)
+    trainer.train_and_evaluate(resumed_config, str(copy))
+    return copy, resumed_config
+
+
+# 8 -> 1 device runs by default; 8 -> 4 and 1 -> 8 in the slow set.
+@pytest.mark.parametrize(
+    "run, mesh",
+    [
+        ("fsdp_run", {"num_devices": 1}),
+        pytest.param("fsdp_run", {"num_devices": 4, "data": 4, "fsdp": 1}, marks=pytest.mark.slow),
+        pytest.param("reference_run", {"data": 2, "fsdp": 4}, marks=pytest.mark.slow),
+    ],
+)
+def test_resume_on_another_device_count_continues_the_same_run(run, mesh, request, tmp_path):
+    """A checkpoint written on one mesh resumes on another and ends where the uninterrupted run
+    ends: the state within the tolerance of test_sharded_run_matches_one_device (two summation
+    orders of the same sums), the input-iterator position exactly (one process: its state holds
+    the global stream's position, whatever the devices), and the same batches (the same losses)."""
+    straight_dir, straight_config, _ = request.getfixturevalue(run)
+    resumed_dir, resumed_config = _resumed_on(request.getfixturevalue(run), tmp_path, **mesh)
+    straight = jax.device_get(_restore(straight_dir, straight_config))
+    resumed = jax.device_get(_restore(resumed_dir, resumed_config))
+    assert int(resumed.step) == int(straight.step) == NUM_STEPS
+    for name in ("params", "batch_stats", "opt_state"):
+        for (path, got), want in zip(
+            jax.tree_util.tree_leaves_with_path(getattr(resumed, name)),
+            jax.tree.leaves(getattr(straight, name)),
+            strict=True,
+        ):
+            np.testing.assert_allclose(
+                got, want, rtol=1e-5, atol=1e-6, err_msg=name + jax.tree_util.keystr(path)
+            )
+    position = f"checkpoints/{NUM_STEPS}/data_iter/process_0-of-1.json"
+    assert json.loads((resumed_dir / position).read_text()) == json.loads(
+        (straight_dir / position).read_text()
+    )
+    straight_lines, resumed_lines = _train_lines(straight_dir), _train_lines(resumed_dir)
+    assert sorted(resumed_lines) == sorted(straight_lines)
+    for step in range(NUM_STEPS // 2 + 1, NUM_STEPS + 1):
+        np.testing.assert_allclose(
+            resumed_lines[step]["loss"], straight_lines[step]["loss"], rtol=2e-5, err_msg=step
+        )
+        assert resumed_lines[step]["accuracy"] == straight_lines[step]["accuracy"], step
 
 
 def test_diffusion_noise_is_sharding_invariant():
