@@ -334,7 +334,7 @@ def markdown(report: Mapping[str, Any]) -> str:
         minutes = s["train_wall_s_mean"] / 60
         rows.append(
             [
-                label if not v["overrides"] else f"{label} ({v['base']}, {_overrides(v)})",
+                label if not v["overrides"] else f"{label} ({v['base']}, {overrides_text(v)})",
                 "yes" if v["use_ema"] else "no",
                 "yes" if v["use_cdr"] else "no",
                 "yes" if v.get("use_aux") else "no",
@@ -394,7 +394,8 @@ def report_protocol(v: Mapping[str, Any]) -> str:
     return "joint" if v["use_ema"] or v["use_cdr"] else "-"
 
 
-def _overrides(v: Mapping[str, Any]) -> str:
+def overrides_text(v: Mapping[str, Any]) -> str:
+    """A report variant's overrides as 'field=value, ...' ('' for none)."""
     return ", ".join(f"{k}={val}" for k, val in v["overrides"].items())
 
 
@@ -405,7 +406,7 @@ def csv_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
             {
                 "variant": label,
                 "base": v["base"],
-                "overrides": _overrides(v),
+                "overrides": overrides_text(v),
                 "use_ema": v["use_ema"],
                 "use_cdr": v["use_cdr"],
                 "use_aux": v.get("use_aux", False),
@@ -493,7 +494,7 @@ def run(
             "summary": summarise(runs),
         }
     pairs = list(COMPARISONS) + [
-        (f"{label} ({_overrides(report['variants'][label])})", label, base)
+        (f"{label} ({overrides_text(report['variants'][label])})", label, base)
         for label, (base, overrides) in plan.items()
         if overrides and base in plan
     ]

@@ -123,7 +123,7 @@ STUDY_ABLATION = "ablation"
 def tuning_markdown(reports: Sequence[Mapping[str, Any]]) -> str:
     """Every setting a search tried, with its validation accuracies (the test split is not shown:
     choices are made on validation only)."""
-    from evidence import common
+    from evidence import ablation, common
 
     def val(runs: Sequence[Mapping[str, Any]], head: str) -> str:
         values = [
@@ -141,15 +141,32 @@ def tuning_markdown(reports: Sequence[Mapping[str, Any]]) -> str:
             f"`{_command(p)}` (code {p.get('git_commit') or '?'}; base: "
             f"{_config_line(p['config'])})"
         )
+        fused = {
+            label: common.mean_std([r["validation"]["fused_top1"] for r in v["runs"]])[0]
+            for label, v in report["variants"].items()
+        }
+        best = max(fused, key=fused.get)
         for label, v in report["variants"].items():
-            overrides = ", ".join(f"{k}={x}" for k, x in v["overrides"].items())
             seeds = ", ".join(str(r["seed"]) for r in v["runs"])
             heads = [val(v["runs"], h) for h in ("fused", "visual", "cdr")]
-            rows.append([label, v["base"], overrides or "(the config as it is)", seeds, *heads])
-    header = ["setting", "variant", "overrides", "seeds", "fused top-1", "visual probe", "CDR head"]
+            protocol = ablation.report_protocol(v)
+            overrides = ablation.overrides_text(v) or "(the config as it is)"
+            name = f"**{label}**" if label == best else label
+            rows.append([name, v["base"], protocol, overrides, seeds, *heads])
+    header = [
+        "setting",
+        "variant",
+        "protocol",
+        "overrides",
+        "seeds",
+        "fused top-1",
+        "visual probe",
+        "CDR head",
+    ]
     lines = [
         "Searches (each setting is its search's base config with the overrides in the table; what "
-        "the base line does not name is in each run's config.json):",
+        "the base line does not name is in each run's config.json). In bold: each search's best "
+        "setting by fused validation top-1.",
         "",
     ]
     lines += [f"- {c}" for c in commands]
