@@ -93,6 +93,19 @@ def _restore(workdir, config, step=None):
     return state
 
 
+def _assert_states_close(state, ref_state, names):
+    """Leaf by leaf within the tolerance two summation orders of the same sums explain."""
+    for name in names:
+        for (path, got), want in zip(
+            jax.tree_util.tree_leaves_with_path(getattr(state, name)),
+            jax.tree.leaves(getattr(ref_state, name)),
+            strict=True,
+        ):
+            np.testing.assert_allclose(
+                got, want, rtol=1e-5, atol=1e-6, err_msg=name + jax.tree_util.keystr(path)
+            )
+
+
 def _metric_lines(workdir):
     return [json.loads(x) for x in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
@@ -124,15 +137,7 @@ def test_sharded_run_matches_one_device(run, reference_run, request):
     assert int(state.step) == int(ref_state.step) == NUM_STEPS
     # Parameters, and BatchNorm running statistics: these are only equal when the batch statistics
     # are taken over the global batch (per-device statistics over 2 or 4 examples would differ).
-    for name in ("params", "batch_stats"):
-        for (path, got), want in zip(
-            jax.tree_util.tree_leaves_with_path(getattr(state, name)),
-            jax.tree.leaves(getattr(ref_state, name)),
-            strict=True,
-        ):
-            np.testing.assert_allclose(
-                got, want, rtol=1e-5, atol=1e-6, err_msg=name + jax.tree_util.keystr(path)
-            )
+    _assert_states_close(state, ref_state, ("params", "batch_stats"))
     assert jax.tree.leaves(ref_state.batch_stats), "the backbone should have BatchNorm"
     # Same parameters and the same noise for the global batch: the same predictions.
     for split in (config.data.eval_split, config.data.test_split):
@@ -219,15 +224,7 @@ def test_resume_on_another_device_count_continues_the_same_run(run, mesh, reques
     straight = jax.device_get(_restore(straight_dir, straight_config))
     resumed = jax.device_get(_restore(resumed_dir, resumed_config))
     assert int(resumed.step) == int(straight.step) == NUM_STEPS
-    for name in ("params", "batch_stats", "opt_state"):
-        for (path, got), want in zip(
-            jax.tree_util.tree_leaves_with_path(getattr(resumed, name)),
-            jax.tree.leaves(getattr(straight, name)),
-            strict=True,
-        ):
-            np.testing.assert_allclose(
-                got, want, rtol=1e-5, atol=1e-6, err_msg=name + jax.tree_util.keystr(path)
-            )
+    _assert_states_close(resumed, straight, ("params", "batch_stats", "opt_state"))
     position = f"checkpoints/{NUM_STEPS}/data_iter/process_0-of-1.json"
     assert json.loads((resumed_dir / position).read_text()) == json.loads(
         (straight_dir / position).read_text()
