@@ -20,6 +20,7 @@ from typing import Any
 
 from evidence import common, convergence
 from marnet_jax import cli, reporting
+from marnet_jax.train import metrics
 
 STUDY = "gradients"
 EARLY = 0.1  # the first 10 % of the steps
@@ -28,7 +29,7 @@ LATE = 0.5  # the last half
 
 def read_series(run_dir: Path) -> dict[str, dict[str, list[float]]]:
     """{term: {'step': [...], 'norm': [...], 'cos_ce': [...]}} from a run's metrics.jsonl."""
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = metrics.read_metrics(run_dir)
     grad = sorted((x for x in lines if x["split"] == "grad"), key=lambda x: x["step"])
     out: dict[str, dict[str, list[float]]] = {}
     new = lambda: {"step": [], "norm": [], "cos_ce": []}

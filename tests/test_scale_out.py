@@ -401,6 +401,19 @@ def test_metric_writer_appends_across_runs(local, tmp_path, monkeypatch):
     assert [x["loss"] for x in _metric_lines(tmp_path)] == [0.0, 0.0, 1.0]
 
 
+def test_read_metrics_keeps_one_line_per_step_of_a_resumed_run(tmp_path):
+    """A run killed after step 3 and resumed from its checkpoint at 2 logs 3 again; a kill during
+    a write leaves a torn line. The reader gives each (step, split) once, the last logged."""
+    lines = [(1, "train", 1.0), (2, "train", 2.0), (3, "train", 3.0), (3, "grad", 0.5)]
+    lines += [(3, "train", 3.0), (3, "grad", 0.5), (4, "train", 4.0), (4, "test", 0.9)]
+    text = "".join(json.dumps({"step": s, "split": k, "v": v}) + "\n" for s, k, v in lines[:4])
+    text += '{"step": 4, "split": "tr\n'
+    text += "".join(json.dumps({"step": s, "split": k, "v": v}) + "\n" for s, k, v in lines[4:])
+    (tmp_path / "metrics.jsonl").write_text(text)
+    got = [(x["step"], x["split"], x["v"]) for x in metrics.read_metrics(tmp_path)]
+    assert got == [(1, "train", 1.0), (2, "train", 2.0), *lines[4:]]
+
+
 def test_multihost_trigger(monkeypatch):
     monkeypatch.setattr(cli, "_on_cloud_tpu_vm", lambda: False)
     reason = cli.multihost_reason

@@ -68,6 +68,26 @@ class MetricWriter:
             self._tb.close()
 
 
+def read_metrics(workdir: str | epath.Path) -> list[dict[str, float]]:
+    """The lines of `<workdir>/metrics.jsonl`, one per (step, split), in the order logged.
+
+    A run killed and resumed logs the steps after its checkpoint again (the same values: resume is
+    exact): the last line of each (step, split) is kept. A line cut short by a kill mid-write is
+    skipped.
+    """
+    path = epath.Path(workdir) / "metrics.jsonl"
+    lines: dict[tuple[int, str], dict[str, float]] = {}
+    for raw in path.read_text().splitlines():
+        try:
+            x = json.loads(raw)
+        except json.JSONDecodeError:
+            continue
+        key = (x["step"], x["split"])
+        lines.pop(key, None)
+        lines[key] = x
+    return list(lines.values())
+
+
 def summary_table(results: Mapping[str, Mapping[str, float]]) -> str:
     """Markdown table of accuracies: one row per split, columns like fused_top1 (in %)."""
     columns = sorted({k for r in results.values() for k in r if k.endswith(("top1", "top5"))})
