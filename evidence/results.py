@@ -427,6 +427,43 @@ def _protocol_claims(report: Mapping[str, Any] | None) -> list[str]:
     ]
 
 
+def _convergence_claims(report: Mapping[str, Any] | None) -> list[str]:
+    """Where each variant stops learning, and each against the baseline at its largest budget."""
+    if not report:
+        return []
+    rows = {(r["variant"], r["steps"]): r for r in report["rows"]}
+    lines = []
+    for label, v in report["variants"].items():
+        budgets = sorted(s for (name, s) in rows if name == label)
+        top = budgets[-1]
+        if v["converged_at"]:
+            state = (
+                f"converged (validation within {report['tolerance'] * 100:g} point(s) of its "
+                f"best) from {v['converged_at']} steps"
+            )
+        elif len(budgets) == 1:
+            state = f"one budget only ({top} steps)"
+        else:
+            state = f"still learning at {top} steps"
+        first = rows[label, top]
+        what = ", ".join(
+            [f"{first['protocol']} protocol"] * (first["protocol"] != "-")
+            + [f"{k}={x}" for k, x in first["overrides"].items() if k != "protocol"]
+        )
+        line = f"- Learning curve of {label}{f' ({what})' if what else ''}: {state}"
+        ref = rows.get(("baseline", top))
+        if label != "baseline" and ref:
+            r = rows[label, top]
+            seeds = ", ".join(map(str, r["seeds"]))
+            line += (
+                f"; at {top} steps {reporting.pct(r['val_mean'])} against the baseline's "
+                f"{reporting.pct(ref['val_mean'])} % validation top-1 (test {reporting.pct(r['test_mean'])} "
+                f"against {reporting.pct(ref['test_mean'])} %; seeds {seeds})"
+            )
+        lines.append(line + ".")
+    return lines
+
+
 def summary(studies: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """One bullet per claim of the paper with the verdict of the numbers (or that it is not run)."""
     lines = []
@@ -442,6 +479,7 @@ def summary(studies: Mapping[str, Mapping[str, Any]]) -> list[str]:
             f"- Claim: {claim}: {text or 'not measured (run the ablation with both variants)'}."
         )
     lines += _low_data_claims(studies.get("low_data", {}).get("json"))
+    lines += _convergence_claims(studies.get("convergence", {}).get("json"))
     lines += _protocol_claims(studies.get("protocol/ablation", {}).get("json"))
     rb = studies.get("robustness", {}).get("json")
     found = False

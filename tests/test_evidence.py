@@ -635,6 +635,42 @@ def test_convergence_trains_each_budget_as_its_own_run_and_finds_where_it_conver
     )
 
 
+def test_summary_says_where_each_learning_curve_stands_against_the_baseline():
+    def row(variant, steps, val, test, protocol="-", overrides=None):
+        return {
+            "variant": variant,
+            "steps": steps,
+            "val_mean": val,
+            "test_mean": test,
+            "seeds": [0],
+            "protocol": protocol,
+            "overrides": overrides or {},
+        }
+
+    report = {
+        "tolerance": 0.01,
+        "variants": {"baseline": {"converged_at": 4}, "fx": {"converged_at": None}},
+        "rows": [
+            row("baseline", 2, 0.70, 0.69),
+            row("baseline", 4, 0.80, 0.79),
+            row("fx", 2, 0.60, 0.61, "teacher", {"model.classifier_input": "x_v"}),
+            row("fx", 4, 0.81, 0.78, "teacher", {"model.classifier_input": "x_v"}),
+        ],
+    }
+    base, fx = results._convergence_claims(report)
+    assert base == (
+        "- Learning curve of baseline: converged (validation within 1 point(s) of its best) "
+        "from 4 steps."
+    )
+    assert fx == (
+        "- Learning curve of fx (teacher protocol, model.classifier_input=x_v): still learning "
+        "at 4 steps; at 4 steps 81.0 against the baseline's 80.0 % validation top-1 (test 78.0 "
+        "against 79.0 %; seeds 0)."
+    )
+    report["rows"] = report["rows"][:2] + report["rows"][3:]
+    assert "one budget only (4 steps)" in results._convergence_claims(report)[1]
+
+
 def test_results_page_regenerates_from_the_committed_summaries(tmp_path):
     """docs/results/ holds what the page needs: restored into a workdir, it gives the same page
     (and the summaries back), so a later session can add its studies without the earlier runs."""
@@ -650,6 +686,7 @@ def test_results_page_regenerates_from_the_committed_summaries(tmp_path):
         assert f"## {title}" in page and f"## {title}" in committed
     assert "| full | yes | yes | no | no | joint | 0, 1, 2, 3, 4 | 65.3 ± 1.8 |" in page
     assert "| baseline | no | no | no | no | - | 0, 1, 2, 3, 4 | 72.8 ± 0.9 |" in page
+    assert "- Learning curve of baseline: converged (validation within 1 point(s)" in page
     for name in ("ablation.json", "pretrained_scratch.json", "tuning_baseline_lr_wd.json"):
         assert (tmp_path / "out/results" / name).read_bytes() == (
             REPO / "docs/results" / name
