@@ -34,13 +34,36 @@ def xla_flags_with_cpu_conv(xla_flags: str, jaxlib_version: str) -> str:
     return f"{xla_flags} {XLA_CPU_FLAG}".strip()
 
 
+# XLA's switches for CPU code that does not depend on the CPU model: no platform-dependent math
+# (vendor libraries, approximations picked by instruction set) and no instruction set beyond AVX2,
+# which every x86-64 server CPU of the last decade has. Opt-in (MARNET_PORTABLE_CPU=1): they may cost
+# speed, and whether two CPU models then agree is for their fingerprints to show
+# (`python -m benchmarks.fingerprint --portable`).
+PORTABLE_ENV = "MARNET_PORTABLE_CPU"
+PORTABLE_XLA_FLAGS = ("--xla_cpu_enable_platform_dependent_math=false", "--xla_cpu_max_isa=AVX2")
+
+
+def portable_requested() -> bool:
+    """Whether the environment asks for portable CPU code (MARNET_PORTABLE_CPU=1)."""
+    return os.environ.get(PORTABLE_ENV, "") not in ("", "0")
+
+
+def with_portable_flags(xla_flags: str) -> str:
+    """XLA_FLAGS plus the portable switches the user has not set otherwise."""
+    extra = [f for f in PORTABLE_XLA_FLAGS if f.split("=")[0] not in xla_flags]
+    return " ".join([xla_flags, *extra]).strip()
+
+
 def configure_xla() -> None:
-    """Sets XLA_FLAGS for the CPU backend; entry points call it before JAX starts a backend."""
+    """Sets XLA_FLAGS for the CPU backend (and, with MARNET_PORTABLE_CPU=1, the portable switches);
+    entry points call it before JAX starts a backend."""
     try:
         version = metadata.version("jaxlib")
     except metadata.PackageNotFoundError:
         version = ""
     flags = xla_flags_with_cpu_conv(os.environ.get("XLA_FLAGS", ""), version)
+    if portable_requested():
+        flags = with_portable_flags(flags)
     if flags != os.environ.get("XLA_FLAGS", "") and _backends_started():
         logging.getLogger("marnet_jax").warning("JAX already started: %s has no effect.", flags)
     os.environ["XLA_FLAGS"] = flags
