@@ -16,6 +16,7 @@ from marnet_jax import cpu
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # two builds and compiles of the tiny train step
 def test_same_steps_give_the_same_fingerprint():
     a = fingerprint.fingerprint("tiny", steps=2)
     b = fingerprint.fingerprint("tiny", steps=2)

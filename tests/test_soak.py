@@ -1,6 +1,6 @@
 """The kill-and-resume soak (benchmarks.soak): its comparisons catch what they exist for, its kill
 schedule reproduces from a seed, and the tiny config killed at random moments and resumed ends
-bit-identical to an uninterrupted run (one process; two processes in the slow set)."""
+bit-identical to an uninterrupted run (one process and two processes: the slow set)."""
 
 import json
 import random
@@ -71,6 +71,7 @@ def _main_args(data_dir, num_steps=12):
     ]
 
 
+@pytest.mark.slow  # four launches of the main job: over a minute
 def test_killed_and_resumed_run_ends_identical_to_an_uninterrupted_one(tiny_data_dir, tmp_path):
     report = soak.soak(tmp_path, _main_args(tiny_data_dir), kills=2, seed=1, timeout_s=300)
     assert report["kills"] == 2, report["trials"]
