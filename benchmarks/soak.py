@@ -39,6 +39,7 @@ import numpy as np
 from absl import flags
 
 from marnet_jax import cli, reporting
+from marnet_jax.train import metrics
 
 PROG = "benchmarks.soak"
 REPO = Path(__file__).resolve().parents[1]
@@ -85,17 +86,8 @@ def checkpoint_writes(workdir: Path) -> set[str]:
 
 
 def metric_lines(workdir: Path) -> tuple[list[dict[str, Any]], int]:
-    """metrics.jsonl's complete lines, and how many lines could not be read (a torn write)."""
-    path = workdir / "metrics.jsonl"
-    if not path.exists():
-        return [], 0
-    lines, torn = [], 0
-    for raw in path.read_text().splitlines():
-        try:
-            lines.append(json.loads(raw))
-        except json.JSONDecodeError:
-            torn += 1
-    return lines, torn
+    """metrics.jsonl's lines as logged, and how many could not be read (a torn write)."""
+    return metrics.read_lines(workdir)
 
 
 def finished(workdir: Path, num_steps: int) -> bool:
@@ -148,7 +140,7 @@ class Launcher:
             f"--log-dir={log_dir}",
             "--",
             *main,
-            *(["--config.data.build_on_all_processes=True"]),
+            "--config.data.build_on_all_processes=True",
         ]
 
     def start(self, workdir: Path, log_dir: Path) -> subprocess.Popen:
@@ -337,20 +329,6 @@ def killed_launch(
 # Comparing the two runs.
 
 
-def _leaves(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
-    if isinstance(tree, Mapping):
-        out = {}
-        for k, v in tree.items():
-            out |= _leaves(v, f"{prefix}/{k}")
-        return out
-    if isinstance(tree, list | tuple):
-        out = {}
-        for i, v in enumerate(tree):
-            out |= _leaves(v, f"{prefix}/{i}")
-        return out
-    return {prefix or "/": np.asarray(tree)}
-
-
 def checkpoint_leaves(run_dir: Path, step: int) -> dict[str, np.ndarray]:
     """Every array of the train state in checkpoint `step` under `run_dir`, by path, on the host."""
     import jax
@@ -364,7 +342,8 @@ def checkpoint_leaves(run_dir: Path, step: int) -> dict[str, np.ndarray]:
         state = checkpoint.restore_as_saved(manager, step, mesh, config.mesh)
     finally:
         manager.close()
-    return _leaves(jax.device_get(state))
+    leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(state))
+    return {jax.tree_util.keystr(path): np.asarray(x) for path, x in leaves}
 
 
 def compare_checkpoints(ref_dir: Path, soak_dir: Path) -> list[str]:

@@ -68,6 +68,19 @@ class MetricWriter:
             self._tb.close()
 
 
+def read_lines(workdir: str | epath.Path) -> tuple[list[dict[str, float]], int]:
+    """Every readable line of `<workdir>/metrics.jsonl` as logged (a resumed run's repeats
+    included), and how many lines could not be read (cut short by a kill mid-write)."""
+    path = epath.Path(workdir) / "metrics.jsonl"
+    lines, torn = [], 0
+    for raw in path.read_text().splitlines() if path.exists() else []:
+        try:
+            lines.append(json.loads(raw))
+        except json.JSONDecodeError:
+            torn += 1
+    return lines, torn
+
+
 def read_metrics(workdir: str | epath.Path) -> list[dict[str, float]]:
     """The lines of `<workdir>/metrics.jsonl`, one per (step, split), in the order logged.
 
@@ -75,13 +88,8 @@ def read_metrics(workdir: str | epath.Path) -> list[dict[str, float]]:
     exact): the last line of each (step, split) is kept. A line cut short by a kill mid-write is
     skipped.
     """
-    path = epath.Path(workdir) / "metrics.jsonl"
     lines: dict[tuple[int, str], dict[str, float]] = {}
-    for raw in path.read_text().splitlines():
-        try:
-            x = json.loads(raw)
-        except json.JSONDecodeError:
-            continue
+    for x in read_lines(workdir)[0]:
         key = (x["step"], x["split"])
         lines.pop(key, None)
         lines[key] = x
