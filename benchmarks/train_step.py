@@ -53,6 +53,7 @@ class Case:
     dtype: str = "float32"  # model and data dtype
     remat: bool = False
     backbone_kwargs: tuple[tuple[str, Any], ...] = ()  # overrides of config.model.backbone_kwargs
+    compiler_options: tuple[tuple[str, Any], ...] = ()  # XLA options for this compile only
     warmup: int = 2
     iters: int = 10
     gpu_only: bool = False
@@ -136,6 +137,8 @@ class CompiledCase:
     gflop: float | None  # XLA cost analysis, diffusion chain unrolled
     compiled_gflop: float | None  # the compiled program's own analysis
     run: Callable[[int], None]  # n steps dispatched back to back, then waited for
+    state: Callable[[], Any]  # the train state after the steps run so far
+    program: str  # the compiled program's text
 
 
 def compile_case(case: Case, devices: int = -1, flops: bool = True) -> CompiledCase:
@@ -151,7 +154,7 @@ def compile_case(case: Case, devices: int = -1, flops: bool = True) -> CompiledC
     t0 = time.perf_counter()
     lowered = p_train.lower(state, batch)
     t1 = time.perf_counter()
-    step = lowered.compile()
+    step = lowered.compile(dict(case.compiler_options) or None)
     lower_s, compile_s = t1 - t0, time.perf_counter() - t1
     gflop = None
     if flops:  # the same step traced anew with the chain unrolled, for the cost analysis only
@@ -167,7 +170,8 @@ def compile_case(case: Case, devices: int = -1, flops: bool = True) -> CompiledC
 
     return CompiledCase(
         config, mesh.size, lower_s, compile_s, gflop,
-        None if compiled_gflop is None else compiled_gflop / 1e9, run,
+        None if compiled_gflop is None else compiled_gflop / 1e9, run, lambda: holder["state"],
+        step.as_text(),
     )  # fmt: skip
 
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import cdr_sampler, end_to_end, train_step
+from benchmarks import cdr_sampler, cpu_levers, end_to_end, train_step
 from configs import default
 from marnet_jax.data import datasets
 from marnet_jax.models import build_model, resnet
@@ -56,6 +56,37 @@ def test_train_step_gpu_preset_is_pending_on_cpu(tmp_path):
     assert [(r["batch"], r["remat"]) for r in one["rows"]] == [(256, True)]
     with pytest.raises(SystemExit, match="matches no case"):
         train_step.main(["--preset", "gpu", "--cases", "resnet50 b7", *FAST])
+
+
+@pytest.mark.slow  # compiles the tiny step twice
+def test_cpu_levers_tiny_preset(tmp_path):
+    out = cpu_levers.main(
+        ["--preset", "tiny", "--json", str(tmp_path / "l.json"), "--compile_cache"]
+    )
+    assert _json(tmp_path / "l.json")["rows"] == out["rows"]
+    ref, lever = out["rows"]
+    assert (
+        ref["lever"] == cpu_levers.REFERENCE and ref["param_drift"] == 0.0 and ref["same_program"]
+    )
+    assert lever["compiler_options"] == {"xla_cpu_use_onednn": True}
+    assert ref["speed"]["median"] == 1.0 and lever["step"]["median_s"] > 0
+
+
+def test_cpu_levers_param_drift_sees_a_changed_leaf_relative_to_its_scale():
+    class State:
+        def __init__(self, params):
+            self.params = params
+
+    ref = State({"a": np.array([2.0, -4.0]), "b": np.array([1e-3])})
+    assert cpu_levers.param_drift(State(dict(ref.params)), ref) == 0.0
+    changed = State({"a": np.array([2.0, -4.0]), "b": np.array([1.1e-3])})
+    assert cpu_levers.param_drift(changed, ref) == pytest.approx(0.1)
+
+
+def test_cpu_levers_refuses_an_unknown_lever(capsys):
+    with pytest.raises(SystemExit):
+        cpu_levers.main(["--levers", "warp drive"])
+    assert "warp drive" in capsys.readouterr().err
 
 
 def test_cdr_sampler_tiny_preset(tmp_path):
