@@ -1,6 +1,8 @@
 """Tests for the synthetic_food generator and its tfds builder (config 'tiny')."""
 
 import itertools
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -181,3 +183,31 @@ def test_tfds_build_is_deterministic(built, tmp_path):
     assert not np.array_equal(np.stack([r["image"] for r in a]), np.stack([r["image"] for r in c]))
     # Nothing is written outside the data_dir.
     assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["downloads", "synthetic_food"]
+
+
+def test_two_processes_preparing_one_dataset_at_once_build_it_once(tmp_path):
+    """Two runs started together on a fresh machine: the second waits for the first's build (the
+    lock in datasets._build) instead of failing to rename its own copy over it."""
+    script = (
+        "import sys; from marnet_jax.data import config, datasets\n"
+        "c = config.get_data_config('synthetic_food/tiny'); c.data_dir = sys.argv[1]\n"
+        "f = datasets.prepare(c); print('SPLITS', sorted(f.split_sizes.items()))\n"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-2000:]
+    splits = [
+        next(line for line in out.splitlines() if line.startswith("SPLITS")) for out, _ in outs
+    ]
+    assert splits[0] == splits[1] and "train" in splits[0]
+    versions = list((tmp_path / "synthetic_food" / "tiny").iterdir())
+    assert not [v for v in versions if v.name.startswith("incomplete")], versions

@@ -13,6 +13,7 @@ every process then builds its own copy and nobody waits.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import importlib
 import os
 from collections.abc import Mapping, Sequence
@@ -112,12 +113,24 @@ def shape_facts(data_cfg: ml_collections.ConfigDict) -> DatasetFacts:
     )
 
 
-def _build(b: tfds.core.DatasetBuilder, manual_dir: str | None) -> None:
-    manual = os.path.expanduser(manual_dir) if manual_dir else None
-    b.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual),
-        file_format="array_record",
+def _build(b: tfds.core.DatasetBuilder, manual_dir: str | None) -> bool:
+    """Builds the dataset under an exclusive lock next to its directory, so that processes asked
+    to build it at once (two runs started together on a fresh machine) build it once: the others
+    wait, then find it prepared. True if this call built it."""
+    lock_path = (
+        f"{os.fspath(b.data_path)}.build.lock"  # <data_dir>/<name>/<config>/<version>.build.lock
     )
+    os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if b.is_prepared():
+            return False
+        manual = os.path.expanduser(manual_dir) if manual_dir else None
+        b.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=manual),
+            file_format="array_record",
+        )
+        return True
 
 
 def prepare(data_cfg: ml_collections.ConfigDict) -> DatasetFacts:
@@ -129,7 +142,8 @@ def prepare(data_cfg: ml_collections.ConfigDict) -> DatasetFacts:
     multi = jax.process_count() > 1 and not data_cfg.build_on_all_processes
     was_prepared = b.is_prepared()
     if not was_prepared and (not multi or jax.process_index() == 0):
-        _build(b, data_cfg.manual_dir)
+        if not _build(b, data_cfg.manual_dir):
+            b = builder(data_cfg)  # Another process built it meanwhile: read its DatasetInfo.
     if multi:
         # On every process, even one that already sees the files: all must reach the barrier.
         multihost_utils.sync_global_devices(
