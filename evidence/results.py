@@ -134,24 +134,33 @@ def tuning_markdown(reports: Sequence[Mapping[str, Any]]) -> str:
         mean, std = common.mean_std(values)
         return reporting.pct_pm(mean, std if len(values) > 1 else None)
 
-    rows, commands = [], []
+    commands, settings = [], []  # settings: (label, variant entry), in the searches' order
     for report in reports:
         p = report["provenance"]
         commands.append(
             f"`{_command(p)}` (code {p.get('git_commit') or '?'}; base: "
             f"{_config_line(p['config'])})"
         )
-        fused = {
-            label: common.mean_std([r["validation"]["fused_top1"] for r in v["runs"]])[0]
-            for label, v in report["variants"].items()
-        }
-        best = max(fused, key=fused.get)
-        for label, v in report["variants"].items():
+        settings += list(report["variants"].items())
+    fused = {
+        id(v): common.mean_std([r["validation"]["fused_top1"] for r in v["runs"]])[0]
+        for _, v in settings
+    }
+    bases = list(dict.fromkeys(v["base"] for _, v in settings))
+    best = {
+        b: max((v for _, v in settings if v["base"] == b), key=lambda v: fused[id(v)])
+        for b in bases
+    }
+    rows = []
+    for base in bases:  # one block per variant searched, its best in bold
+        for label, v in settings:
+            if v["base"] != base:
+                continue
             seeds = ", ".join(str(r["seed"]) for r in v["runs"])
             heads = [val(v["runs"], h) for h in ("fused", "visual", "cdr")]
             protocol = ablation.report_protocol(v)
             overrides = ablation.overrides_text(v) or "(the config as it is)"
-            name = f"**{label}**" if label == best else label
+            name = f"**{label}**" if v is best[base] else label
             rows.append([name, v["base"], protocol, overrides, seeds, *heads])
     header = [
         "setting",
@@ -165,8 +174,8 @@ def tuning_markdown(reports: Sequence[Mapping[str, Any]]) -> str:
     ]
     lines = [
         "Searches (each setting is its search's base config with the overrides in the table; what "
-        "the base line does not name is in each run's config.json). In bold: each search's best "
-        "setting by fused validation top-1.",
+        "the base line does not name is in each run's config.json), grouped by the variant they "
+        "tune. In bold: each variant's best setting by fused validation top-1.",
         "",
     ]
     lines += [f"- {c}" for c in commands]

@@ -758,3 +758,26 @@ def test_every_command_line_end_to_end(tiny_data_dir, tmp_path):
     page = (tmp_path / "docs/results.md").read_text()
     assert "Not run yet" not in page and page.count("- Command: `python -m evidence.") == 4
     assert "seeds 0, 1" in page
+
+
+def test_search_table_groups_settings_by_variant_and_bolds_each_variants_best():
+    """Searches split over several workdirs read as one search per variant."""
+    config = dict(dataset="d", image_size=8, backbone="r", backbone_kwargs={}, embed_dim=4,
+                  fusion="concat", train_steps=10, batch_size=2, lr=0.1, cdr_test_chain="c")  # fmt: skip
+
+    def report(settings):
+        variants = {
+            label: dict(base=base, overrides={"optim.lr": lr}, protocol="-",
+                        runs=[dict(seed=0, validation={"fused_top1": acc, "visual_top1": acc})])
+            for label, base, lr, acc in settings
+        }  # fmt: skip
+        return dict(variants=variants, provenance=dict(command="cmd", config=config))
+
+    page = results.tuning_markdown(
+        [
+            report([("b1", "baseline", 0.1, 0.70), ("d1", "distill", 0.1, 0.60)]),
+            report([("b2", "baseline", 0.2, 0.75), ("d2", "distill", 0.2, 0.55)]),
+        ]
+    )
+    rows = [line.split(" | ")[0].strip("| ") for line in page.splitlines() if line.startswith("| ")]
+    assert rows[1:] == ["b1", "**b2**", "**d1**", "d2"]
