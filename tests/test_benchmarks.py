@@ -72,14 +72,14 @@ def test_cpu_levers_tiny_preset(tmp_path):
     assert ref["speed"]["median"] == 1.0 and lever["step"]["median_s"] > 0
 
 
-def test_cpu_levers_param_drift_sees_a_changed_leaf_relative_to_its_scale():
+def test_cpu_levers_param_drift_is_the_relative_l2_distance_of_all_parameters():
     class State:
         def __init__(self, params):
             self.params = params
 
-    ref = State({"a": np.array([2.0, -4.0]), "b": np.array([1e-3])})
+    ref = State({"a": np.array([3.0, -4.0]), "b": np.array([0.0])})
     assert cpu_levers.param_drift(State(dict(ref.params)), ref) == 0.0
-    changed = State({"a": np.array([2.0, -4.0]), "b": np.array([1.1e-3])})
+    changed = State({"a": np.array([3.0, -4.0]), "b": np.array([0.5])})
     assert cpu_levers.param_drift(changed, ref) == pytest.approx(0.1)
 
 
