@@ -89,6 +89,7 @@ def test_cpu_levers_refuses_an_unknown_lever(capsys):
     assert "warp drive" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # keeps the default run under 10 minutes; the sampler is tested in test_diffusion
 def test_cdr_sampler_tiny_preset(tmp_path):
     out = cdr_sampler.main(["--preset", "tiny", "--json", str(tmp_path / "c.json"), *FAST[2:]])
     assert _json(tmp_path / "c.json")["status"] == "measured"
