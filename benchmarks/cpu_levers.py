@@ -145,40 +145,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         module = importlib.import_module(f"configs.{config_name}")
         config = module.get_config(arg) if arg else module.get_config()
         batch = config.train.batch_size
-        compiled, statuses = [], []
+        contenders, reference = [], None  # (row, one waited-for step) of everything raced
         for lever in levers:
             c, status = _compile(config_name, arg or None, lever, batch)
-            if c is not None:
-                c.run(PROBE_STEPS)  # from the same initial state: the drift probe
-            compiled.append(c)
-            statuses.append(status)
             print(f"{spec} / {lever.name}: {status}", flush=True)
-        reference = compiled[0].state()
-        drift = [None if c is None else param_drift(c.state(), reference) for c in compiled]
-        same = [None if c is None else c.program == compiled[0].program for c in compiled]
-        fns = [functools.partial(c.run, 1) for c in compiled if c is not None]
-        names = [lv.name for lv, c in zip(levers, compiled, strict=True) if c is not None]
-        if args.torch:
-            fns.append(_torch_step(config))
-            names.append("PyTorch eager")
-        timings, round_medians = _common.time_in_turns(fns, warmup, rounds, per_round)
-        by_name = dict(zip(names, range(len(names)), strict=True))
-        for lever, status, d, same_program in zip(
-            [*levers, *([Lever("PyTorch eager")] if args.torch else [])],
-            [*statuses, *(["ok"] if args.torch else [])],
-            [*drift, *([None] if args.torch else [])],
-            [*same, *([None] if args.torch else [])],
-            strict=True,
-        ):
             row = dict(config=spec, lever=lever.name, status=status, batch=batch,
                        compiler_options=dict(lever.compiler_options),
-                       backbone_kwargs=dict(lever.backbone_kwargs), param_drift=d,
-                       same_program=same_program)  # fmt: skip
-            if lever.name in by_name:
-                i = by_name[lever.name]
-                ratios = round_medians[:, 0] / round_medians[:, i]
-                row |= dict(step=timings[i].as_dict(), speed=_spread(ratios))
+                       backbone_kwargs=dict(lever.backbone_kwargs),
+                       param_drift=None, same_program=None)  # fmt: skip
             rows.append(row)
+            if c is None:
+                continue
+            c.run(PROBE_STEPS)  # from the same initial state: the drift probe
+            reference = reference or c  # the first lever is the step as trained
+            row["param_drift"] = param_drift(c.state(), reference.state())
+            row["same_program"] = c.program() == reference.program()
+            contenders.append((row, functools.partial(c.run, 1)))
+        if args.torch:
+            row = dict(config=spec, lever="PyTorch eager", status="ok", batch=batch,
+                       param_drift=None, same_program=None)  # fmt: skip
+            rows.append(row)
+            contenders.append((row, _torch_step(config)))
+        timings, round_medians = _common.time_in_turns(
+            [fn for _, fn in contenders], warmup, rounds, per_round
+        )
+        for i, (row, _) in enumerate(contenders):
+            ratios = round_medians[:, 0] / round_medians[:, i]
+            row |= dict(step=timings[i].as_dict(), speed=_spread(ratios))
     info = reporting.machine()
     info["load_average_before"] = load_before
     print(f"\n{args.preset} preset on {reporting.machine_line(info, load=True)}")

@@ -138,7 +138,7 @@ class CompiledCase:
     compiled_gflop: float | None  # the compiled program's own analysis
     run: Callable[[int], None]  # n steps dispatched back to back, then waited for
     state: Callable[[], Any]  # the train state after the steps run so far
-    program: str  # the compiled program's text
+    program: Callable[[], str]  # the compiled program's text
 
 
 def compile_case(case: Case, devices: int = -1, flops: bool = True) -> CompiledCase:
@@ -171,7 +171,7 @@ def compile_case(case: Case, devices: int = -1, flops: bool = True) -> CompiledC
     return CompiledCase(
         config, mesh.size, lower_s, compile_s, gflop,
         None if compiled_gflop is None else compiled_gflop / 1e9, run, lambda: holder["state"],
-        step.as_text(),
+        step.as_text,
     )  # fmt: skip
 
 

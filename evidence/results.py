@@ -142,25 +142,20 @@ def tuning_markdown(reports: Sequence[Mapping[str, Any]]) -> str:
             f"{_config_line(p['config'])})"
         )
         settings += list(report["variants"].items())
-    fused = {
-        id(v): common.mean_std([r["validation"]["fused_top1"] for r in v["runs"]])[0]
-        for _, v in settings
-    }
-    bases = list(dict.fromkeys(v["base"] for _, v in settings))
-    best = {
-        b: max((v for _, v in settings if v["base"] == b), key=lambda v: fused[id(v)])
-        for b in bases
-    }
+
+    def fused(v: Mapping[str, Any]) -> float:
+        return common.mean_std([r["validation"]["fused_top1"] for r in v["runs"]])[0]
+
     rows = []
-    for base in bases:  # one block per variant searched, its best in bold
-        for label, v in settings:
-            if v["base"] != base:
-                continue
+    for base in dict.fromkeys(v["base"] for _, v in settings):  # one block per variant searched
+        group = [(label, v) for label, v in settings if v["base"] == base]
+        best = max((v for _, v in group), key=fused)
+        for label, v in group:
             seeds = ", ".join(str(r["seed"]) for r in v["runs"])
             heads = [val(v["runs"], h) for h in ("fused", "visual", "cdr")]
             protocol = ablation.report_protocol(v)
             overrides = ablation.overrides_text(v) or "(the config as it is)"
-            name = f"**{label}**" if v is best[base] else label
+            name = f"**{label}**" if v is best else label
             rows.append([name, v["base"], protocol, overrides, seeds, *heads])
     header = [
         "setting",
