@@ -96,7 +96,9 @@ def parse_extra_variant(spec: str) -> tuple[str, str, dict[str, Any]]:
 
     Values are Python literals (numbers, True, 'quoted') or bare strings: 'gated=full model.fusion=gated'.
     The field `protocol` (a key of PROTOCOLS) trains the variant under another protocol than the
-    config's: 'full_joint=full protocol=joint'.
+    config's: 'full_joint=full protocol=joint'. A label equal to its base gives that variant
+    settings of its own under its own name (each variant's tuned settings, compared as the
+    variant): 'baseline=baseline loss.label_smoothing=0.1'.
     """
     head, *assignments = spec.split()
     label, sep, base = head.partition("=")
@@ -105,10 +107,14 @@ def parse_extra_variant(spec: str) -> tuple[str, str, dict[str, Any]]:
             f"--extra_variant {spec!r}: expected 'LABEL=BASE field=value ...' with BASE one of "
             f"{sorted(VARIANTS)}."
         )
-    if not label.replace("_", "").replace("-", "").isalnum() or label in VARIANTS:
+    if not label.replace("_", "").replace("-", "").isalnum() or label in set(VARIANTS) - {base}:
         raise common.UsageError(
-            f"--extra_variant {spec!r}: the label must be letters, digits, '_' or '-' and differ "
-            f"from {sorted(VARIANTS)}."
+            f"--extra_variant {spec!r}: the label must be letters, digits, '_' or '-', and a "
+            f"variant's name ({sorted(VARIANTS)}) only as the label of that variant itself."
+        )
+    if label == base and not assignments:
+        raise common.UsageError(
+            f"--extra_variant {spec!r} gives {base!r} no settings: list it in --variants instead."
         )
     overrides = {}
     for a in assignments:
@@ -496,7 +502,7 @@ def run(
     pairs = list(COMPARISONS) + [
         (f"{label} ({overrides_text(report['variants'][label])})", label, base)
         for label, (base, overrides) in plan.items()
-        if overrides and base in plan
+        if overrides and base in plan and label != base
     ]
     report["comparisons"] = [
         c

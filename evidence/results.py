@@ -156,13 +156,17 @@ def tuning_markdown(reports: Sequence[Mapping[str, Any]]) -> str:
             protocol = ablation.report_protocol(v)
             overrides = ablation.overrides_text(v) or "(the config as it is)"
             name = f"**{label}**" if v is best else label
-            rows.append([name, v["base"], protocol, overrides, seeds, *heads])
+            cpus = ", ".join(
+                dict.fromkeys(r["machine"]["cpu"] for r in v["runs"] if "machine" in r)
+            )
+            rows.append([name, v["base"], protocol, overrides, seeds, cpus or "?", *heads])
     header = [
         "setting",
         "variant",
         "protocol",
         "overrides",
         "seeds",
+        "trained on",
         "fused top-1",
         "visual probe",
         "CDR head",
@@ -170,7 +174,9 @@ def tuning_markdown(reports: Sequence[Mapping[str, Any]]) -> str:
     lines = [
         "Searches (each setting is its search's base config with the overrides in the table; what "
         "the base line does not name is in each run's config.json), grouped by the variant they "
-        "tune. In bold: each variant's best setting by fused validation top-1.",
+        "tune. In bold: each variant's best setting by fused validation top-1. XLA compiles other "
+        "code for another CPU model, so a seed trained on another CPU follows another trajectory: "
+        "settings trained on different CPUs differ by about as much as two seeds would.",
         "",
     ]
     lines += [f"- {c}" for c in commands]

@@ -153,7 +153,19 @@ def test_extra_variant_specs():
         "full",
         {"model.fusion": "gated", "cdr_w": 1.5},
     )
-    for bad in ("gated", "gated=nope", "full=full", "x=full model.fusion"):
+    # A variant's own name labels that variant with settings of its own (its tuned settings).
+    assert ablation.parse_extra_variant("full=full loss.w_mse=0.3") == (
+        "full",
+        "full",
+        {"loss.w_mse": 0.3},
+    )
+    for bad in (
+        "gated",
+        "gated=nope",
+        "full=full",
+        "ema=full loss.w_mse=0.3",
+        "x=full model.fusion",
+    ):
         with pytest.raises(ValueError, match="--extra_variant"):
             ablation.parse_extra_variant(bad)
     config = tiny.get_config()
@@ -306,6 +318,30 @@ def test_ablation_gives_some_variants_more_seeds_and_pairs_on_shared_seeds(
         ablation.run(config, tmp_path, variants=("baseline",), seeds=(0,), seeds_of={"aux": [0]})
     with pytest.raises(common.UsageError, match="expected 'VARIANT"):
         ablation.parse_seeds_of(["baseline:0,1"])
+
+
+def test_ablation_compares_variants_with_settings_of_their_own_under_their_names(
+    tiny_data_dir, tmp_path, monkeypatch
+):
+    """Each variant trained with its own tuned settings is still 'baseline', 'full', ...: the
+    paper's comparisons pair them, and the report records each one's settings."""
+
+    def fake_training(config, workdir):  # accuracy = 0.5 + 0.1 for full + the label smoothing
+        acc = 0.5 + 0.1 * (config.variant == "full") + config.loss.label_smoothing
+        split = {"fused_top1": acc, "fused_top5": 1.0, "num_examples": 64.0}
+        return {config.data.eval_split: split, config.data.test_split: split}
+
+    monkeypatch.setattr(trainer, "train_and_evaluate", fake_training)
+    config = _config(tiny_data_dir)
+    tuned = ("baseline=baseline loss.label_smoothing=0.05", "full=full loss.w_mse=0.3")
+    report = ablation.run(config, tmp_path, variants=("ema",), seeds=(0, 1), extra_variants=tuned)
+    assert report["variants"]["baseline"]["overrides"] == {"loss.label_smoothing": 0.05}
+    assert report["variants"]["full"]["base"] == "full"
+    by_name = {c["name"]: c for c in report["comparisons"]}
+    assert set(by_name) == {"EMA alone", "EMA + CDR (full MARNet)", "CDR on top of EMA"}
+    assert by_name["EMA + CDR (full MARNet)"]["delta_mean"] == pytest.approx(0.05)
+    with pytest.raises(common.UsageError, match="'baseline' given twice"):
+        ablation.run(config, tmp_path, variants=("baseline",), seeds=(0,), extra_variants=tuned)
 
 
 def test_ablation_stops_on_preemption_without_marking_the_run_done(
@@ -761,23 +797,26 @@ def test_every_command_line_end_to_end(tiny_data_dir, tmp_path):
 
 
 def test_search_table_groups_settings_by_variant_and_bolds_each_variants_best():
-    """Searches split over several workdirs read as one search per variant."""
+    """Searches split over several workdirs read as one search per variant, each setting with the
+    CPU it was trained on (another CPU model is another trajectory)."""
     config = dict(dataset="d", image_size=8, backbone="r", backbone_kwargs={}, embed_dim=4,
                   fusion="concat", train_steps=10, batch_size=2, lr=0.1, cdr_test_chain="c")  # fmt: skip
 
-    def report(settings):
+    def report(settings, cpu):
         variants = {
             label: dict(base=base, overrides={"optim.lr": lr}, protocol="-",
-                        runs=[dict(seed=0, validation={"fused_top1": acc, "visual_top1": acc})])
+                        runs=[dict(seed=0, validation={"fused_top1": acc, "visual_top1": acc},
+                                   machine={"cpu": cpu})])
             for label, base, lr, acc in settings
         }  # fmt: skip
         return dict(variants=variants, provenance=dict(command="cmd", config=config))
 
     page = results.tuning_markdown(
         [
-            report([("b1", "baseline", 0.1, 0.70), ("d1", "distill", 0.1, 0.60)]),
-            report([("b2", "baseline", 0.2, 0.75), ("d2", "distill", 0.2, 0.55)]),
+            report([("b1", "baseline", 0.1, 0.70), ("d1", "distill", 0.1, 0.60)], "CPU A"),
+            report([("b2", "baseline", 0.2, 0.75), ("d2", "distill", 0.2, 0.55)], "CPU B"),
         ]
     )
-    rows = [line.split(" | ")[0].strip("| ") for line in page.splitlines() if line.startswith("| ")]
-    assert rows[1:] == ["b1", "**b2**", "**d1**", "d2"]
+    rows = [line.split(" | ") for line in page.splitlines() if line.startswith("| ")]
+    assert [r[0].strip("| ") for r in rows[1:]] == ["b1", "**b2**", "**d1**", "d2"]
+    assert [r[5] for r in rows[1:]] == ["CPU A", "CPU B", "CPU A", "CPU B"]
