@@ -128,6 +128,28 @@ def parse_extra_variant(spec: str) -> tuple[str, str, dict[str, Any]]:
     return label, base, overrides
 
 
+def variant_plan(
+    variants: Sequence[str], extra_variants: Sequence[str]
+) -> dict[str, tuple[str, dict[str, Any]]]:
+    """{label: (base variant, overrides)} of a study: `variants` as they are, then each
+    --extra_variant spec."""
+    plan: dict[str, tuple[str, dict[str, Any]]] = {}
+    for v in variants:
+        if v not in VARIANTS:
+            raise common.UsageError(
+                f"Unknown variant {v!r} in --variants; expected one of {sorted(VARIANTS)}."
+            )
+        plan[v] = (v, {})
+    for spec in extra_variants:
+        label, base, overrides = parse_extra_variant(spec)
+        if label in plan:
+            raise common.UsageError(f"Variant label {label!r} given twice.")
+        plan[label] = (base, overrides)
+    if not plan:
+        raise common.UsageError("No variants to train.")
+    return plan
+
+
 def parse_seeds_of(specs: Sequence[str]) -> dict[str, list[int]]:
     """['baseline,full=0,1,2,3,4', ...] -> {'baseline': [0, ..., 4], 'full': [0, ..., 4]}."""
     out: dict[str, list[int]] = {}
@@ -449,20 +471,7 @@ def run(
     common.check_seeds(seeds, "--seeds")
     for label, own in seeds_of.items():
         common.check_seeds(own, f"--seeds_of {label}")
-    plan: dict[str, tuple[str, dict[str, Any]]] = {}
-    for v in variants:
-        if v not in VARIANTS:
-            raise common.UsageError(
-                f"Unknown variant {v!r} in --variants; expected one of {sorted(VARIANTS)}."
-            )
-        plan[v] = (v, {})
-    for spec in extra_variants:
-        label, base, overrides = parse_extra_variant(spec)
-        if label in plan:
-            raise common.UsageError(f"Variant label {label!r} given twice.")
-        plan[label] = (base, overrides)
-    if not plan:
-        raise common.UsageError("No variants to train.")
+    plan = variant_plan(variants, extra_variants)
     unknown = sorted(set(seeds_of) - set(plan))
     if unknown:
         raise common.UsageError(

@@ -25,7 +25,6 @@ import ml_collections
 
 from evidence import ablation, common
 from marnet_jax import cli, reporting
-from marnet_jax.config import VARIANTS
 
 log = logging.getLogger("marnet_jax")
 
@@ -79,16 +78,7 @@ def run(
     common.check_seeds(seeds, "--seeds")
     if not budgets or min(budgets) < 1:
         raise common.UsageError(f"--budgets must be positive step counts, got {list(budgets)}.")
-    plan: dict[str, tuple[str, dict[str, Any]]] = {}
-    for v in variants:
-        if v not in VARIANTS:
-            raise common.UsageError(f"Unknown variant {v!r}; expected one of {sorted(VARIANTS)}.")
-        plan[v] = (v, {})
-    for spec in extra_variants:
-        label, base, overrides = ablation.parse_extra_variant(spec)
-        if label in plan:
-            raise common.UsageError(f"Variant label {label!r} given twice.")
-        plan[label] = (base, overrides)
+    plan = ablation.variant_plan(variants, extra_variants)
     budgets_of = dict(budgets_of or {})
     unknown = sorted(set(budgets_of) - set(plan))
     if unknown:

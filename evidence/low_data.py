@@ -2,10 +2,12 @@
 
     python -m evidence.low_data --config configs/default.py --workdir runs/evidence \
         [--fractions 0.1,0.3,1.0] [--variants baseline,aux,full] [--seeds 0,1,2]
+        [--extra_variant 'full=full loss.w_mse=0.3']
 
 Privileged text should matter most when images are few. Every (variant, fraction, seed) is a normal
 training run with `data.train_fraction` set (a fixed random subset, the same for every seed and
-variant, nested across fractions). Runs of fraction 1.0 are the ablation's own
+variant, nested across fractions). Variants and extra variants are named as in evidence.ablation
+(the same label for the same settings in both studies). Runs of fraction 1.0 are the ablation's own
 (`<workdir>/ablation/runs/<variant>/seed_<s>/`): trained once, shared by both studies. Rerunning skips
 finished runs and resumes an interrupted one. Writes `<workdir>/low_data/`: low_data.json (every run,
 summaries, paired comparisons per fraction), low_data.csv, low_data.md and low_data.png (fused test
@@ -23,7 +25,6 @@ import ml_collections
 
 from evidence import ablation, common
 from marnet_jax import cli, reporting
-from marnet_jax.config import VARIANTS
 
 log = logging.getLogger("marnet_jax")
 
@@ -65,17 +66,15 @@ def run(
     fractions: Sequence[float],
     variants: Sequence[str],
     seeds: Sequence[int],
+    extra_variants: Sequence[str] = (),
     command: str = "",
 ) -> dict[str, Any]:
     """Trains what is missing, then writes low_data.json/.csv/.md/.png; returns the JSON record."""
     workdir = Path(workdir)
-    for v in variants:
-        if v not in VARIANTS:
-            raise common.UsageError(f"Unknown variant {v!r}; expected one of {sorted(VARIANTS)}.")
     common.check_seeds(seeds, "--seeds")
     plan = {
-        (v, f, s): ablation.variant_config(config, v, {"data.train_fraction": f}, s)
-        for v in variants
+        (v, f, s): ablation.variant_config(config, base, {**ov, "data.train_fraction": f}, s)
+        for v, (base, ov) in ablation.variant_plan(variants, extra_variants).items()
         for f in fractions
         for s in seeds
     }
@@ -202,6 +201,9 @@ def _define_flags() -> None:
     flags.DEFINE_list("fractions", ["0.1", "0.3", "1.0"], "Fractions of the training split.")
     flags.DEFINE_list("variants", ["baseline", "aux", "full"], "Variants to train.")
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (config.seed) of every variant.")
+    flags.DEFINE_multi_string(
+        "extra_variant", None, "Another variant, as in evidence.ablation. Repeatable."
+    )
 
 
 def _run_from_flags(f: Any) -> Path:
@@ -211,6 +213,7 @@ def _run_from_flags(f: Any) -> Path:
         fractions=_parse_fractions(f.fractions),
         variants=f.variants,
         seeds=common.parse_ints(f.seeds, "--seeds"),
+        extra_variants=f.extra_variant or (),
         command=common.command_line(),
     )
     return Path(f.workdir) / STUDY / f"{STUDY}.md"

@@ -601,6 +601,11 @@ def test_low_data_study_trains_subsets_and_shares_full_data_runs_with_the_ablati
     assert again["rows"] == report["rows"]
     with pytest.raises(common.UsageError, match="fractions"):
         low_data._parse_fractions(["0.1", "2"])
+    # A variant with settings of its own: that run is another config, so it cannot pass for the
+    # ablation's run of the same name.
+    with pytest.raises(common.UsageError, match=r"loss.label_smoothing: 0.0 -> 0.1"):
+        low_data.run(config, tmp_path, fractions=(1.0,), variants=(), seeds=(0,),
+                     extra_variants=("baseline=baseline loss.label_smoothing=0.1",))  # fmt: skip
 
 
 def test_convergence_trains_each_budget_as_its_own_run_and_finds_where_it_converged(
