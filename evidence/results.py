@@ -120,6 +120,30 @@ def load_studies(workdir: Path) -> dict[str, dict[str, Any]]:
 STUDY_ABLATION = "ablation"
 
 
+def _val_fused(v: Mapping[str, Any]) -> float:
+    """A search setting's mean fused validation top-1: what a search chooses by."""
+    from evidence import common
+
+    return common.mean_std([r["validation"]["fused_top1"] for r in v["runs"]])[0]
+
+
+def search_groups(
+    reports: Sequence[Mapping[str, Any]],
+) -> dict[str, list[tuple[str, Mapping[str, Any]]]]:
+    """{variant searched: [(setting label, its entry), ...]}, in the searches' order: searches split
+    over several workdirs read as one search per variant."""
+    settings = [item for report in reports for item in report["variants"].items()]
+    return {
+        base: [(label, v) for label, v in settings if v["base"] == base]
+        for base in dict.fromkeys(v["base"] for _, v in settings)
+    }
+
+
+def best_setting(group: Sequence[tuple[str, Mapping[str, Any]]]) -> tuple[str, Mapping[str, Any]]:
+    """The setting of a search group with the best fused validation top-1."""
+    return max(group, key=lambda item: _val_fused(item[1]))
+
+
 def tuning_markdown(reports: Sequence[Mapping[str, Any]]) -> str:
     """Every setting a search tried, with its validation accuracies (the test split is not shown:
     choices are made on validation only)."""
@@ -134,22 +158,13 @@ def tuning_markdown(reports: Sequence[Mapping[str, Any]]) -> str:
         mean, std = common.mean_std(values)
         return reporting.pct_pm(mean, std if len(values) > 1 else None)
 
-    commands, settings = [], []  # settings: (label, variant entry), in the searches' order
-    for report in reports:
-        p = report["provenance"]
-        commands.append(
-            f"`{_command(p)}` (code {p.get('git_commit') or '?'}; base: "
-            f"{_config_line(p['config'])})"
-        )
-        settings += list(report["variants"].items())
-
-    def fused(v: Mapping[str, Any]) -> float:
-        return common.mean_std([r["validation"]["fused_top1"] for r in v["runs"]])[0]
-
+    commands = [
+        f"`{_command(p)}` (code {p.get('git_commit') or '?'}; base: {_config_line(p['config'])})"
+        for p in (report["provenance"] for report in reports)
+    ]
     rows = []
-    for base in dict.fromkeys(v["base"] for _, v in settings):  # one block per variant searched
-        group = [(label, v) for label, v in settings if v["base"] == base]
-        best = max((v for _, v in group), key=fused)
+    for group in search_groups(reports).values():  # one block per variant searched
+        _, best = best_setting(group)
         for label, v in group:
             seeds = ", ".join(str(r["seed"]) for r in v["runs"])
             heads = [val(v["runs"], h) for h in ("fused", "visual", "cdr")]
@@ -157,7 +172,9 @@ def tuning_markdown(reports: Sequence[Mapping[str, Any]]) -> str:
             overrides = ablation.overrides_text(v) or "(the config as it is)"
             name = f"**{label}**" if v is best else label
             cpus = ", ".join(
-                dict.fromkeys(r["machine"]["cpu"] for r in v["runs"] if "machine" in r)
+                dict.fromkeys(
+                    reporting.short_cpu(r["machine"]["cpu"]) for r in v["runs"] if "machine" in r
+                )
             )
             rows.append([name, v["base"], protocol, overrides, seeds, cpus or "?", *heads])
     header = [
@@ -474,6 +491,28 @@ def _convergence_claims(report: Mapping[str, Any] | None) -> list[str]:
     return lines
 
 
+def _search_claims(reports: Sequence[Mapping[str, Any]] | None) -> list[str]:
+    """Each variant's best setting in the search over training protocols (validation only)."""
+    if not reports:
+        return []
+    from evidence import ablation
+
+    best = []
+    for base, group in search_groups(reports).items():
+        label, v = best_setting(group)
+        what = ablation.overrides_text(v) or "as the config is"
+        best.append(
+            f"{base}: {label} ({what}), {reporting.pct(_val_fused(v))} % (best of {len(group)})"
+        )
+    steps = sorted({r["provenance"]["config"].get("train_steps") for r in reports})
+    return [
+        f"- Search over training protocols (fused validation top-1, "
+        f"{'/'.join(map(str, steps))} steps; section 10), each variant's best setting: "
+        + "; ".join(best)
+        + "."
+    ]
+
+
 def summary(studies: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """One bullet per claim of the paper with the verdict of the numbers (or that it is not run)."""
     lines = []
@@ -490,6 +529,7 @@ def summary(studies: Mapping[str, Mapping[str, Any]]) -> list[str]:
         )
     lines += _low_data_claims(studies.get("low_data", {}).get("json"))
     lines += _convergence_claims(studies.get("convergence", {}).get("json"))
+    lines += _search_claims(studies.get(PROTOCOL_TUNING, {}).get("json"))
     lines += _protocol_claims(studies.get("protocol/ablation", {}).get("json"))
     rb = studies.get("robustness", {}).get("json")
     found = False

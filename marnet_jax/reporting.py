@@ -8,6 +8,7 @@ import json
 import math
 import os
 import platform
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,12 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def short_cpu(model: str) -> str:
+    """A CPU model name without trademarks and filler: 'Intel(R) Xeon(R) Processor' -> 'Intel Xeon'."""
+    words = re.sub(r"\((R|TM|tm)\)", "", model).split()
+    return " ".join(w for w in words if w not in ("Processor", "CPU")) or model
 
 
 def machine() -> dict[str, Any]:

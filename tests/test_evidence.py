@@ -803,7 +803,8 @@ def test_every_command_line_end_to_end(tiny_data_dir, tmp_path):
 
 def test_search_table_groups_settings_by_variant_and_bolds_each_variants_best():
     """Searches split over several workdirs read as one search per variant, each setting with the
-    CPU it was trained on (another CPU model is another trajectory)."""
+    CPU it was trained on (another CPU model is another trajectory); the summary names each
+    variant's best."""
     config = dict(dataset="d", image_size=8, backbone="r", backbone_kwargs={}, embed_dim=4,
                   fusion="concat", train_steps=10, batch_size=2, lr=0.1, cdr_test_chain="c")  # fmt: skip
 
@@ -816,12 +817,14 @@ def test_search_table_groups_settings_by_variant_and_bolds_each_variants_best():
         }  # fmt: skip
         return dict(variants=variants, provenance=dict(command="cmd", config=config))
 
-    page = results.tuning_markdown(
-        [
-            report([("b1", "baseline", 0.1, 0.70), ("d1", "distill", 0.1, 0.60)], "CPU A"),
-            report([("b2", "baseline", 0.2, 0.75), ("d2", "distill", 0.2, 0.55)], "CPU B"),
-        ]
-    )
+    reports = [
+        report([("b1", "baseline", 0.1, 0.70), ("d1", "distill", 0.1, 0.60)], "AMD EPYC"),
+        report([("b2", "baseline", 0.2, 0.75), ("d2", "distill", 0.2, 0.55)], "Intel(R) Xeon(R)"),
+    ]
+    page = results.tuning_markdown(reports)
     rows = [line.split(" | ") for line in page.splitlines() if line.startswith("| ")]
     assert [r[0].strip("| ") for r in rows[1:]] == ["b1", "**b2**", "**d1**", "d2"]
-    assert [r[5] for r in rows[1:]] == ["CPU A", "CPU B", "CPU A", "CPU B"]
+    assert [r[5] for r in rows[1:]] == ["AMD EPYC", "Intel Xeon", "AMD EPYC", "Intel Xeon"]
+    (claim,) = results._search_claims(reports)
+    assert "baseline: b2 (optim.lr=0.2), 75.0 % (best of 2)" in claim
+    assert "distill: d1 (optim.lr=0.1), 60.0 % (best of 2)" in claim
