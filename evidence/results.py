@@ -51,6 +51,18 @@ SEARCHES = (TUNING, PROTOCOL_TUNING)
 # <workdir>/pretrained/<init>/ablation/ablation.json: one ablation call per initialisation.
 PRETRAINED = "pretrained"
 INITS = {"scratch": "from scratch", "imagenet": "ImageNet-1k weights"}
+# The study of the chosen protocol: each variant with its best setting of the search (section 10),
+# at a budget where the baseline has converged (section 8).
+_CHOSEN = "--config.train.num_steps=6400 --workdir W/protocol"
+_TUNED = (
+    "--extra_variant 'baseline=baseline loss.label_smoothing=0.1' "
+    "--extra_variant 'distill=distill loss.distill_temperature=4.0' "
+    "--extra_variant 'full=full loss.w_mse=0.3 loss.w_cdr=0.3 model.classifier_input=x_v'"
+)
+_TUNED_MODULES = (
+    "--extra_variant 'ema=ema model.classifier_input=x_v' "
+    "--extra_variant 'cdr=cdr loss.w_mse=0.3 loss.w_cdr=0.3'"
+)
 COMMANDS = {
     "tuning": "python -m evidence.ablation --config configs/default.py "
     "--workdir W/tuning/NAME --seeds 0 --variants ... --extra_variant 'LABEL=BASE field=value'",
@@ -67,11 +79,11 @@ COMMANDS = {
     "gradients": "python -m evidence.gradients --workdir W --steps N",
     "protocol_tuning": "python -m evidence.ablation --config configs/default.py "
     "--workdir W/protocol_tuning/NAME --seeds 0 --variants ... --extra_variant 'LABEL=BASE ...'",
-    "protocol/ablation": "python -m evidence.ablation --config configs/default.py:full,PROTOCOL "
-    "--workdir W/protocol --variants baseline,aux,distill,ema,cdr,full --seeds 0,1,2 "
+    "protocol/ablation": "python -m evidence.ablation --config configs/default.py:full,teacher "
+    f"{_CHOSEN} --variants aux {_TUNED} {_TUNED_MODULES} --seeds 0,1,2 "
     "--seeds_of baseline,aux,distill,full=0,1,2,3,4",
-    "protocol/low_data": "python -m evidence.low_data --config configs/default.py:full,PROTOCOL "
-    "--workdir W/protocol --variants baseline,aux,distill,full",
+    "protocol/low_data": "python -m evidence.low_data --config configs/default.py:full,teacher "
+    f"{_CHOSEN} --variants aux {_TUNED} --fractions 0.1,0.3,1.0 --seeds 0,1,2",
 }
 
 
