@@ -57,11 +57,11 @@ _CHOSEN = "--config.train.num_steps=6400 --workdir W/protocol"
 _TUNED = (
     "--extra_variant 'baseline=baseline loss.label_smoothing=0.1' "
     "--extra_variant 'distill=distill loss.distill_temperature=4.0' "
-    "--extra_variant 'full=full loss.w_mse=0.3 loss.w_cdr=0.3 model.classifier_input=x_v'"
+    "--extra_variant 'full=full loss.w_mse=0.1 loss.w_cdr=0.1 model.classifier_input=x_v'"
 )
 _TUNED_MODULES = (
     "--extra_variant 'ema=ema model.classifier_input=x_v' "
-    "--extra_variant 'cdr=cdr loss.w_mse=0.3 loss.w_cdr=0.3'"
+    "--extra_variant 'cdr=cdr loss.w_mse=0.1 loss.w_cdr=0.1'"
 )
 COMMANDS = {
     "tuning": "python -m evidence.ablation --config configs/default.py "
