@@ -235,20 +235,25 @@ def paired_verdict(deltas: Sequence[float], better: str, worse: str) -> str:
 
 
 def run_index(workdir: Path) -> dict[str, dict[int, Path]]:
-    """{variant label: {seed: run directory}} of every finished run in `<workdir>/ablation/runs`.
+    """{variant label: {seed: run directory}} of every finished run with its weights in
+    `<workdir>/ablation/runs`.
 
     Read from the runs' markers, not from ablation.json: an ablation run in parts (one call per
     variant, say) rewrites that report with its own variants only, yet every finished run counts.
+    A record restored from docs/results without its checkpoints is not a model to read.
     """
     root = workdir / ABLATION / "runs"
     index: dict[str, dict[int, Path]] = {}
     for marker in sorted(root.glob(f"*/seed_*/{RUN_MARKER}")):
         run_dir = marker.parent
+        if not (run_dir / "checkpoints").is_dir():
+            continue
         index.setdefault(run_dir.parent.name, {})[int(run_dir.name.removeprefix("seed_"))] = run_dir
     if not index:
         raise UsageError(
-            f"No finished ablation runs in {root}: run `python -m evidence.ablation` with "
-            "this --workdir first (it trains the runs the other studies read)."
+            f"No finished ablation runs with their checkpoints in {root}: run `python -m "
+            "evidence.ablation` with this --workdir first (it trains the runs the other studies "
+            "read; records restored from docs/results hold no weights)."
         )
     return index
 

@@ -13,7 +13,10 @@ variants from scratch and from the packaged ImageNet weights, paired by seed); t
 training protocols from `<workdir>/protocol_tuning/<name>/`. The PNG figures, every study's JSON and
 CSV and every search's JSON are copied next to the page, into `<output stem>/` (docs/results/):
 `--restore_from docs/results` lays them out into a workdir again, so that a later session
-regenerates the page with every earlier study and adds its own.
+regenerates the page with every earlier study and adds its own. Each finished run's record goes to
+`<output stem>/runs/` and comes back to its run directory: a study command run again there skips
+those runs (their records, not their weights: the studies that read a trained model need the runs
+trained in that workdir).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ STUDIES = {
 TUNING = "tuning"  # <workdir>/tuning/<name>/ablation/ablation.json: one ablation call per search
 # <workdir>/protocol_tuning/<name>/ablation/ablation.json: the searches over training protocols.
 PROTOCOL_TUNING = "protocol_tuning"
+RUNS = "runs"  # <output stem>/runs/<a run directory's path in the workdir>/evidence_run.json
 SEARCHES = (TUNING, PROTOCOL_TUNING)
 # <workdir>/pretrained/<init>/ablation/ablation.json: one ablation call per initialisation.
 PRETRAINED = "pretrained"
@@ -709,7 +713,11 @@ def _summarised() -> list[str]:
 def publish(workdir: Path, out_dir: Path) -> None:
     """Copies every study's JSON and CSV into `out_dir` (docs/results/) as <study>.json / .csv
     ('protocol/ablation' as protocol_ablation.json), searches as <group>_<name>.json, so that the
-    committed page can be regenerated (`restore`)."""
+    committed page can be regenerated (`restore`), and every finished run's record into
+    `out_dir/runs/` at its run directory's path, so that a study run in parts over several
+    machines or sessions skips the runs an earlier part finished."""
+    from evidence import common
+
     out_dir.mkdir(parents=True, exist_ok=True)
     for study in _summarised():
         for ext in ("json", "csv"):
@@ -718,6 +726,10 @@ def publish(workdir: Path, out_dir: Path) -> None:
                 shutil.copyfile(src, out_dir / f"{_file_stem(study)}.{ext}")
     for name, src in _search_files(workdir).items():
         shutil.copyfile(src, out_dir / f"{name}.json")
+    for marker in sorted(workdir.rglob(common.RUN_MARKER)):
+        dest = out_dir / RUNS / marker.relative_to(workdir)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(marker, dest)
 
 
 def restore(summaries: Path, workdir: Path) -> list[str]:
@@ -738,6 +750,15 @@ def restore(summaries: Path, workdir: Path) -> list[str]:
         for png in summaries.glob(f"{stem}_*.png"):
             shutil.copyfile(png, dest / png.name[len(stem) + 1 :])
         done.append(stem)
+    records = 0
+    for src in sorted((summaries / RUNS).rglob("*.json")):
+        dest = workdir / src.relative_to(summaries / RUNS)
+        if not dest.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dest)
+            records += 1
+    if records:
+        done.append(f"{records} run records")
     for src in sorted(summaries.glob("*.json")):
         for group in (*SEARCHES, PRETRAINED):
             if src.stem.startswith(f"{group}_"):

@@ -344,6 +344,40 @@ def test_ablation_compares_variants_with_settings_of_their_own_under_their_names
         ablation.run(config, tmp_path, variants=("baseline",), seeds=(0,), extra_variants=tuned)
 
 
+def test_a_study_resumes_in_another_workdir_from_the_published_run_records(
+    tiny_data_dir, tmp_path, monkeypatch
+):
+    """A study run in parts over several sessions: the records of the runs one part finished are
+    published next to the page and restored into a fresh workdir, where they are not trained again
+    (and, holding no weights, are not offered as models to the studies that read one)."""
+
+    def fake_training(config, workdir):
+        split = {"fused_top1": 0.5 + config.seed / 100, "fused_top5": 1.0, "num_examples": 64.0}
+        return {config.data.eval_split: split, config.data.test_split: split}
+
+    monkeypatch.setattr(trainer, "train_and_evaluate", fake_training)
+    config, first, second = _config(tiny_data_dir), tmp_path / "a", tmp_path / "b"
+    ablation.run(config, first / "protocol", variants=("baseline",), seeds=(0, 1))
+    results.publish(first, tmp_path / "docs")
+    assert "2 run records" in results.restore(tmp_path / "docs", second)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(trainer, "train_and_evaluate", no_training)
+    again = ablation.run(config, second / "protocol", variants=("baseline",), seeds=(0, 1))
+    assert [r["validation"]["fused_top1"] for r in again["variants"]["baseline"]["runs"]] == [
+        0.5,
+        0.51,
+    ]
+    with pytest.raises(common.UsageError, match="hold no weights"):
+        common.run_index(second / "protocol")
+    changed = _config(tiny_data_dir)
+    changed.train.num_steps = 3  # a restored record still guards its run's config
+    with pytest.raises(common.UsageError, match=r"train.num_steps: 2 -> 3"):
+        ablation.run(changed, second / "protocol", variants=("baseline",), seeds=(0,))
+
+
 def test_ablation_stops_on_preemption_without_marking_the_run_done(
     tiny_data_dir, tmp_path, monkeypatch
 ):
@@ -766,7 +800,10 @@ def test_studies_without_an_ablation_say_so(tiny_data_dir, tmp_path):
     def study():
         figures.run(_config(tiny_data_dir), tmp_path)
 
-    with pytest.raises(SystemExit, match=r"prog: No finished ablation runs in .*: run `python -m"):
+    with pytest.raises(
+        SystemExit,
+        match=r"prog: No finished ablation runs with their checkpoints in .*: run `python -m",
+    ):
         common.run_cli("prog", study)
 
 
