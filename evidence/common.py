@@ -242,11 +242,13 @@ def run_index(workdir: Path) -> dict[str, dict[int, Path]]:
     variant, say) rewrites that report with its own variants only, yet every finished run counts.
     A record restored from docs/results without its checkpoints is not a model to read.
     """
+    from marnet_jax.train import checkpoint
+
     root = workdir / ABLATION / "runs"
     index: dict[str, dict[int, Path]] = {}
     for marker in sorted(root.glob(f"*/seed_*/{RUN_MARKER}")):
         run_dir = marker.parent
-        if not (run_dir / "checkpoints").is_dir():
+        if not checkpoint.is_run_dir(run_dir):
             continue
         index.setdefault(run_dir.parent.name, {})[int(run_dir.name.removeprefix("seed_"))] = run_dir
     if not index:

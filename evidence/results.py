@@ -737,6 +737,8 @@ def restore(summaries: Path, workdir: Path) -> list[str]:
     evidence workdir, each study's fragment written again from its JSON, so that the page can be
     regenerated, and new studies added to it, without the runs. What the workdir already holds is
     kept. Returns what it restored."""
+    from evidence import common
+
     done = []
     modules = _modules()
     for study in _summarised():
@@ -751,7 +753,7 @@ def restore(summaries: Path, workdir: Path) -> list[str]:
             shutil.copyfile(png, dest / png.name[len(stem) + 1 :])
         done.append(stem)
     records = 0
-    for src in sorted((summaries / RUNS).rglob("*.json")):
+    for src in sorted((summaries / RUNS).rglob(common.RUN_MARKER)):
         dest = workdir / src.relative_to(summaries / RUNS)
         if not dest.exists():
             dest.parent.mkdir(parents=True, exist_ok=True)
