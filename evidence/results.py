@@ -625,6 +625,29 @@ def corruption_table() -> str:
     )
 
 
+def not_run_yet(study_dir: Path, command: str) -> str:
+    """The line of a study without its report: its command, and which of its runs have finished
+    (a long study runs in parts over sessions; its report comes when one command has them all)."""
+    from evidence import common
+
+    done: dict[str, list[str]] = {}
+    for marker in sorted(study_dir.rglob(common.RUN_MARKER)):
+        parts = marker.parent.relative_to(study_dir).parts  # .../runs/<label>[/<budget>]/seed_<n>
+        label = " ".join(parts[parts.index(RUNS) + 1 : -1] if RUNS in parts else parts[:-1])
+        done.setdefault(label, []).append(parts[-1].removeprefix("seed_"))
+    if not done:
+        return f"Not run yet: `{command}`."
+    runs = "; ".join(
+        f"{label} seed {', '.join(sorted(seeds, key=lambda x: (len(x), x)))}"
+        for label, seeds in done.items()
+    )
+    n = sum(map(len, done.values()))
+    return (
+        f"In progress: `{command}`. Finished so far, {n} run(s): {runs}. The table and the "
+        "verdicts come when that command has trained every run (run it again to resume)."
+    )
+
+
 def page(workdir: Path, output: Path, command: str) -> str:
     studies = load_studies(workdir)
     figures_dir = output.parent / output.stem
@@ -648,7 +671,7 @@ def page(workdir: Path, output: Path, command: str) -> str:
     for study, title in STUDIES.items():
         text += ["", f"## {title}", ""]
         if study not in studies:
-            text.append(f"Not run yet: `{COMMANDS[study]}`.")
+            text.append(not_run_yet(workdir / study, COMMANDS[study]))
             continue
         s = studies[study]
         if study in (*SEARCHES, PRETRAINED):

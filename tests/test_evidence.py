@@ -780,6 +780,21 @@ def test_results_page_regenerates_from_the_committed_summaries(tmp_path):
     assert json.loads((again / "protocol/ablation/ablation.json").read_text()) == report
 
 
+def test_a_study_run_in_parts_shows_which_runs_have_finished(tmp_path):
+    """Until one command has trained all its runs there is no report; the page gives the command
+    and names the runs already finished, so the next part knows where the study stands."""
+    study = tmp_path / "protocol/ablation"
+    assert results.not_run_yet(study, "CMD") == "Not run yet: `CMD`."
+    for label, seed in [("full", 10), ("baseline", 0), ("full", 2)]:
+        run_dir = study / "ablation/runs" / label / f"seed_{seed}"
+        run_dir.mkdir(parents=True)
+        (run_dir / common.RUN_MARKER).write_text("{}")
+    (study / "ablation/runs/aux/seed_0").mkdir(parents=True)  # started, not finished
+    line = results.not_run_yet(study, "CMD")
+    assert line.startswith("In progress: `CMD`. Finished so far, 3 run(s): ")
+    assert "baseline seed 0; full seed 2, 10." in line and "aux" not in line
+
+
 def test_results_without_studies_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="No study results"):
         results.run(tmp_path, tmp_path / "results.md")
