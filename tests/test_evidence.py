@@ -769,7 +769,7 @@ def test_results_page_regenerates_from_the_committed_summaries(tmp_path):
 
     # A study of the chosen protocol lives in <workdir>/protocol/ and round-trips the same way.
     report = json.loads((workdir / "ablation/ablation.json").read_text())
-    (workdir / "protocol/ablation").mkdir(parents=True)
+    (workdir / "protocol/ablation").mkdir(parents=True, exist_ok=True)  # holds restored run records
     (workdir / "protocol/ablation/ablation.json").write_text(json.dumps(report))
     (workdir / "protocol/ablation/ablation.md").write_text(ablation.markdown(report))
     page = results.run(workdir, tmp_path / "out/results.md").read_text()
