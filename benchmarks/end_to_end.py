@@ -71,7 +71,7 @@ def small_source(base: str, num_train: int, data_dir: str):
     """A synthetic_food train split of `num_train` examples, built in `data_dir`."""
     cfg = synthetic_food.make_config(base, num_train=num_train, num_validation=32, num_test=32)
     builder = synthetic_food.SyntheticFood(config=cfg, data_dir=data_dir)
-    if not builder.is_prepared():
+    if not datasets.is_prepared(builder):
         builder.download_and_prepare(file_format="array_record")
         builder = synthetic_food.SyntheticFood(config=cfg, data_dir=data_dir)
     return builder.as_data_source(split="train", decoders={"image": tfds.decode.SkipDecoding()})

@@ -127,7 +127,7 @@ def synthetic_source(num_train: int | None, data_dir: str):
         "default", num_train=num_train, num_validation=32, num_test=32
     )
     builder = synthetic_food.SyntheticFood(config=config, data_dir=data_dir)
-    if not builder.is_prepared():
+    if not datasets.is_prepared(builder):
         builder.download_and_prepare(file_format="array_record")
         builder = synthetic_food.SyntheticFood(config=config, data_dir=data_dir)
     return builder.as_data_source(split="train", decoders={"image": tfds.decode.SkipDecoding()})

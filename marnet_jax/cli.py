@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -62,11 +64,37 @@ def parse_flags(
     return values, rest[1:]
 
 
-def run(main: Callable[[], Any]) -> NoReturn:
-    """A command's entry point: the CPU backend's XLA flags before JAX starts (marnet_jax.cpu), then
-    `main()`; an int it returns is the exit status."""
+def configure_jax() -> None:
+    """What every entry point sets before JAX starts a backend: XLA's CPU flags (marnet_jax.cpu) and,
+    where the TPU runtime library is installed (for the preflight) but no TPU chip and no GPU is
+    attached, the CPU as JAX's only platform. Otherwise jax starts that runtime to look for chips,
+    and on such a machine it prints errors and warnings a user cannot act on. JAX_PLATFORMS, when
+    set, is left to decide."""
+    import jax
+
     from marnet_jax import cpu
 
     cpu.configure_xla()
+    if "JAX_PLATFORMS" not in os.environ and not _accelerator_attached():
+        jax.config.update("jax_platforms", "cpu")
+
+
+def _accelerator_attached() -> bool:
+    """False only where the TPU runtime library is installed and jax's own probes (PCI ids, device
+    nodes) find neither a TPU chip nor a GPU; True where jax's private probes have moved."""
+    if importlib.util.find_spec("libtpu") is None:
+        return True  # nothing to keep quiet: jax chooses as it always does
+    try:
+        from jax._src import hardware_utils
+    except ImportError:
+        return True
+    tpu_chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
+    return tpu_chips > 0 or hardware_utils.has_visible_nvidia_gpu() or os.path.exists("/dev/kfd")
+
+
+def run(main: Callable[[], Any]) -> NoReturn:
+    """A command's entry point: JAX's settings before it starts (`configure_jax`), then `main()`;
+    an int it returns is the exit status."""
+    configure_jax()
     status = main()
     sys.exit(status if isinstance(status, int) else 0)

@@ -19,7 +19,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from marnet_jax import cli, cpu
+from marnet_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
@@ -157,7 +157,7 @@ parse_flags = cli.flags_parser("marnet_jax.main")
 
 
 def run() -> None:
-    cpu.configure_xla()
+    cli.configure_jax()
     app.run(main, flags_parser=parse_flags)
 
 

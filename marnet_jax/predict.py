@@ -70,7 +70,7 @@ def class_names(
     indices = tuple(str(i) for i in range(num_classes))
     try:
         b = datasets.builder(data_cfg)
-        prepared = b.is_prepared()
+        prepared = datasets.is_prepared(b)
     except Exception as e:  # any failure to open the metadata only costs the names
         return indices, f"cannot open dataset {data_cfg.name} in {data_cfg.data_dir} ({e})"
     if not prepared:

@@ -187,7 +187,7 @@ def test_tfds_build_is_deterministic(built, tmp_path):
 
 def test_two_processes_preparing_one_dataset_at_once_build_it_once(tmp_path):
     """Two runs started together on a fresh machine: the second waits for the first's build (the
-    lock in datasets._build) instead of failing to rename its own copy over it."""
+    lock in datasets._build) instead of failing to rename its own copy over it; neither warns."""
     script = (
         "import sys; from marnet_jax.data import config, datasets\n"
         "c = config.get_data_config('synthetic_food/tiny'); c.data_dir = sys.argv[1]\n"
@@ -205,6 +205,8 @@ def test_two_processes_preparing_one_dataset_at_once_build_it_once(tmp_path):
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-2000:]
+        # tfds's is_prepared warns about a dataset not built yet; a first run does not show it.
+        assert "dataset_info.json" not in err, err[-2000:]
     splits = [
         next(line for line in out.splitlines() if line.startswith("SPLITS")) for out, _ in outs
     ]

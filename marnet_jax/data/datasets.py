@@ -113,6 +113,12 @@ def shape_facts(data_cfg: ml_collections.ConfigDict) -> DatasetFacts:
     )
 
 
+def is_prepared(b: tfds.core.DatasetBuilder) -> bool:
+    """tfds's `is_prepared`, without the warning it logs for a dataset not built yet (every first
+    run would print one)."""
+    return (b.data_path / "dataset_info.json").exists() and b.is_prepared()
+
+
 def _build(b: tfds.core.DatasetBuilder, manual_dir: str | None) -> bool:
     """Builds the dataset under an exclusive lock next to its directory, so that processes asked
     to build it at once (two runs started together on a fresh machine) build it once: the others
@@ -123,7 +129,7 @@ def _build(b: tfds.core.DatasetBuilder, manual_dir: str | None) -> bool:
     os.makedirs(os.path.dirname(lock_path), exist_ok=True)
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
-        if b.is_prepared():
+        if is_prepared(b):
             return False
         manual = os.path.expanduser(manual_dir) if manual_dir else None
         b.download_and_prepare(
@@ -140,7 +146,7 @@ def prepare(data_cfg: ml_collections.ConfigDict) -> DatasetFacts:
     """
     b = builder(data_cfg)
     multi = jax.process_count() > 1 and not data_cfg.build_on_all_processes
-    was_prepared = b.is_prepared()
+    was_prepared = is_prepared(b)
     if not was_prepared and (not multi or jax.process_index() == 0):
         if not _build(b, data_cfg.manual_dir):
             b = builder(data_cfg)  # Another process built it meanwhile: read its DatasetInfo.
@@ -151,7 +157,7 @@ def prepare(data_cfg: ml_collections.ConfigDict) -> DatasetFacts:
         )
         if not was_prepared and jax.process_index() != 0:
             b = builder(data_cfg)  # Its DatasetInfo predates the build: read what process 0 wrote.
-            if not b.is_prepared():
+            if not is_prepared(b):
                 raise FileNotFoundError(
                     f"{b.data_path} is not prepared after process 0 built it: data_dir must be "
                     "shared by all processes, or set data.build_on_all_processes = True."
@@ -195,7 +201,7 @@ def source(data_cfg: ml_collections.ConfigDict, split: str) -> Sequence[dict[str
     uint8 [V], 'image_path' bytes. Picklable, so grain worker processes can open it.
     """
     b = builder(data_cfg)
-    if not b.is_prepared():
+    if not is_prepared(b):
         raise FileNotFoundError(
             f"{data_cfg.name}/{data_cfg.builder_config} is not prepared in {b.data_dir}; "
             "call marnet_jax.data.datasets.prepare(data_cfg) first."

@@ -133,6 +133,8 @@ def restore(manager, step: int, target: Any, data_iter: Any | None) -> Any:
         raise
     except Exception as e:  # orbax and tensorstore raise many types for a damaged checkpoint
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        # tensorstore appends the repr of a bound C++ method, not details: keep what precedes it.
+        first = first.split(" See full TensorStore details")[0]
         raise CheckpointError(
             f"Checkpoint {where} cannot be read ({type(e).__name__}: {first}): it is damaged, "
             "or the config's model is not the one the run trained. " + _earlier_hint(manager, step)

@@ -207,4 +207,7 @@ class Experiment:
             n_params / 1e6,
         )
         sharded = sharding.describe_shardings(self.shardings.params, self.abstract.params)
-        log.info("Sharded parameters (%d):%s", len(sharded), "".join("\n  " + s for s in sharded))
+        if sharded:
+            log.info(
+                "Sharded parameters (%d):%s", len(sharded), "".join("\n  " + s for s in sharded)
+            )
