@@ -2,7 +2,7 @@
 
 Reads DIR/config.json (written by the trainer) and the newest checkpoint in DIR/checkpoints (or --step),
 prepares every image exactly as the evaluation does (decode, resize the shorter side and take the
-centre crop: marnet_jax.data.pipeline; normalise: photometric.eval_images), runs the image-only path
+centre crop: marnet_jax.data.images; normalise: photometric.eval_images), runs the image-only path
 (MARNet.predict: no ingredient text) and prints, per image, the top-k dishes of the fused classifier
 with their softmax probabilities; --json also writes them to a file.
 
@@ -30,17 +30,14 @@ import ml_collections
 import numpy as np
 from absl import flags
 from absl import logging as absl_logging
-from PIL import Image
 
 from marnet_jax import cli
-from marnet_jax.data import datasets, photometric, pipeline
+from marnet_jax.data import datasets, photometric
+from marnet_jax.data.images import IMAGE_ERRORS, load_image
 from marnet_jax.models.marnet import MARNet
 from marnet_jax.train import trainer
 
 log = logging.getLogger("marnet_jax")
-
-# What PIL raises for a missing, unreadable, truncated, corrupt or oversized image.
-IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,21 +77,6 @@ def class_names(
     if len(names) != num_classes:
         return indices, f"the dataset has {len(names)} classes, the checkpoint {num_classes}"
     return names, None
-
-
-def preprocess(data_cfg: ml_collections.ConfigDict, encoded: bytes) -> np.ndarray:
-    """An encoded image -> uint8 [S, S, 3] crop, with the evaluation pipeline's own transform
-    (photometric.eval_images makes the model input of it, as in the eval step)."""
-    crop = pipeline.ResizeCentreCrop(
-        data_cfg.image_size, data_cfg.eval_crop_ratio, data_cfg.interpolation
-    )
-    return np.ascontiguousarray(crop.map({"image": encoded})["image"], np.uint8)
-
-
-def load_image(data_cfg: ml_collections.ConfigDict, path: str) -> np.ndarray:
-    """An image file -> uint8 [S, S, 3] crop (preprocess); IMAGE_ERRORS when it cannot be read."""
-    with open(path, "rb") as f:
-        return preprocess(data_cfg, f.read())
 
 
 def _top_k(variables, images, rng, *, model: MARNet, data_cfg: ml_collections.ConfigDict, k: int):

@@ -52,3 +52,91 @@ def test_training_needs_no_extra():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["ok", "0"]
+
+
+# The package's layers, lowest first. A module imports only from its own group or a lower layer:
+# library code never imports a command, the models never the data or the reverse.
+LAYERS = (
+    (("marnet_jax.__init__", "marnet_jax.reporting", "marnet_jax.cpu", "marnet_jax.cli"),),
+    (("marnet_jax.data",), ("marnet_jax.models",)),
+    (("marnet_jax.config",),),
+    (("marnet_jax.train",),),
+    (
+        (
+            "marnet_jax.main",
+            "marnet_jax.predict",
+            "marnet_jax.preflight",
+            "marnet_jax.check_weights",
+        ),
+    ),
+)
+COMMANDS = LAYERS[-1][0]
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" and len(parts) > 2 else parts)
+
+
+def _within(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+def _place(module: str) -> tuple[int, int]:
+    """(layer, group) of a module of the package."""
+    for layer, groups in enumerate(LAYERS):
+        for group, prefixes in enumerate(groups):
+            if any(_within(module, p) for p in prefixes):
+                return layer, group
+    raise AssertionError(f"{module} is in no layer of LAYERS: place it there")
+
+
+def _imports(path: Path) -> set[str]:
+    """The package's modules that `path` imports anywhere in its text (function bodies too)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [f"{node.module}.{a.name}" for a in node.names]
+            found |= {n if _is_module(n) else node.module for n in names}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return {m for m in found if _within(m, "marnet_jax") and m != "marnet_jax"}
+
+
+def _is_module(name: str) -> bool:
+    path = ROOT.joinpath(*name.split("."))
+    return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
+
+
+def test_no_module_imports_from_a_higher_layer():
+    upward = []
+    for path in sorted((ROOT / "marnet_jax").rglob("*.py")):
+        module = _module_name(path)
+        layer, group = _place(module)
+        for imported in _imports(path):
+            other_layer, other_group = _place(imported)
+            if other_layer > layer or (other_layer == layer and other_group != group):
+                upward.append(f"{module} -> {imported}")
+    assert not upward, upward
+
+
+def test_importing_the_library_imports_no_command():
+    """Every module of models, data and train imported in a fresh process: none of the commands
+    comes with them."""
+    library = [
+        _module_name(p)
+        for package in ("models", "data", "train")
+        for p in sorted((ROOT / "marnet_jax" / package).rglob("*.py"))
+    ]
+    script = (
+        "import importlib, sys\n"
+        f"for m in {library!r}: importlib.import_module(m)\n"
+        f"print(sorted(m for m in sys.modules if m in {COMMANDS!r}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"

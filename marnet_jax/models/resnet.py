@@ -20,7 +20,7 @@ Options:
   dtype: compute dtype (e.g. jnp.bfloat16); param_dtype: parameter dtype (float32 by default). BatchNorm
     statistics are computed in float32 whatever the compute dtype.
   conv_impl: 'xla' (lax.conv_general_dilated and XLA's autodiff), 'cpu' or 'auto' (the default: 'cpu'
-    on the CPU backend, 'xla' elsewhere). 'cpu' is marnet_jax/cpu.py's conv2d: the same parameters
+    on the CPU backend, 'xla' elsewhere). 'cpu' is cpu_conv.conv2d: the same parameters
     and results, computed the way XLA's CPU backend runs fastest.
 
 Parameter naming (collections 'params' and 'batch_stats'), torchvision name -> this module:
@@ -46,8 +46,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from marnet_jax import cpu
-from marnet_jax.models import layers
+from marnet_jax.models import cpu_conv, layers
 
 Array = jax.Array
 Dtype = Any
@@ -61,8 +60,8 @@ STEMS = ("imagenet", "small")
 
 def conv2d(x: Array, kernel: Array, stride: int, pad: int, impl: str = "auto") -> Array:
     """NHWC x HWIO convolution with symmetric padding `pad`, computed the way `impl` says."""
-    if cpu.resolve_conv_impl(impl) == "cpu":
-        return cpu.conv2d(x, kernel, stride, pad)
+    if cpu_conv.resolve_conv_impl(impl) == "cpu":
+        return cpu_conv.conv2d(x, kernel, stride, pad)
     return layers.conv_nhwc(x, kernel, stride, pad)
 
 
@@ -197,7 +196,9 @@ class ResNet(nn.Module):
     def __call__(self, x: Array, train: bool) -> Array:
         if self.stem not in STEMS:
             raise ValueError(f"unknown stem {self.stem!r}; expected one of {STEMS}")
-        cpu.resolve_conv_impl(self.conv_impl)  # a bad value fails here, before any layer is built
+        cpu_conv.resolve_conv_impl(
+            self.conv_impl
+        )  # a bad value fails here, before any layer is built
         chex.assert_rank(x, 4)
         batch = x.shape[0]
         conv = functools.partial(
