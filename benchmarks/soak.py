@@ -333,9 +333,11 @@ def checkpoint_leaves(run_dir: Path, step: int) -> dict[str, np.ndarray]:
     """Every array of the train state in checkpoint `step` under `run_dir`, by path, on the host."""
     import jax
 
-    from marnet_jax.train import checkpoint, sharding, trainer
+    from marnet_jax.train import checkpoint, experiment, sharding
 
-    config = trainer.read_config(run_dir if (run_dir / "config.json").exists() else run_dir.parent)
+    config = experiment.read_config(
+        run_dir if (run_dir / "config.json").exists() else run_dir.parent
+    )
     manager = checkpoint.make_manager(run_dir, config.checkpoint)
     try:
         mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), sharding.MESH_AXES)

@@ -72,13 +72,13 @@ def _model_for(trained: Any, sampler: str, steps: int, samples: int):
 
 def _chain_and_heads(module, feats):
     out = dict(feats)
-    x_cdr = module._chain(out)
-    res = module._heads(out, x_cdr, False)
+    x_cdr = module.cdr_chain(out)
+    res = module.classify(out, x_cdr, False)
     return {"logits": res["logits"], "cdr_logits": res["cdr_logits"]}
 
 
 def _chain_only(module, feats):
-    return module._chain(dict(feats))
+    return module.cdr_chain(dict(feats))
 
 
 def _batches(feats: Mapping[str, np.ndarray], batch_size: int):
@@ -152,7 +152,9 @@ def backbone_latency(trained: Any, images: np.ndarray, repeats: int) -> float:
     device = jax.devices()[0]
     variables = jax.device_put(trained.variables, device)
     x = jax.device_put(images, device)
-    fn = jax.jit(lambda v, im: trained.model.apply(v, im, False, method=MARNet._visual)["x_v"])
+    fn = jax.jit(
+        lambda v, im: trained.model.apply(v, im, False, method=MARNet.visual_features)["x_v"]
+    )
     return median_latency_s(lambda: fn(variables, x).block_until_ready(), repeats)
 
 

@@ -285,9 +285,9 @@ def run_config(run_dir: Path, study_config: Any) -> Any:
     """The run's own config (its model is what the checkpoint holds) with the study's data section,
     mesh and eval batch size (so a study can read the data from another place or use other devices).
     The dataset and image geometry must be the run's: otherwise the error names both."""
-    from marnet_jax.train import trainer
+    from marnet_jax.train import experiment
 
-    config = trainer.read_config(run_dir)
+    config = experiment.read_config(run_dir)
     ours, theirs = study_config.data, config.data
     for key in ("name", "builder_config", "image_size"):
         if ours[key] != theirs[key]:
@@ -303,12 +303,12 @@ def run_config(run_dir: Path, study_config: Any) -> Any:
 
 
 def load_run(run_dir: Path, config: Any) -> Any:
-    """A finished run restored for a study (trainer.Trained), with `config` from run_config and the
-    dataset's own facts (class names)."""
+    """A finished run restored for a study (experiment.Trained), with `config` from run_config and
+    the dataset's own facts (class names)."""
     from marnet_jax.data import datasets
-    from marnet_jax.train import trainer
+    from marnet_jax.train.experiment import Experiment
 
-    return trainer.load_trained(run_dir, config, facts=datasets.prepare(config.data))
+    return Experiment.restore(run_dir, config, facts=datasets.prepare(config.data))
 
 
 def latest_step(run_dir: Path) -> int | None:
@@ -330,7 +330,7 @@ def first_run_config(runs: Mapping[str, Mapping[int, Path]], study_config: Any) 
 
 
 def predict_fn(trained: Any, keys: Sequence[str]) -> Callable[..., dict[str, Any]]:
-    """Jitted image-only prediction of `trained` (trainer.Trained) returning the named outputs
+    """Jitted image-only prediction of `trained` (experiment.Trained) returning the named outputs
     ('logits', 'visual_logits', 'cdr_logits', 'x_v', 'x_ema', 'x_cdr'; those the variant has)."""
     import jax
 

@@ -35,7 +35,7 @@ from marnet_jax import cli
 from marnet_jax.data import datasets, photometric
 from marnet_jax.data.images import IMAGE_ERRORS, load_image
 from marnet_jax.models.marnet import MARNet
-from marnet_jax.train import trainer
+from marnet_jax.train import experiment
 
 log = logging.getLogger("marnet_jax")
 
@@ -97,13 +97,13 @@ def predict(
     data_dir: str | None = None,
 ) -> tuple[list[Prediction], int]:
     """Top-k fused-head predictions for each image path (failures carry `error`); the step used."""
-    config = trainer.read_config(workdir)
+    config = experiment.read_config(workdir)
     if cdr_samples is not None:
         config.model.cdr.num_samples = cdr_samples
     if data_dir is not None:
         config.data.data_dir = data_dir
     config.mesh.update(num_devices=1, data=-1, fsdp=1)  # whatever mesh the run trained on
-    trained = trainer.load_trained(workdir, config, step)
+    trained = experiment.Experiment.restore(workdir, config, step)
     model, variables, step = trained.model, trained.variables, trained.step
     num_classes = trained.facts.num_classes
     names, warning = class_names(config.data, num_classes)

@@ -67,7 +67,7 @@ def photos(run, tmp_path_factory):
 
 def test_the_run_started_from_the_weights_file(run):
     workdir, config, params = run
-    trained = trainer.load_trained(workdir, config)
+    trained = Experiment.restore(workdir, config)
     variables, step = trained.variables, trained.step
     assert step == 1
     jax.tree.map(np.testing.assert_array_equal, variables["params"]["backbone"], params)
@@ -84,7 +84,7 @@ def test_predictions_are_the_evaluation_pipelines(run, photos):
         np.testing.assert_array_equal(
             images.preprocess(config.data, record["image"]), batch["image"][i]
         )
-    variables = trainer.load_trained(workdir, config).variables
+    variables = Experiment.restore(workdir, config).variables
     facts = datasets.prepare(config.data)
     model = build_model(config.model, facts.num_classes, facts.num_ingredients)
     run_top5 = jax.jit(functools.partial(predict._top_k, model=model, data_cfg=config.data, k=5))

@@ -217,7 +217,8 @@ class MARNet(nn.Module):
         g_s = self._semantic(ingredients.astype(jnp.float32), train)
         return self.text_head([g_s], train)
 
-    def _visual(self, images: Array, train: bool) -> dict[str, Array]:
+    def visual_features(self, images: Array, train: bool = False) -> dict[str, Array]:
+        """The image side: 'x_v' [B, D] and, with EMA, 'x_ema' = g_v(x_v) [B, E]; float32."""
         chex.assert_rank(images, 4)
         x_v = self.backbone(images, train=train)
         chex.assert_rank(x_v, 2)
@@ -227,21 +228,25 @@ class MARNet(nn.Module):
             out["x_ema"] = self.ema.project_visual(x_v)
         return out
 
-    def _chain(self, out: dict[str, Array], grad: str = "all") -> Array:
-        """x_CDR from the configured reverse chain, conditioned on the image only."""
+    def cdr_chain(self, out: dict[str, Array], grad: str = "all") -> Array:
+        """x_CDR [B, E] from the configured reverse chain, conditioned on the image only (`out` as
+        visual_features gives it; keyed by the 'diffusion' rng)."""
         cond = out["x_v"] if self.cdr_condition_on == "x_v" else out["x_ema"]
         x_init = None
         if self.cdr_chain_start == "visual":
             x_init = self.cdr.semantic_target(out["x_ema"])
         return self.cdr.sample(cond, x_init=x_init, grad=grad)
 
-    def _heads(
+    def classify(
         self,
         out: dict[str, Array],
         x_cdr: Array | None,
-        train: bool,
+        train: bool = False,
         cdr_head_input: Array | None = None,
     ) -> dict[str, Array]:
+        """`out` (visual_features) with the heads' logits added: 'logits' (the fused classifier on
+        the visual side and x_cdr), 'visual_logits' (the probe) and, given x_cdr, 'cdr_logits' (on
+        cdr_head_input, default x_cdr)."""
         visual = out["x_ema"] if self.use_ema and self.classifier_input == "x_ema" else out["x_v"]
         feats = [visual] if x_cdr is None else [visual, x_cdr]
         out["logits"] = self.fused_head(feats, train)
@@ -265,7 +270,7 @@ class MARNet(nn.Module):
         use_aux: 'aux_logits' [B, V] (ingredient head on x_v), 'aux_targets' [B, V] (the multi-hot);
         use_text_head: 'text_logits' [B, C]; use_distill: 'teacher_logits' [B, C] (stop-gradient).
         """
-        out = self._visual(images, train)
+        out = self.visual_features(images, train)
         x_cdr = head_in = None
         if self.reads_text or self.use_aux:
             if ingredients is None:
@@ -310,20 +315,20 @@ class MARNet(nn.Module):
                 )
                 chain = None
                 if "chain" in (self.cdr_train_estimate, self.cdr_head_input):
-                    chain = out["x_cdr"] = self._chain(out, self.cdr_chain_grad)
+                    chain = out["x_cdr"] = self.cdr_chain(out, self.cdr_chain_grad)
                 pick = lambda how: chain if how == "chain" else est.x0_hat
                 x_cdr, head_in = pick(self.cdr_train_estimate), pick(self.cdr_head_input)
-        return self._heads(out, x_cdr, train, cdr_head_input=head_in)
+        return self.classify(out, x_cdr, train, cdr_head_input=head_in)
 
     def predict(self, images: Array, train: bool = False) -> dict[str, Array]:
         """Image-only prediction: 'logits', 'visual_logits', 'x_v' (+ 'x_ema' with EMA, 'cdr_logits'
         and 'x_cdr' with CDR: the reverse chain conditioned on the image, keyed by the 'diffusion'
         rng)."""
-        out = self._visual(images, train)
+        out = self.visual_features(images, train)
         x_cdr = None
         if self.use_cdr:
-            x_cdr = out["x_cdr"] = self._chain(out)
-        return self._heads(out, x_cdr, train)
+            x_cdr = out["x_cdr"] = self.cdr_chain(out)
+        return self.classify(out, x_cdr, train)
 
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

@@ -142,10 +142,16 @@ def restore(manager, step: int, target: Any, data_iter: Any | None) -> Any:
     return restored[_STATE]
 
 
+def saved_tree(manager, step: int) -> Any:
+    """The state tree of checkpoint `step` as saved, from its metadata: shapes and dtypes, no
+    arrays read."""
+    return manager.item_metadata(step)[_STATE].tree
+
+
 def restore_as_saved(manager, step: int, mesh, mesh_cfg: ml_collections.ConfigDict) -> Any:
     """The state of checkpoint `step` in the tree it was saved with (no model needed: the tree
     comes from the checkpoint's metadata), placed on `mesh` by its FSDP rules."""
-    saved = manager.item_metadata(step)[_STATE].tree
+    saved = saved_tree(manager, step)
     shardings = sharding.tree_shardings(saved, mesh, mesh_cfg)
     target = jax.tree.map(
         lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), saved, shardings

@@ -1,25 +1,30 @@
 """The named set-up of a run: everything that exists before the first array (dataset facts, mesh,
-model, optimizer, schedule, abstract state and its shardings) and the jitted steps built from it.
+model, optimizer, schedule, abstract state and its shardings), the jitted steps and the input batches
+built from it, and a finished run restored onto it.
 
-The trainer, `evaluate`, `load_trained`, predict, the preflight, the studies, the benchmarks and the
-tests all start from `Experiment.build(config)`, so they share one mesh, one model and one sharding.
+A fresh run starts from `Experiment.build(config)`, a trained one from `Experiment.restore(workdir)`;
+the trainer, `evaluate`, predict, the preflight, the studies, the benchmarks and the tests all do, so
+they share one mesh, one model, one sharding and one eval step.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 
-from marnet_jax.data import datasets
+from marnet_jax.data import dali, datasets, pipeline
 from marnet_jax.models import build_model, pretrained, word_vectors
+from marnet_jax.models.config import upgrade_model_config
 from marnet_jax.models.marnet import MARNet
 from marnet_jax.train import checkpoint, sharding
 from marnet_jax.train.optim import make_optimizer
@@ -44,22 +49,11 @@ def _compile_once(jitted: Any, *args: Any) -> Any:
     return lowered.compile()
 
 
-def jit_eval_step(
-    model: MARNet, mesh: jax.sharding.Mesh, data_cfg: ml_collections.ConfigDict
-) -> Callable[..., dict[str, jax.Array]]:
-    """The eval step: (variables, batch, rng) -> per-head correct counts and the example count,
-    replicated."""
-    return jax.jit(
-        functools.partial(eval_step, model=model, data_cfg=data_cfg),
-        in_shardings=(None, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
-        out_shardings=sharding.replicated(mesh),
-    )
-
-
 @dataclasses.dataclass(frozen=True)
 class Experiment:
     """A run's set-up. `abstract` is the TrainState as ShapeDtypeStructs, `shardings` the same tree of
-    NamedShardings over `mesh`; `init_fn(rng)` builds the real state."""
+    NamedShardings over `mesh` (both computed when first asked for); `init_fn(rng)` builds the real
+    state."""
 
     config: ml_collections.ConfigDict
     facts: datasets.DatasetFacts
@@ -67,10 +61,7 @@ class Experiment:
     model: MARNet
     tx: optax.GradientTransformation
     schedule: optax.Schedule
-    init_fn: Callable[[jax.Array], TrainState]
     rng: jax.Array
-    abstract: TrainState
-    shardings: TrainState
 
     @classmethod
     def build(
@@ -98,17 +89,68 @@ class Experiment:
         model = build_model(config.model, facts.num_classes, facts.num_ingredients)
         frozen = ("text",) if config.model.get("freeze_text") else ()
         tx, schedule = make_optimizer(config.optim, config.train.num_steps, frozen)
-        init_fn = functools.partial(
+        return cls(config, facts, mesh, model, tx, schedule, jax.random.PRNGKey(config.seed))
+
+    @classmethod
+    def restore(
+        cls,
+        workdir: str | epath.Path,
+        config: ml_collections.ConfigDict | None = None,
+        step: int | None = None,
+        facts: datasets.DatasetFacts | None = None,
+    ) -> Trained:
+        """A training run's set-up and the model variables of its checkpoint `step` (default: the
+        newest), placed on the mesh by its FSDP rules.
+
+        `config` defaults to the run's own config.json; pass one to read the data from elsewhere or
+        to use another mesh (the model section must match the checkpoint). `facts` defaults to
+        `checkpoint_facts` (no dataset needed).
+        """
+        workdir = epath.Path(workdir)
+        config = read_config(workdir) if config is None else config
+        ckpt_dir = workdir / "checkpoints"
+        if not ckpt_dir.exists():
+            raise FileNotFoundError(f"No checkpoints in {ckpt_dir}: train first (marnet_jax.main).")
+        manager = checkpoint.make_manager(workdir, config.checkpoint)
+        try:
+            steps = sorted(manager.all_steps())
+            if not steps:
+                raise FileNotFoundError(f"No checkpoint in {ckpt_dir}.")
+            step = steps[-1] if step is None else step
+            if step not in steps:
+                raise FileNotFoundError(
+                    f"No checkpoint for step {step} in {ckpt_dir}; have {steps}."
+                )
+            if facts is None:
+                facts = checkpoint_facts(
+                    checkpoint.saved_tree(manager, step)["params"], config.data
+                )
+            exp = cls.build(config, facts)
+            state = checkpoint.restore_as_saved(manager, step, exp.mesh, config.mesh)
+        finally:
+            manager.close()
+        variables = {"params": state["params"]}
+        if state.get("batch_stats"):
+            variables["batch_stats"] = state["batch_stats"]
+        return Trained(exp, variables, int(step))
+
+    @property
+    def init_fn(self) -> Callable[[jax.Array], TrainState]:
+        return functools.partial(
             init_state,
-            model=model,
-            tx=tx,
-            image_shape=(config.data.image_size, config.data.image_size, 3),
-            num_ingredients=facts.num_ingredients,
+            model=self.model,
+            tx=self.tx,
+            image_shape=(self.config.data.image_size, self.config.data.image_size, 3),
+            num_ingredients=self.facts.num_ingredients,
         )
-        rng = jax.random.PRNGKey(config.seed)
-        abstract = jax.eval_shape(init_fn, rng)
-        shardings = sharding.tree_shardings(abstract, mesh, config.mesh)
-        return cls(config, facts, mesh, model, tx, schedule, init_fn, rng, abstract, shardings)
+
+    @functools.cached_property
+    def abstract(self) -> TrainState:
+        return jax.eval_shape(self.init_fn, self.rng)
+
+    @functools.cached_property
+    def shardings(self) -> TrainState:
+        return sharding.tree_shardings(self.abstract, self.mesh, self.config.mesh)
 
     def restore_target(self) -> TrainState:
         """The abstract state carrying its shardings: orbax restores straight onto them."""
@@ -182,7 +224,46 @@ class Experiment:
         )
 
     def jit_eval_step(self) -> Callable[..., dict[str, jax.Array]]:
-        return jit_eval_step(self.model, self.mesh, self.config.data)
+        """The eval step: (variables, batch, rng) -> per-head correct counts and the example count,
+        replicated."""
+        return jax.jit(
+            functools.partial(eval_step, model=self.model, data_cfg=self.config.data),
+            in_shardings=(None, sharding.batch_sharding(self.mesh), sharding.replicated(self.mesh)),
+            out_shardings=sharding.replicated(self.mesh),
+        )
+
+    def train_batches(self) -> Iterator[dict[str, Any]]:
+        """This process's share of the training batches, endless and checkpointable (the
+        iterator's position is saved with the state); decoded on the devices with data.decoder
+        'dali'."""
+        config = self.config
+        batches = pipeline.train_iterator(
+            config.data,
+            config.data.train_split,
+            batch_size=sharding.per_process_batch(
+                config.train.batch_size, self.mesh, "config.train.batch_size"
+            ),
+            seed=config.seed,
+            shard_index=jax.process_index(),
+            shard_count=jax.process_count(),
+        )
+        return dali.decoded(batches, sharding.batch_sharding(self.mesh), config.data)
+
+    def eval_batches(self, split: str) -> Iterator[dict[str, jax.Array]]:
+        """Every example of `split` once, as global batches on the mesh (image, label, ingredients,
+        and the mask of the padding in the last batch)."""
+        batch_size = sharding.per_process_batch(
+            self.config.train.eval_batch_size, self.mesh, "config.train.eval_batch_size"
+        )
+        for local in pipeline.eval_batches(
+            self.config.data,
+            split,
+            batch_size=batch_size,
+            shard_index=jax.process_index(),
+            shard_count=jax.process_count(),
+        ):
+            local = {k: local[k] for k in ("image", "label", "ingredients", "mask")}
+            yield sharding.global_batch(local, self.mesh)
 
     def jit_grad_diagnostics(self) -> Callable[[TrainState, dict[str, jax.Array]], Any]:
         """steps.grad_diagnostics on the train step's shardings (the state is not donated)."""
@@ -211,3 +292,58 @@ class Experiment:
             log.info(
                 "Sharded parameters (%d):%s", len(sharded), "".join("\n  " + s for s in sharded)
             )
+
+
+class Trained(NamedTuple):
+    """A restored run, ready for image-only prediction (`model.apply(variables, images,
+    rngs={'diffusion': key}, method=MARNet.predict)`)."""
+
+    exp: Experiment
+    variables: dict[str, Any]  # {'params', 'batch_stats'?} placed on the mesh (replicated or FSDP)
+    step: int
+
+    @property
+    def config(self) -> ml_collections.ConfigDict:
+        return self.exp.config
+
+    @property
+    def model(self) -> MARNet:
+        return self.exp.model
+
+    @property
+    def mesh(self) -> jax.sharding.Mesh:
+        return self.exp.mesh
+
+    @property
+    def facts(self) -> datasets.DatasetFacts:
+        return self.exp.facts
+
+
+def read_config(workdir: str | epath.Path) -> ml_collections.ConfigDict:
+    """The resolved config a run wrote to `<workdir>/config.json` (tuples come back as lists; a
+    model section of an earlier layout is upgraded)."""
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: {workdir} is not a training workdir.")
+    config = ml_collections.ConfigDict(json.loads(path.read_text()))
+    config.model = upgrade_model_config(config.model)
+    return config
+
+
+def checkpoint_facts(params: Any, data_cfg: ml_collections.ConfigDict) -> datasets.DatasetFacts:
+    """The shapes a prediction needs, read from a checkpoint's parameters (arrays or their
+    metadata) instead of the dataset: the class count (fused head) and, for the ingredient head
+    only, the ingredient count. Class names are indices."""
+    num_classes = int(params["fused_head"]["classifier"]["kernel"].shape[-1])
+    aux = params.get("aux_head")
+    num_ingredients = int(aux["classifier"]["kernel"].shape[-1]) if aux else None
+    return datasets.DatasetFacts(
+        name=data_cfg.name,
+        builder_config=data_cfg.builder_config,
+        num_classes=num_classes,
+        num_ingredients=num_ingredients,
+        class_names=tuple(str(i) for i in range(num_classes)),
+        ingredient_names=(),
+        split_sizes={},
+        image_shape=None,
+    )
