@@ -567,8 +567,10 @@ def _main(argv: Sequence[str]) -> None:
 
 def main() -> None:
     # Abstract devices only: no accelerator is needed, and on a machine without a GPU the CUDA
-    # plugin registers (for GPU topologies) only when the CPU is the chosen platform.
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    # plugin registers (for GPU topologies) only when the CPU is the chosen platform. (jax has read
+    # the environment when it was imported: the setting goes to its config.)
+    if "JAX_PLATFORMS" not in os.environ:
+        jax.config.update("jax_platforms", "cpu")
     from absl import app, flags
     from ml_collections import config_flags
 
