@@ -104,7 +104,8 @@ class Experiment:
 
         `config` defaults to the run's own config.json; pass one to read the data from elsewhere or
         to use another mesh (the model section must match the checkpoint). `facts` defaults to
-        `checkpoint_facts` (no dataset needed).
+        `checkpoint_facts` (no dataset needed; such a set-up serves prediction, since its training
+        state (`abstract`) needs the ingredient count that only the dataset gives).
         """
         workdir = epath.Path(workdir)
         config = read_config(workdir) if config is None else config
