@@ -81,15 +81,23 @@ def configure_jax() -> None:
 
 def _accelerator_attached() -> bool:
     """False only where the TPU runtime library is installed and jax's own probes (PCI ids, device
-    nodes) find neither a TPU chip nor a GPU; True where jax's private probes have moved."""
+    nodes) find neither a TPU chip nor a GPU."""
     if importlib.util.find_spec("libtpu") is None:
         return True  # nothing to keep quiet: jax chooses as it always does
+    from jax._src import hardware_utils
+
+    gpu = hardware_utils.has_visible_nvidia_gpu() or os.path.exists("/dev/kfd")
+    return tpu_chips_attached() or gpu
+
+
+def tpu_chips_attached() -> bool:
+    """Whether jax's probe (the PCI ids of TPU chips) finds a TPU chip on this machine; True where
+    jax's private probe has moved (then nothing is changed on its account)."""
     try:
         from jax._src import hardware_utils
     except ImportError:
         return True
-    tpu_chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
-    return tpu_chips > 0 or hardware_utils.has_visible_nvidia_gpu() or os.path.exists("/dev/kfd")
+    return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
 
 
 def run(main: Callable[[], Any]) -> NoReturn:

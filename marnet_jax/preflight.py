@@ -109,6 +109,12 @@ class HbmOverflow(PreflightError):
     """A step does not fit in a chip's HBM."""
 
 
+def _host_accelerator_type(gen: str) -> str:
+    """The accelerator type of one host (4 chips) of a TPU generation: 'v5e' -> 'v5litepod-4'."""
+    prefix = "v5litepod" if gen == "v5e" else gen
+    return f"{prefix}-{4 * CHIPS[gen].cores_per_chip}"
+
+
 def topology_name(spec: str) -> str:
     """'v5e:2x2' as given, or an accelerator type ('v5litepod-8', 'v4-32') as 'GEN:SHAPE'."""
     spec = spec.strip()
@@ -144,7 +150,14 @@ def tpu_devices(topology: str, num_slices: int = 1) -> tuple[Chip, list[Any]]:
     # for TPU chips (a CPU training, say) holds it; describing a topology uses no chip, so share it.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     name = topology_name(topology)
-    chip = CHIPS[name.split(":")[0]]
+    gen = name.split(":")[0]
+    chip = CHIPS[gen]
+    if not cli.tpu_chips_attached():
+        # Off a TPU VM libtpu cannot look up the host it runs on and prints errors about it when it
+        # loads; naming a host (one of the described generation) keeps it quiet, and does not
+        # limit which topologies it then describes.
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+        os.environ.setdefault("TPU_ACCELERATOR_TYPE", _host_accelerator_type(gen))
     try:
         desc = topologies.get_topology_desc(
             topology_name=name,
@@ -552,10 +565,12 @@ def table(r: dict[str, Any]) -> str:
 
 def _main(argv: Sequence[str]) -> None:
     from absl import flags
+    from absl import logging as absl_logging
 
     f = flags.FLAGS
     if len(argv) > 1:
         sys.exit(f"marnet_jax.preflight: unexpected arguments {list(argv[1:])}.")
+    absl_logging.set_verbosity(absl_logging.WARNING)  # library INFO logs (tfds) are noise here
     try:
         record = run(f.config, f.topology, f.num_slices, f.max_batch)
     except PreflightError as e:

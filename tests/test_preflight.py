@@ -2,6 +2,7 @@
 trainer's own setup; the failures a user would otherwise meet on the pod end with one line."""
 
 import math
+import os
 import subprocess
 import sys
 import types
@@ -166,6 +167,23 @@ def test_command_line_error_is_one_line():
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("marnet_jax.preflight: ") and "config.train.batch_size=18" in last
+
+
+@needs_libtpu
+def test_describing_a_tpu_topology_off_a_tpu_vm_prints_nothing():
+    """libtpu, loaded to describe a topology, would print errors about the host it cannot look up."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TPU_", "ALLOW_MULTIPLE"))}
+    script = "from marnet_jax import preflight; print(len(preflight.tpu_devices('v5e:2x2')[1]))"
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["4"] and proc.stderr == "", proc.stderr[-2000:]
 
 
 def _has_cuda_plugin() -> bool:
