@@ -81,11 +81,13 @@ def configure_jax() -> None:
 
 def _accelerator_attached() -> bool:
     """False only where the TPU runtime library is installed and jax's own probes (PCI ids, device
-    nodes) find neither a TPU chip nor a GPU."""
+    nodes) find neither a TPU chip nor a GPU; True where jax's private probes have moved."""
     if importlib.util.find_spec("libtpu") is None:
         return True  # nothing to keep quiet: jax chooses as it always does
-    from jax._src import hardware_utils
-
+    try:
+        from jax._src import hardware_utils
+    except ImportError:
+        return True
     gpu = hardware_utils.has_visible_nvidia_gpu() or os.path.exists("/dev/kfd")
     return tpu_chips_attached() or gpu
 
