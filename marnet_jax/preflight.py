@@ -111,7 +111,7 @@ class HbmOverflow(PreflightError):
 
 def _host_accelerator_type(gen: str) -> str:
     """The accelerator type of one host (4 chips) of a TPU generation: 'v5e' -> 'v5litepod-4'."""
-    prefix = "v5litepod" if gen == "v5e" else gen
+    prefix = next(p for p, g in _TYPE_PREFIXES.items() if g == gen)  # the Cloud TPU API's name
     return f"{prefix}-{4 * CHIPS[gen].cores_per_chip}"
 
 
