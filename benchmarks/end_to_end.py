@@ -38,8 +38,8 @@ from absl import flags
 
 from benchmarks import _common, input_pipeline, train_step
 from marnet_jax import cli, reporting
-from marnet_jax.data import dali, datasets, pipeline, synthetic_food
-from marnet_jax.train import loop, sharding, trainer
+from marnet_jax.data import dali, datasets, decoders, pipeline, synthetic_food
+from marnet_jax.train import loop, sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,13 +93,13 @@ def dali_unavailable() -> str | None:
 def measure(config, src, p_train, state, mesh, preset: Preset) -> tuple[dict[str, Any], Any]:
     """Data-only, model-only and combined rates for `config.data.worker_count` and
     `config.data.decoder`; the new state."""
-    b = config.train.batch_size
+    b, decoder = config.train.batch_size, decoders.for_config(config.data)
 
     def iterator():
         batches = pipeline.train_iterator(
             config.data, batch_size=b, seed=0, shard_index=0, shard_count=1, data_source=src
         )
-        return dali.decoded(batches, sharding.batch_sharding(mesh), config.data)
+        return decoder.on_devices(batches, sharding.batch_sharding(mesh), config.data)
 
     it = iterator()
     for _ in range(preset.warmup):
@@ -110,7 +110,7 @@ def measure(config, src, p_train, state, mesh, preset: Preset) -> tuple[dict[str
     data = _rate(b * preset.steps, time.perf_counter() - t0)
 
     host = next(it)
-    batch = sharding.global_batch({k: host[k] for k in trainer.TRAIN_KEYS if k in host}, mesh)
+    batch = sharding.global_batch({k: host[k] for k in decoder.train_keys() if k in host}, mesh)
     for _ in range(preset.warmup):
         state, metrics = p_train(state, batch)
     jax.block_until_ready(metrics)
@@ -122,7 +122,7 @@ def measure(config, src, p_train, state, mesh, preset: Preset) -> tuple[dict[str
     if hasattr(it, "close"):
         it.close()
 
-    batches = loop.DevicePrefetcher(iterator(), mesh, trainer.TRAIN_KEYS)
+    batches = loop.DevicePrefetcher(iterator(), mesh, decoder.train_keys())
     pending = loop.PendingMetrics()
     for i in range(preset.warmup):
         state, metrics = p_train(state, next(batches))
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.batch:
         config.train.batch_size = args.batch
     workers = [int(w) for w in args.workers.split(",")] if args.workers else preset.workers
-    decoders = args.decoders.split(",") if args.decoders else preset.decoders
+    names = args.decoders.split(",") if args.decoders else preset.decoders
     load_before = reporting.load_average()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -199,9 +199,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         state, _ = p_train(state, sharding.global_batch(host, mesh))  # compiles
         jax.block_until_ready(state)
         print(f"set-up and compile: {time.perf_counter() - t0:.1f} s", flush=True)
-        for decoder in decoders:
+        for decoder in names:
             config.data.decoder = decoder
-            pipeline.decoder(config.data)  # an unknown name fails here
+            decoders.for_config(config.data)  # an unknown name fails here
             why_not = dali_unavailable() if decoder == "dali" else None
             for worker_count in workers:
                 config.data.worker_count = worker_count

@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 
 from marnet_jax import cli, reporting
-from marnet_jax.data import datasets, pipeline
+from marnet_jax.data import datasets, decoders
 from marnet_jax.train import cost, sharding
 from marnet_jax.train.experiment import Experiment
 
@@ -237,20 +237,16 @@ def batch_specs(
     """Abstract global batches as the trainer feeds them (uint8 image, label, ingredients; train:
     jitter factors and flips; eval: the padding mask), sharded over the batch axes."""
     shard = sharding.batch_sharding(mesh)
-    size = config.data.image_size
+    decoder = decoders.Decoder() if eval_ else decoders.for_config(config.data)
     out = {
-        "image": _spec((batch, size, size, 3), np.uint8, shard),
-        "label": _spec((batch,), np.int32, shard),
-        "ingredients": _spec((batch, facts.num_ingredients), np.float32, shard),
+        key: _spec(shape, dtype, shard)
+        for key, (shape, dtype) in decoder.image_shapes(batch, config.data.image_size).items()
     }
+    out["label"] = _spec((batch,), np.int32, shard)
+    out["ingredients"] = _spec((batch, facts.num_ingredients), np.float32, shard)
     if eval_:
         out["mask"] = _spec((batch,), np.float32, shard)
         return out
-    if pipeline.decoder(config.data) == "cpu_decode":
-        canvas = pipeline.canvas_size(size)
-        out["image"] = _spec((batch, canvas, canvas, 3), np.uint8, shard)
-        out["box"] = _spec((batch, 4), np.float32, shard)
-        out["extent"] = _spec((batch, 2), np.int32, shard)
     if config.data.augment.color_jitter:
         out["jitter"] = _spec((batch, 3), np.float32, shard)
     if config.data.augment.horizontal_flip:

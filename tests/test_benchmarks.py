@@ -11,10 +11,10 @@ import pytest
 
 from benchmarks import cdr_sampler, cpu_levers, end_to_end, train_step
 from configs import default
-from marnet_jax.data import datasets
+from marnet_jax.data import datasets, decoders
 from marnet_jax.models import build_model, resnet
 from marnet_jax.models.backbones import build_backbone
-from marnet_jax.train import loop, sharding, trainer
+from marnet_jax.train import loop, sharding
 from marnet_jax.train.sharding import make_mesh
 
 # One device like test_trainer.py's runs: the same tiny train step, so the persistent compilation
@@ -358,4 +358,4 @@ def test_global_batch_shapes_of_synthetic_batches():
     train = _common.synthetic_train_batch(4, 8, num_classes=3, num_ingredients=5)
     assert train["image"].dtype == np.uint8 and train["jitter"].shape == (4, 3)
     assert train["flip"].shape == (4,) and train["flip"].dtype == np.bool_
-    assert set(train) == set(trainer.TRAIN_KEYS) - {"box", "extent"}  # the 'cpu' decoder's keys
+    assert set(train) == set(decoders.Decoder().train_keys())  # the 'cpu' decoder's keys

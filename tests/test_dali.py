@@ -12,7 +12,7 @@ from jax.sharding import Mesh
 
 from benchmarks.input_pipeline import photo_like_jpeg
 from marnet_jax.data import config as data_config
-from marnet_jax.data import dali, pipeline
+from marnet_jax.data import dali, decoders, decoding, pipeline
 from marnet_jax.train import sharding
 
 
@@ -76,7 +76,7 @@ def test_dali_batches_carry_the_boxes_the_cpu_path_crops():
         for key in ("jitter", "flip", "label", "ingredients"):
             np.testing.assert_array_equal(a[key], b[key])
         for image, data, box in zip(a["image"], b["encoded"], b["crop"], strict=True):
-            crop = pipeline._crop_resized(
+            crop = decoding.crop_resized(
                 data.tobytes(), lambda h, w, box=box: tuple(box), 64, "bilinear"
             )
             np.testing.assert_array_equal(crop, image)
@@ -110,12 +110,14 @@ def test_decoder_errors_name_the_field_and_the_remedy():
 @pytest.mark.skipif(HAVE_DALI, reason="nvidia-dali is installed")
 def test_dali_missing_says_how_to_install_it():
     with pytest.raises(ImportError, match="pip install nvidia-dali-cuda120"):
-        dali.decoded(batches("dali", jpeg_source(4)), batch_sharding(), data_cfg("dali"))
+        decoders.Dali().on_devices(
+            batches("dali", jpeg_source(4)), batch_sharding(), data_cfg("dali")
+        )
 
 
 def test_cpu_decoder_passes_batches_through():
     it = batches("cpu", jpeg_source(4))
-    assert dali.decoded(it, batch_sharding(), data_cfg("cpu")) is it
+    assert decoders.for_config(data_cfg("cpu")).on_devices(it, batch_sharding(), None) is it
 
 
 def _assert_close_to_cpu_path(make_gpu_crops, mean_tol: float, max_tol: int) -> None:
@@ -155,7 +157,9 @@ def test_dali_without_a_gpu_says_so():
     if jax.default_backend() == "gpu":
         pytest.skip("this machine has a GPU")
     with pytest.raises(RuntimeError, match=r"decodes on GPUs.*data.decoder='cpu'"):
-        dali.decoded(batches("dali", jpeg_source(4)), batch_sharding(), data_cfg("dali"))
+        decoders.Dali().on_devices(
+            batches("dali", jpeg_source(4)), batch_sharding(), data_cfg("dali")
+        )
 
 
 @pytest.mark.skipif(

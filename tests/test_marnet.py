@@ -429,7 +429,6 @@ def test_auxiliary_terms_ramp_up():
 
 def test_gradient_diagnostics_match_a_direct_computation():
     from configs import tiny
-    from marnet_jax.data import photometric
     from marnet_jax.models.losses import weighted_terms
     from marnet_jax.train import steps
 
@@ -452,7 +451,7 @@ def test_gradient_diagnostics_match_a_direct_computation():
     diag = jax.jit(functools.partial(steps.grad_diagnostics, **kw))(state, batch)
     terms = steps.backbone_terms(model)
     assert terms == ("ce", "ema", "mse", "ce_cdr")
-    images = photometric.train_images(batch, data_cfg)
+    images = steps.model_input(batch, data_cfg)
 
     def weighted(backbone):
         outputs, _ = steps._train_forward(

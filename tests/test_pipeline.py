@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from marnet_jax.data import config as data_config
-from marnet_jax.data import datasets, fixtures, photometric, pipeline
+from marnet_jax.data import datasets, decoders, decoding, fixtures, photometric, pipeline
+from marnet_jax.train import steps
 
 SIZE = 32
 V = 6
@@ -89,7 +90,7 @@ def test_train_batch_format_and_normalisation(dtype):
     assert batch["label"].dtype == np.int32 and batch["label"].shape == (4,)
     assert batch["ingredients"].dtype == np.float32 and batch["ingredients"].shape == (4, V)
     np.testing.assert_array_equal(batch["ingredients"][np.arange(4), batch["label"] % V], 1.0)
-    images = photometric.train_images(batch, c)
+    images = steps.model_input(batch, c)
     assert images.dtype == jnp.dtype(dtype)
     expected = (np.asarray(colour) / 255.0 - np.asarray(c.mean)) / np.asarray(c.std)
     got = np.asarray(images, np.float32)
@@ -118,7 +119,7 @@ def test_augmentations_change_images_but_keep_format():
         )
     )
     order = np.argsort(batch["label"])
-    assert not np.allclose(np.asarray(photometric.train_images(batch, c))[order], plain["image"])
+    assert not np.allclose(np.asarray(steps.model_input(batch, c))[order], plain["image"])
 
 
 def test_resize_centre_crop_geometry():
@@ -244,7 +245,7 @@ def test_random_resized_crop_from_bytes_draws_the_same_box_and_decodes_only_what
                 assert diff.mean() < 2.0 and diff.max() < 40, (seed, diff.mean(), diff.max())
     whole = pipeline.RandomResizedCrop(48, scale=(1.0, 1.0), ratio=(4 / 3, 4 / 3))
     box = whole.crop_box(384, 512, np.random.default_rng(0))
-    assert pipeline._dct_factor(512, 384, box, 48) == 8  # the box still spans >= 48 px each way
+    assert decoding.dct_factor(512, 384, box, 48) == 8  # the box still spans >= 48 px each way
 
 
 def test_resize_centre_crop_from_bytes_matches_the_decoded_image():
@@ -268,7 +269,7 @@ def test_resize_centre_crop_from_bytes_matches_the_decoded_image():
     )
     assert 0 < diff.mean() < 2.0 and diff.max() < 40, (diff.mean(), diff.max())
     # The 336-px centre box spans 84 px at 1/4: still >= 64.
-    assert pipeline._dct_factor(512, 384, t.crop_box(384, 512), 64) == 4
+    assert decoding.dct_factor(512, 384, t.crop_box(384, 512), 64) == 4
 
 
 def _jpeg(image: np.ndarray | Image.Image, **save_kwargs) -> bytes:
@@ -292,19 +293,19 @@ def test_jpeg_decode_gives_pils_pixels_at_every_dct_scale():
     ]
     for data in cases:
         for factor in (1, 2, 4, 8):
-            fast = pipeline._decode(data, factor)
+            fast = decoding.decode(data, factor)
             assert isinstance(fast, np.ndarray), "YCbCr and grey JPEGs take the fast decode"
-            with pipeline._open(data) as img:
+            with decoding.open_image(data) as img:
                 if factor > 1:
                     img.draft("RGB", (img.width // factor, img.height // factor))
                 np.testing.assert_array_equal(fast, np.asarray(img.convert("RGB")))
             assert fast.shape == (-(-251 // factor), -(-333 // factor), 3)
     cmyk = _jpeg(photo.convert("CMYK"), quality=95)
-    decoded = np.asarray(pipeline._decode(cmyk))
+    decoded = np.asarray(decoding.decode(cmyk))
     reference = np.asarray(photo.convert("CMYK").convert("RGB"), np.int16)
     assert decoded.shape == (251, 333, 3) and np.abs(decoded - reference).mean() < 3
     with pytest.raises(OSError):
-        pipeline._decode(cases[0][:200])
+        decoding.decode(cases[0][:200])
 
 
 @pytest.mark.parametrize("decoder", ["cpu", "cpu_decode"])
@@ -330,7 +331,7 @@ def test_resize_crops_is_pils_resize_of_the_box(interpolation):
     canvas's pixels: shrinking and enlarging, boxes at the image's edge (where the filter is cut
     off and renormalised) and inside it, whatever lies in the canvas beyond the extent."""
     rng = np.random.default_rng(0)
-    resample = pipeline._resample(interpolation)
+    resample = decoding.resample(interpolation)
     canvas, size, canvases, boxes, extents, expected = 96, 24, [], [], [], []
     for i in range(12):
         height, width = (int(v) for v in rng.integers(20, canvas + 1, 2))
@@ -374,7 +375,7 @@ def test_cpu_decode_ships_the_boxes_that_the_train_step_resizes_to_the_cpu_crops
     crops = next(pipeline.train_iterator(c, **kwargs))
     c.decoder = "cpu_decode"
     shipped = next(pipeline.train_iterator(c, **kwargs))
-    canvas = pipeline.canvas_size(64)
+    canvas = decoders.canvas_size(64)
     assert shipped["image"].shape == (8, canvas, canvas, 3) and shipped["image"].dtype == np.uint8
     assert shipped["box"].dtype == np.float32 and shipped["extent"].dtype == np.int32
     for key in ("flip", "jitter", "label", "ingredients"):
@@ -385,13 +386,13 @@ def test_cpu_decode_ships_the_boxes_that_the_train_step_resizes_to_the_cpu_crops
     diff = np.abs(np.asarray(resized) - crops["image"].astype(np.float32))
     assert diff.max() <= 1 and diff.mean() < 0.05, (diff.max(), diff.mean())
     np.testing.assert_array_equal(
-        photometric.train_images(shipped, c),
-        photometric.train_images({**crops, "image": np.asarray(resized, np.uint8)}, c),
+        steps.model_input(shipped, c),
+        photometric.train_images(np.asarray(resized, np.uint8), crops, c),
     )
 
     wide = np.asarray(Image.open(io.BytesIO(_photo_jpeg(512, 200))))
     t = pipeline.RandomResizedCrop(32, scale=(1.0, 1.0), ratio=(2.56, 2.56))
-    element = pipeline.CanvasCrop(t).random_map({"image": wide}, np.random.default_rng(0))
+    element = decoders.CanvasCrop(t).random_map({"image": wide}, np.random.default_rng(0))
     np.testing.assert_array_equal(element["box"], [0, 0, 32, 32])  # 512 px wide: no 80-px canvas
     host = t.random_map({"image": wide}, np.random.default_rng(0))["image"]
     same = photometric.resize_crops(
@@ -403,7 +404,7 @@ def test_cpu_decode_ships_the_boxes_that_the_train_step_resizes_to_the_cpu_crops
     )
     np.testing.assert_array_equal(np.asarray(same[0]), host)
     with pytest.raises(ValueError, match=r"data\.interpolation is 'nearest'"):
-        pipeline.CanvasCrop(pipeline.RandomResizedCrop(32, interpolation="nearest"))
+        decoders.CanvasCrop(pipeline.RandomResizedCrop(32, interpolation="nearest"))
 
 
 def test_augmentation_deterministic_by_seed_and_varies_across_seeds_and_epochs():
@@ -617,7 +618,7 @@ def test_synthetic_tiny_end_to_end(tiny_cfg):
     batches = take(it, 3)
     b = batches[0]
     assert b["image"].shape == (8, SIZE, SIZE, 3) and b["image"].dtype == np.uint8
-    assert photometric.train_images(b, tiny_cfg).dtype == np.float32
+    assert steps.model_input(b, tiny_cfg).dtype == np.float32
     assert b["ingredients"].shape == (8, facts.num_ingredients)
     assert np.all(b["ingredients"].sum(-1) >= 1) and np.all(b["label"] < facts.num_classes)
     it = pipeline.train_iterator(tiny_cfg, "train", **kwargs)

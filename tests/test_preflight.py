@@ -14,7 +14,7 @@ import pytest
 
 from configs import tiny
 from marnet_jax import preflight
-from marnet_jax.data import datasets, pipeline
+from marnet_jax.data import datasets, decoders
 from marnet_jax.train import sharding
 from marnet_jax.train.experiment import Experiment
 
@@ -131,7 +131,7 @@ def test_cpu_decode_train_batch_is_canvases_boxes_and_extents():
     facts = datasets.shape_facts(config.data)
     mesh = sharding.make_mesh(config.mesh)
     specs = preflight.batch_specs(config, facts, mesh, 8, eval_=False)
-    canvas = pipeline.canvas_size(config.data.image_size)
+    canvas = decoders.canvas_size(config.data.image_size)
     assert specs["image"].shape == (8, canvas, canvas, 3) and specs["image"].dtype == np.uint8
     assert specs["box"].shape == (8, 4) and specs["box"].dtype == np.float32
     assert specs["extent"].shape == (8, 2) and specs["extent"].dtype == np.int32

@@ -20,9 +20,10 @@ import pytest
 
 from configs import tiny
 from marnet_jax import main as cli
-from marnet_jax.data import photometric, pipeline
+from marnet_jax.data import decoders
 from marnet_jax.train import checkpoint, metrics, sharding, trainer
 from marnet_jax.train.experiment import Experiment
+from marnet_jax.train.steps import model_input
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_STEPS = 4
@@ -259,7 +260,7 @@ def test_train_images_are_sharding_invariant(resize):
     config = _config("unused", data=2, fsdp=4)
     rng = np.random.default_rng(0)
     size = config.data.image_size
-    side = pipeline.canvas_size(size) if resize else size
+    side = decoders.canvas_size(size) if resize else size
     batch = {
         "image": rng.integers(0, 256, (16, side, side, 3), dtype=np.uint8),
         "jitter": rng.uniform(0.6, 1.4, (16, 3)).astype(np.float32),
@@ -272,8 +273,11 @@ def test_train_images_are_sharding_invariant(resize):
         batch["box"] = np.concatenate([lo, hi], 1).astype(np.float32)  # left, top, right, bottom
         batch["extent"] = extent
 
+    if resize:
+        config.data.decoder = "cpu_decode"
+
     def prepare(b):
-        return photometric.train_images(b, config.data)
+        return model_input(b, config.data)
 
     one = np.asarray(jax.jit(prepare)(batch))
     sharded = jax.jit(prepare)(sharding.global_batch(batch, sharding.make_mesh(config.mesh)))

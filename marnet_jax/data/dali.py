@@ -1,7 +1,7 @@
 """Training crops decoded on the GPU by NVIDIA DALI (data.decoder = 'dali').
 
 grain still reads, shuffles and shards the split and draws every random choice (the crop box in
-pipeline.CropBox, the jitter factors, the flip), so a seed and position give the same choices as
+decoders.CropBox, the jitter factors, the flip), so a seed and position give the same choices as
 on the CPU path and a checkpointed iterator resumes alike. DALI only decodes each image's box and
 resizes it to S x S: on a GPU with nvJPEG (and the hardware JPEG decoder where the GPU has one),
 each local device decoding the rows of the process's batch that it holds under the batch
@@ -23,8 +23,6 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-
-from marnet_jax.data import pipeline
 
 _INTERPOLATION = {
     "nearest": "INTERP_NN",
@@ -126,7 +124,8 @@ def _device_rows(
 
 
 class GpuCrops:
-    """`pipeline.train_iterator` batches (data.decoder 'dali') with 'encoded' and 'crop' replaced by
+    """`pipeline.train_iterator` batches (data.decoder 'dali': decoders.Dali.on_devices wraps them)
+    with 'encoded' and 'crop' replaced by
     'image': the crops decoded by DALI on each of this process's devices, as one global uint8
     [B, S, S, 3] jax.Array under `batch_sharding` (the trainer's sharding.batch_sharding;
     sharding.global_batch passes the array through).
@@ -214,15 +213,3 @@ class GpuCrops:
     def close(self) -> None:
         if hasattr(self._batches, "close"):
             self._batches.close()
-
-
-def decoded(
-    batches: Iterator[dict[str, Any]],
-    batch_sharding: jax.sharding.Sharding,
-    data_cfg: ml_collections.ConfigDict,
-) -> Iterator[dict[str, Any]]:
-    """`pipeline.train_iterator` batches as the train step takes them: through GpuCrops when
-    data.decoder is 'dali', as they are otherwise."""
-    if pipeline.decoder(data_cfg) == "dali":
-        return GpuCrops(batches, batch_sharding, data_cfg)
-    return batches

@@ -144,7 +144,7 @@ def resize_crops(
     """Boxes of uint8 canvases resized to size x size, as PIL's Image.resize(box=...) does it.
 
     canvases: uint8 [B, C, C, 3], each holding a decoded image's pixels in its top-left corner
-    (pipeline.CanvasCrop); boxes: float32 [B, 4] (left, top, right, bottom) in canvas pixels;
+    (decoders.CanvasCrop); boxes: float32 [B, 4] (left, top, right, bottom) in canvas pixels;
     extents: int32 [B, 2] (height, width) of the real pixels, where the filter is cut off and
     renormalised. Horizontal pass, then vertical, each rounded to integers: float32
     [B, size, size, 3] with PIL's values (within one level where a sum lands on a rounding tie).
@@ -185,15 +185,14 @@ def eval_images(images: Array, data_cfg: ml_collections.ConfigDict) -> Array:
     return normalize(images, data_cfg.mean, data_cfg.std, data_cfg.dtype)
 
 
-def train_images(batch: Mapping[str, Array], data_cfg: ml_collections.ConfigDict) -> Array:
-    """A training batch's model input: uint8 'image' [B, S, S, 3] (or, with 'box' and 'extent',
-    canvases that resize_crops takes to S x S first) flipped where 'flip' says and jittered with
-    'jitter' (each when the pipeline drew it), normalised to data_cfg.dtype."""
-    chex.assert_type(batch["image"], jnp.uint8)
-    x = batch["image"]
-    if "box" in batch:
-        size, interpolation = data_cfg.image_size, data_cfg.interpolation
-        x = resize_crops(x, batch["box"], batch["extent"], size, interpolation)
+def train_images(
+    crops: Array, batch: Mapping[str, Array], data_cfg: ml_collections.ConfigDict
+) -> Array:
+    """A training batch's model input: its `crops` [B, S, S, 3] (decoders.Decoder.crops: uint8,
+    or the integer levels of resize_crops in float32) flipped where the batch's 'flip' says and
+    jittered with its 'jitter' (each when the pipeline drew it), normalised to data_cfg.dtype."""
+    chex.assert_rank(crops, 4)
+    x = crops
     if "flip" in batch:
         x = flip(x, batch["flip"])
     if "jitter" in batch:

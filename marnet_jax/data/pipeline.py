@@ -18,12 +18,9 @@ Element flow (dicts): source {'image': encoded bytes, 'label', 'ingredients', 'i
      (with flips on), 'label' int32, 'ingredients' float32 [B, V]}. The train step flips, applies
      the jitter and normalises on the accelerator (marnet_jax/data/photometric.py): the host ships
      uint8 crops.
-  -> train with data.decoder 'dali': CropBox draws the same boxes without decoding, then the same
-     draws and TrainFeatures -> batch with 'encoded' (a list of B uint8 byte arrays) and 'crop'
-     int32 [B, 4] in place of 'image'; marnet_jax/data/dali.py decodes and crops on the GPU.
-  -> train with data.decoder 'cpu_decode': CanvasCrop decodes the same boxes but does not resize
-     them: 'image' uint8 canvases [B, C, C, 3], 'box' float32 [B, 4], 'extent' int32 [B, 2];
-     the train step resizes them (photometric.resize_crops), then flips, jitters, normalises.
+  -> train with data.decoder 'cpu_decode' or 'dali': the decoder's host transform at the crop's
+     place (the same boxes, decoded but not resized, or not decoded), and the decoder's keys in
+     place of 'image': marnet_jax/data/decoders.py.
   -> eval: ResizeCentreCrop (decodes as it crops), then the caller's `extra_transforms`,
      EvalFeatures -> batch:
      {'image' uint8 [B, S, S, 3], 'label', 'ingredients', 'mask' float32 [B]}; the eval step
@@ -33,7 +30,6 @@ All transforms are module-level classes so grain can pickle them into worker pro
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -44,176 +40,10 @@ import grain
 import jax
 import ml_collections
 import numpy as np
-import simplejpeg
-from PIL import Image
 
-from marnet_jax.data import datasets, photometric
+from marnet_jax.data import datasets, decoders, decoding
 
 Example = dict[str, Any]
-
-_RESAMPLE = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-}
-
-
-def _resample(name: str) -> Image.Resampling:
-    if name not in _RESAMPLE:
-        raise ValueError(f"Unknown interpolation {name!r}; expected one of {sorted(_RESAMPLE)}.")
-    return _RESAMPLE[name]
-
-
-def _resize_box(
-    image: np.ndarray | Image.Image, box: tuple[float, ...], size: int, resample: str
-) -> np.ndarray:
-    """Crops `box` (left, top, right, bottom) of a uint8 array or PIL image, resized to size x size
-    in one step (the image itself when that is the identity)."""
-    if isinstance(image, np.ndarray):
-        if box == (0, 0, image.shape[1], image.shape[0]) and image.shape[:2] == (size, size):
-            return image
-        image = Image.fromarray(image)
-    elif box == (0, 0, *image.size) and image.size == (size, size):
-        return np.asarray(image)
-    return np.asarray(image.resize((size, size), _resample(resample), box=box))
-
-
-def _encoded(data: Any) -> bytes:
-    """Encoded image bytes (some sources give a 0-d object/bytes array)."""
-    return data.item() if isinstance(data, np.ndarray) else data
-
-
-def _open(data: Any) -> Image.Image:
-    """An encoded image opened by PIL lazily: header read, not decoded."""
-    return Image.open(io.BytesIO(_encoded(data)))
-
-
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) of a JPEG that libjpeg decodes to RGB itself (YCbCr or grey), read from its
-    header; None for anything else (PNG, CMYK, ...), which PIL decodes."""
-    if not data.startswith(b"\xff\xd8"):
-        return None
-    try:
-        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-    except ValueError:
-        return None
-    return (width, height) if colorspace in ("YCbCr", "Gray") else None
-
-
-def _dct_factor(width: int, height: int, box: tuple[int, int, int, int], size: int) -> int:
-    """The coarsest JPEG DCT scale 1/f (f in 8, 4, 2, 1) at which `box` still spans at least
-    `size` pixels each way, so that the resize after the decode only shrinks (PIL's draft rule)."""
-    left, top, right, bottom = box
-    need_w = math.ceil(width * size / max(right - left, 1))
-    need_h = math.ceil(height * size / max(bottom - top, 1))
-    if need_w >= width or need_h >= height:
-        return 1
-    fits = min(width // need_w, height // need_h)
-    return next(f for f in (8, 4, 2, 1) if fits >= f)
-
-
-def _decode_jpeg(data: bytes, size: tuple[int, int], factor: int) -> np.ndarray | None:
-    """A YCbCr or grey JPEG of `size` (width, height) through simplejpeg at DCT scale 1/factor:
-    libjpeg-turbo straight into an array, the very pixels of PIL's decode with less overhead; None
-    when libjpeg warns about the data (PIL, more lenient, decodes it then)."""
-    width, height = size
-    try:
-        return simplejpeg.decode_jpeg(
-            data,
-            colorspace="RGB",
-            min_width=-(-width // factor),
-            min_height=-(-height // factor),
-            min_factor=factor,
-        )
-    except ValueError:
-        return None
-
-
-def _decode_pil(img: Image.Image, factor: int) -> Image.Image:
-    """An opened image decoded by PIL as RGB, a JPEG at DCT scale 1/factor (PIL's draft)."""
-    if factor > 1:
-        img.draft("RGB", (img.width // factor, img.height // factor))
-    img.load()  # A broken image fails here, not at the resize.
-    return img if img.mode == "RGB" else img.convert("RGB")
-
-
-def _decode(data: bytes, factor: int = 1) -> np.ndarray | Image.Image:
-    """Encoded `data` as RGB, a JPEG at DCT scale 1/factor (size rounded up): YCbCr and grey JPEGs
-    through simplejpeg (_decode_jpeg), anything else through PIL."""
-    size = _jpeg_size(data)
-    rgb = None if size is None else _decode_jpeg(data, size, factor)
-    return rgb if rgb is not None else _decode_pil(_open(data), factor)
-
-
-def _decoded_box(
-    image: Any, crop_box: Callable[[int, int], tuple[int, int, int, int]], size: int
-) -> tuple[np.ndarray | Image.Image, tuple[float, ...]]:
-    """A decoded uint8 image, or encoded bytes decoded only as finely as the box
-    `crop_box(height, width)` needs at size x size (_dct_factor: far less work for a large photo),
-    and that box in the decoded image's pixels."""
-    if isinstance(image, np.ndarray) and image.ndim == 3:
-        return image, crop_box(image.shape[0], image.shape[1])
-    data = _encoded(image)
-    jpeg_size = _jpeg_size(data)
-    img = _open(data) if jpeg_size is None else None  # header read once, whichever decodes
-    width, height = jpeg_size or img.size
-    box = crop_box(height, width)
-    factor = _dct_factor(width, height, box, size)
-    rgb = None if jpeg_size is None else _decode_jpeg(data, jpeg_size, factor)
-    if rgb is None:
-        rgb = _decode_pil(img or _open(data), factor)
-    decoded_width = rgb.shape[1] if isinstance(rgb, np.ndarray) else rgb.width
-    if decoded_width != width:
-        box = tuple(x * decoded_width / width for x in box)
-    return rgb, box
-
-
-def _crop_resized(
-    image: Any, crop_box: Callable[[int, int], tuple[int, int, int, int]], size: int, resample: str
-) -> np.ndarray:
-    """The box `crop_box(height, width)` of a decoded uint8 image or of encoded bytes, resized to
-    size x size (the same pixels as a full decode whenever the box spans less than twice the
-    output)."""
-    return _resize_box(*_decoded_box(image, crop_box, size), size, resample)
-
-
-def canvas_size(image_size: int) -> int:
-    """Side of the canvas in which data.decoder 'cpu_decode' ships a training crop's decoded box:
-    the DCT scale (_dct_factor) leaves the box's shorter side under twice the output, and the
-    margin holds the resampling filter's reach."""
-    return 2 * image_size + 16
-
-
-def _canvas(
-    rgb: np.ndarray | Image.Image,
-    box: tuple[float, ...],
-    size: int,
-    interpolation: str,
-    canvas: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The pixels that resizing `box` of `rgb` to size x size reads (the box and the filter's
-    reach around it) in the top-left corner of a zero canvas x canvas uint8 array, the box in
-    canvas pixels (float32 [4]) and the extent of the copied pixels (int32 [height, width]), for
-    photometric.resize_crops. A box whose reach does not fit (the longer side of a wide or tall
-    crop, now and then) is resized here and shipped with the identity box."""
-    width, height = rgb.size if isinstance(rgb, Image.Image) else (rgb.shape[1], rgb.shape[0])
-    left, top, right, bottom = box
-    support = photometric.filter_support(interpolation)
-    reach = [
-        support * max((hi - lo) / size, 1.0) + 1.0 for lo, hi in ((left, right), (top, bottom))
-    ]
-    x0, y0 = max(math.floor(left - reach[0]), 0), max(math.floor(top - reach[1]), 0)
-    x1, y1 = min(math.ceil(right + reach[0]), width), min(math.ceil(bottom + reach[1]), height)
-    out = np.zeros((canvas, canvas, 3), np.uint8)
-    if x1 - x0 > canvas or y1 - y0 > canvas:
-        out[:size, :size] = _resize_box(rgb, box, size, interpolation)
-        x0, y0, x1, y1, box = 0, 0, size, size, (0, 0, size, size)
-    else:
-        out[: y1 - y0, : x1 - x0] = np.asarray(rgb)[y0:y1, x0:x1]
-    shifted = np.asarray([box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0], np.float32)
-    return out, shifted, np.asarray([y1 - y0, x1 - x0], np.int32)
-
 
 # --------------------------------------------------------------------------------------------------
 # Transforms.
@@ -223,7 +53,10 @@ class DecodeImage(grain.transforms.Map):
     """'image': encoded PNG/JPEG bytes -> uint8 [H, W, 3] RGB (grey, palette and CMYK converted)."""
 
     def map(self, element: Example) -> Example:
-        return {**element, "image": np.asarray(_decode(_encoded(element["image"])))}
+        return {
+            **element,
+            "image": np.asarray(decoding.decode(decoding.encoded_bytes(element["image"]))),
+        }
 
 
 class RandomResizedCrop(grain.transforms.RandomMap):
@@ -231,7 +64,8 @@ class RandomResizedCrop(grain.transforms.RandomMap):
     resized to size x size; after 10 failed draws, a centre crop with the aspect clamped.
 
     Takes a decoded uint8 image, or the encoded bytes: then the box is drawn from the header's size
-    and a JPEG is decoded at the coarsest DCT scale that still covers the box (`_crop_resized`)."""
+    and a JPEG is decoded at the coarsest DCT scale that still covers the box
+    (decoding.crop_resized)."""
 
     def __init__(
         self,
@@ -248,7 +82,7 @@ class RandomResizedCrop(grain.transforms.RandomMap):
         self.scale = (float(scale[0]), float(scale[1]))
         self.ratio = (float(ratio[0]), float(ratio[1]))
         self.interpolation = interpolation
-        _resample(interpolation)
+        decoding.resample(interpolation)
 
     def crop_box(
         self, height: int, width: int, rng: np.random.Generator
@@ -275,9 +109,13 @@ class RandomResizedCrop(grain.transforms.RandomMap):
         top, left = (height - h) // 2, (width - w) // 2
         return left, top, left + w, top + h
 
+    def box_drawer(self, rng: np.random.Generator) -> Callable[[int, int], tuple[int, ...]]:
+        """(height, width) -> the box this crop cuts, drawn from `rng` (as random_map draws it)."""
+        return lambda height, width: self.crop_box(height, width, rng)
+
     def random_map(self, element: Example, rng: np.random.Generator) -> Example:
-        box = _box_drawer(self, rng)
-        image = _crop_resized(element["image"], box, self.size, self.interpolation)
+        box = self.box_drawer(rng)
+        image = decoding.crop_resized(element["image"], box, self.size, self.interpolation)
         return {**element, "image": image}
 
 
@@ -296,7 +134,7 @@ class ResizeCentreCrop(grain.transforms.Map):
         self.size = int(size)
         self.crop_ratio = float(crop_ratio)
         self.interpolation = interpolation
-        _resample(interpolation)
+        decoding.resample(interpolation)
 
     def crop_box(self, height: int, width: int) -> tuple[int, int, int, int]:
         """(left, top, right, bottom) in the original image of the final centre crop."""
@@ -305,61 +143,15 @@ class ResizeCentreCrop(grain.transforms.Map):
         top, left = (height - crop) // 2, (width - crop) // 2
         return left, top, left + crop, top + crop
 
+    def box_drawer(self, rng: np.random.Generator) -> Callable[[int, int], tuple[int, ...]]:
+        """(height, width) -> the box this crop cuts (`rng` unused: the centre crop draws nothing)."""
+        return self.crop_box
+
     def map(self, element: Example) -> Example:
-        image = _crop_resized(element["image"], self.crop_box, self.size, self.interpolation)
+        image = decoding.crop_resized(
+            element["image"], self.crop_box, self.size, self.interpolation
+        )
         return {**element, "image": image}
-
-
-def _box_drawer(
-    crop: RandomResizedCrop | ResizeCentreCrop, rng: np.random.Generator
-) -> Callable[[int, int], tuple[int, int, int, int]]:
-    """(height, width) -> the box `crop` cuts, drawn from `rng` as its own map would draw it."""
-    if isinstance(crop, RandomResizedCrop):
-        return lambda height, width: crop.crop_box(height, width, rng)
-    return crop.crop_box
-
-
-class CropBox(grain.transforms.RandomMap):
-    """The box that `crop` (RandomResizedCrop or ResizeCentreCrop) would cut, drawn from the same
-    random stream but without decoding, for a decoder that crops itself (DALI): adds 'crop' int32
-    [left, top, right, bottom] in the encoded image's pixels and moves the bytes, as a uint8 array,
-    from 'image' to 'encoded'. In a transform list at the crop's place, a given seed and position
-    give the box the crop would have used."""
-
-    def __init__(self, crop: RandomResizedCrop | ResizeCentreCrop):
-        self.crop = crop
-
-    def random_map(self, element: Example, rng: np.random.Generator) -> Example:
-        image = element["image"]
-        if isinstance(image, np.ndarray) and image.ndim == 3:
-            raise ValueError(
-                "data.decoder='dali' needs encoded images (PNG/JPEG bytes); this source gives "
-                f"decoded arrays of shape {image.shape}: use data.decoder='cpu'."
-            )
-        data = _encoded(image)
-        width, height = _jpeg_size(data) or _open(data).size
-        box = _box_drawer(self.crop, rng)(height, width)
-        out = {k: v for k, v in element.items() if k != "image"}
-        return {**out, "encoded": np.frombuffer(data, np.uint8), "crop": np.asarray(box, np.int32)}
-
-
-class CanvasCrop(grain.transforms.RandomMap):
-    """The box that `crop` (RandomResizedCrop or ResizeCentreCrop) would cut, drawn from the same
-    random stream and decoded as it would decode it, but not resized: for data.decoder
-    'cpu_decode', whose train step resizes on the accelerator (photometric.resize_crops). 'image'
-    becomes a uint8 [C, C, 3] canvas (C = canvas_size(S)) holding the box's pixels (_canvas),
-    'box' float32 [4] the box in it and 'extent' int32 [2] the height and width of its pixels."""
-
-    def __init__(self, crop: RandomResizedCrop | ResizeCentreCrop):
-        photometric.filter_support(crop.interpolation)  # an unsupported filter fails here
-        self.crop = crop
-        self.canvas = canvas_size(crop.size)
-
-    def random_map(self, element: Example, rng: np.random.Generator) -> Example:
-        size = self.crop.size
-        rgb, decoded_box = _decoded_box(element["image"], _box_drawer(self.crop, rng), size)
-        image, box_, extent = _canvas(rgb, decoded_box, size, self.crop.interpolation, self.canvas)
-        return {**element, "image": image, "box": box_, "extent": extent}
 
 
 class RandomFlip(grain.transforms.RandomMap):
@@ -409,56 +201,41 @@ class EvalFeatures(grain.transforms.Map):
 
 
 class TrainFeatures(grain.transforms.Map):
-    """Per example, before batching: uint8 'image' (or 'encoded' and 'crop' from CropBox), int32
+    """Per example, before batching: the decoder's image part (decoders.Decoder.host_keys), int32
     'label', float32 'ingredients' and the jitter factors and flip if drawn; everything else (e.g.
     'image_path') is dropped."""
+
+    def __init__(self, decoder: decoders.Decoder):
+        self.decoder = decoder
 
     def map(self, element: Example) -> Example:
         out = {
             "label": np.int32(element["label"]),
             "ingredients": np.asarray(element["ingredients"], np.float32),
         }
-        if "image" in element:
-            out["image"] = np.ascontiguousarray(element["image"])
-        for key in ("encoded", "crop", "box", "extent", "jitter", "flip"):
+        for key in self.decoder.host_keys:
+            out[key] = np.ascontiguousarray(element[key]) if key == "image" else element[key]
+        for key in ("jitter", "flip"):
             if key in element:
                 out[key] = element[key]
         return out
 
 
-def _batch_encoded(examples: Sequence[Example]) -> Example:
-    """A batch of CropBox examples: 'encoded' as the list of their byte arrays (they differ in
-    length), everything else stacked."""
-    batch = {k: np.stack([e[k] for e in examples]) for k in examples[0] if k != "encoded"}
-    return {**batch, "encoded": [e["encoded"] for e in examples]}
-
-
 class CheckBatch(grain.transforms.Map):
-    """Asserts shapes and dtypes of a finished batch (cheap; catches a bad source early)."""
+    """Asserts shapes and dtypes of a finished batch (cheap; catches a bad source early): the image
+    part as `decoder` ships it (evaluation: decoders.Decoder(), uint8 crops)."""
 
-    def __init__(self, batch_size: int, image_size: int, image_dtype: Any, with_mask: bool):
+    def __init__(
+        self, batch_size: int, image_size: int, decoder: decoders.Decoder, with_mask: bool
+    ):
         self.batch_size = batch_size
         self.image_size = image_size
-        self.image_dtype = np.dtype(image_dtype)
+        self.decoder = decoder
         self.with_mask = with_mask
 
     def map(self, batch: Example) -> Example:
-        b, s = self.batch_size, self.image_size
-        if "encoded" in batch:
-            chex.assert_equal(len(batch["encoded"]), b)
-            chex.assert_shape(batch["crop"], (b, 4))
-            chex.assert_type(batch["crop"], np.int32)
-        elif "box" in batch:
-            c = canvas_size(s)
-            chex.assert_shape(
-                [batch["image"], batch["box"], batch["extent"]], [(b, c, c, 3), (b, 4), (b, 2)]
-            )
-            chex.assert_type(
-                [batch["image"], batch["box"], batch["extent"]], [np.uint8, np.float32, np.int32]
-            )
-        else:
-            chex.assert_shape(batch["image"], (b, s, s, 3))
-            chex.assert_type(batch["image"], self.image_dtype)
+        b = self.batch_size
+        self.decoder.check(batch, b, self.image_size)
         if "flip" in batch:
             chex.assert_shape(batch["flip"], (b,))
             chex.assert_type(batch["flip"], np.bool_)
@@ -582,29 +359,17 @@ def _apply(ds: grain.MapDataset, transform: Any, seed: int) -> grain.MapDataset:
     raise TypeError(f"Expected a grain Map/RandomMap transform or a callable, got {transform!r}.")
 
 
-DECODERS = ("cpu", "cpu_decode", "dali")  # data.decoder: where training crops are decoded
-
-
-def decoder(data_cfg: ml_collections.ConfigDict) -> str:
-    """data.decoder, checked ('cpu' where a config predates the field)."""
-    name = data_cfg.get("decoder", "cpu")
-    if name not in DECODERS:
-        raise ValueError(f"Unknown data.decoder {name!r}; expected one of {list(DECODERS)}.")
-    return name
-
-
 def train_transforms(data_cfg: ml_collections.ConfigDict) -> list[Any]:
-    """The per-example training transforms: a crop of the encoded image (decoded as it is
-    cropped) to uint8, with data.decoder 'cpu_decode' decoded but not resized (CanvasCrop), with
-    'dali' only its box (CropBox); then the draws of the jitter's factors and of the flip."""
+    """The per-example training transforms: a crop of the encoded image, in the form data.decoder
+    ships it (decoders.Decoder.host_transform: 'cpu' decoded and resized to uint8), then the
+    draws of the jitter's factors and of the flip."""
     aug = data_cfg.augment
     size = data_cfg.image_size
     if aug.random_resized_crop:
         crop = RandomResizedCrop(size, aug.crop_scale, aug.crop_ratio, data_cfg.interpolation)
     else:
         crop = ResizeCentreCrop(size, data_cfg.eval_crop_ratio, data_cfg.interpolation)
-    wrap = {"cpu": lambda c: c, "cpu_decode": CanvasCrop, "dali": CropBox}[decoder(data_cfg)]
-    out: list[Any] = [wrap(crop)]
+    out: list[Any] = [decoders.for_config(data_cfg).host_transform(crop)]
     if aug.color_jitter:
         out.append(ColorJitter(aug.brightness, aug.contrast, aug.saturation))
     if aug.horizontal_flip:
@@ -641,10 +406,8 @@ def train_iterator(
       A grain DatasetIterator of dicts 'image' uint8 [b, S, S, 3] (crops), 'jitter' float32
       [b, 3] (with colour jitter on: ColorJitter), 'flip' bool [b] (with flips on: RandomFlip),
       'label' int32 [b], 'ingredients' float32 [b, V]: photometric.train_images makes the model
-      input of them. With data.decoder 'dali', 'encoded' (b uint8 byte arrays) and 'crop' int32
-      [b, 4] (CropBox) replace 'image' (dali.GpuCrops decodes them); with 'cpu_decode',
-      'image' is uint8 canvases [b, C, C, 3] with 'box' float32 [b, 4] and 'extent' int32 [b, 2]
-      (CanvasCrop), which the train step resizes. Its get_state() is a
+      input of them. With data.decoder 'cpu_decode' or 'dali', the decoder's
+      keys replace 'image' (decoders.Decoder.host_keys). Its get_state() is a
       JSON-able dict; set_state() on a fresh iterator made with the same arguments continues with
       exactly the same batches.
     """
@@ -671,10 +434,10 @@ def train_iterator(
     ds = ds[shard_index:used:shard_count].repeat(None)
     for i, t in enumerate(train_transforms(data_cfg)):  # the crop decodes the encoded image
         ds = _apply(ds, t, derive_seed(seed, 1, shard_index, i))
-    ds = ds.map(TrainFeatures())
-    encoded = decoder(data_cfg) == "dali"
-    ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_batch_encoded if encoded else None)
-    ds = ds.map(CheckBatch(batch_size, data_cfg.image_size, np.uint8, with_mask=False))
+    decoder = decoders.for_config(data_cfg)
+    ds = ds.map(TrainFeatures(decoder))
+    ds = ds.batch(batch_size, drop_remainder=True, batch_fn=decoder.batch_fn())
+    ds = ds.map(CheckBatch(batch_size, data_cfg.image_size, decoder, with_mask=False))
     return _to_iterator(ds, data_cfg)
 
 
@@ -743,7 +506,7 @@ def eval_batches(
         ds = _apply(ds, t, derive_seed(seed, 2, shard_index, i))
     ds = ds.map(EvalFeatures())
     ds = ds.batch(batch_size, drop_remainder=True)
-    ds = ds.map(CheckBatch(batch_size, data_cfg.image_size, np.uint8, with_mask=True))
+    ds = ds.map(CheckBatch(batch_size, data_cfg.image_size, decoders.Decoder(), with_mask=True))
     return _closing(_to_iterator(ds, data_cfg))
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from etils import epath
 
-from marnet_jax.data import dali, datasets, pipeline
+from marnet_jax.data import datasets, decoders, pipeline
 from marnet_jax.models import build_model, pretrained, word_vectors
 from marnet_jax.models.config import upgrade_model_config
 from marnet_jax.models.marnet import MARNet
@@ -134,6 +134,12 @@ class Experiment:
         if state.get("batch_stats"):
             variables["batch_stats"] = state["batch_stats"]
         return Trained(exp, variables, int(step))
+
+    @property
+    def decoder(self) -> decoders.Decoder:
+        """Where training crops are decoded (data.decoder): the host transform, the keys of a
+        training batch and the decoding done on the devices."""
+        return decoders.for_config(self.config.data)
 
     @property
     def init_fn(self) -> Callable[[jax.Array], TrainState]:
@@ -248,7 +254,7 @@ class Experiment:
             shard_index=jax.process_index(),
             shard_count=jax.process_count(),
         )
-        return dali.decoded(batches, sharding.batch_sharding(self.mesh), config.data)
+        return self.decoder.on_devices(batches, sharding.batch_sharding(self.mesh), config.data)
 
     def eval_batches(self, split: str) -> Iterator[dict[str, jax.Array]]:
         """Every example of `split` once, as global batches on the mesh (image, label, ingredients,

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from marnet_jax.data import photometric
+from marnet_jax.data import decoders, photometric
 from marnet_jax.models.losses import marnet_loss, rampup, weighted_terms
 from marnet_jax.models.marnet import MARNet
 
@@ -93,6 +93,13 @@ def _train_forward(
     return outputs, new_vars.get("batch_stats", {})
 
 
+def model_input(batch: dict[str, jax.Array], data_cfg: ml_collections.ConfigDict) -> jax.Array:
+    """A training batch's model input: its crops as data.decoder finishes them on the devices,
+    through the photometric augmentation and the normalisation (photometric.train_images)."""
+    crops = decoders.for_config(data_cfg).crops(batch, data_cfg)
+    return photometric.train_images(crops, batch, data_cfg)
+
+
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
@@ -105,10 +112,10 @@ def train_step(
     grad_accum_steps: int = 1,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer (micro-)step on a global batch; returns the new state and scalar metrics.
-    The batch is the input pipeline's: uint8 crops, flipped, jittered and normalised here
-    (photometric.train_images)."""
+    The batch is the input pipeline's: uint8 crops (finished by the decoder: model_input),
+    flipped, jittered and normalised here."""
     chex.assert_rank(batch["image"], 4)
-    images = photometric.train_images(batch, data_cfg)
+    images = model_input(batch, data_cfg)
     chex.assert_type(batch["label"], jnp.int32)
     aux_scale = rampup(state.step, loss_cfg.get("aux_rampup_steps", 0))
 
@@ -164,7 +171,7 @@ def grad_diagnostics(
     parameters ('grad/<term>_norm') and its cosine with the fused CE's gradient
     ('grad/<term>_cos_ce'), at this state and on this batch with the train step's own keys. One
     forward pass and one backward pass per term."""
-    images = photometric.train_images(batch, data_cfg)
+    images = model_input(batch, data_cfg)
     aux_scale = rampup(state.step, loss_cfg.get("aux_rampup_steps", 0))
     terms = backbone_terms(model)
 

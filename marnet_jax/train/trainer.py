@@ -27,8 +27,6 @@ from marnet_jax.train.metrics import MetricWriter, summary_table
 __all__ = ["NonFiniteLossError", "evaluate", "train_and_evaluate"]
 
 log = logging.getLogger("marnet_jax")
-# "jitter", "flip" when drawn; "box", "extent" with data.decoder 'cpu_decode'
-TRAIN_KEYS = ("image", "box", "extent", "jitter", "flip", "label", "ingredients")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -80,7 +78,7 @@ def _train(config, exp, p_eval, state, start, train_iter, manager, writer, stop)
     p_diag = exp.jit_grad_diagnostics() if config.train.get("grad_diag_every", 0) else None
     num_steps, last_saved = config.train.num_steps, (start or None)
     pending = PendingMetrics()
-    batches = DevicePrefetcher(train_iter, exp.mesh, TRAIN_KEYS)
+    batches = DevicePrefetcher(train_iter, exp.mesh, exp.decoder.train_keys())
     window_start, window_steps = time.perf_counter(), 0
     bar = tqdm(total=num_steps, initial=start, disable=not is_main, mininterval=2.0, unit="step")
 
