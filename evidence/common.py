@@ -168,6 +168,7 @@ def config_summary(config: Any) -> dict[str, Any]:
         "backbone_kwargs": dict(model.backbone_kwargs),
         "embed_dim": model.embed_dim,
         "train_steps": config.train.num_steps,
+        "train_fraction": float(config.data.get("train_fraction", 1.0)),
         "batch_size": config.train.batch_size,
         "lr": config.optim.lr,
         "loss_weights": {k: v for k, v in config.loss.items() if k.startswith("w_")},

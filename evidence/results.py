@@ -143,16 +143,24 @@ def _val_fused(v: Mapping[str, Any]) -> float:
     return common.mean_std([r["validation"]["fused_top1"] for r in v["runs"]])[0]
 
 
+def _train_fraction(report: Mapping[str, Any]) -> float:
+    """The share of the training split a search trained on (1.0 where its record predates the
+    field)."""
+    return float(report["provenance"]["config"].get("train_fraction", 1.0))
+
+
 def search_groups(
     reports: Sequence[Mapping[str, Any]],
-) -> dict[str, list[tuple[str, Mapping[str, Any]]]]:
-    """{variant searched: [(setting label, its entry), ...]}, in the searches' order: searches split
-    over several workdirs read as one search per variant."""
-    settings = [item for report in reports for item in report["variants"].items()]
-    return {
-        base: [(label, v) for label, v in settings if v["base"] == base]
-        for base in dict.fromkeys(v["base"] for _, v in settings)
-    }
+) -> dict[float, dict[str, list[tuple[str, Mapping[str, Any]]]]]:
+    """{training fraction: {variant searched: [(setting label, its entry), ...]}}, the largest
+    fraction first, in the searches' order: searches split over several workdirs read as one
+    search per variant and fraction."""
+    out: dict[float, dict[str, list[tuple[str, Mapping[str, Any]]]]] = {}
+    for report in sorted(reports, key=_train_fraction, reverse=True):
+        groups = out.setdefault(_train_fraction(report), {})
+        for label, v in report["variants"].items():
+            groups.setdefault(v["base"], []).append((label, v))
+    return out
 
 
 def best_setting(group: Sequence[tuple[str, Mapping[str, Any]]]) -> tuple[str, Mapping[str, Any]]:
@@ -163,36 +171,13 @@ def best_setting(group: Sequence[tuple[str, Mapping[str, Any]]]) -> tuple[str, M
 def tuning_markdown(reports: Sequence[Mapping[str, Any]]) -> str:
     """Every setting a search tried, with its validation accuracies (the test split is not shown:
     choices are made on validation only)."""
-    from evidence import ablation, common
-
-    def val(runs: Sequence[Mapping[str, Any]], head: str) -> str:
-        values = [
-            r["validation"][f"{head}_top1"] for r in runs if f"{head}_top1" in r["validation"]
-        ]
-        if not values:
-            return "-"
-        mean, std = common.mean_std(values)
-        return reporting.pct_pm(mean, std if len(values) > 1 else None)
-
     commands = [
         f"`{_command(p)}` (code {p.get('git_commit') or '?'}; base: {_config_line(p['config'])})"
         for p in (report["provenance"] for report in reports)
     ]
-    rows = []
-    for group in search_groups(reports).values():  # one block per variant searched
-        _, best = best_setting(group)
-        for label, v in group:
-            seeds = ", ".join(str(r["seed"]) for r in v["runs"])
-            heads = [val(v["runs"], h) for h in ("fused", "visual", "cdr")]
-            protocol = ablation.report_protocol(v)
-            overrides = ablation.overrides_text(v) or "(the config as it is)"
-            name = f"**{label}**" if v is best else label
-            cpus = ", ".join(
-                dict.fromkeys(
-                    reporting.short_cpu(r["machine"]["cpu"]) for r in v["runs"] if "machine" in r
-                )
-            )
-            rows.append([name, v["base"], protocol, overrides, seeds, cpus or "?", *heads])
+    tables = [
+        (fraction, _search_rows(groups)) for fraction, groups in search_groups(reports).items()
+    ]
     header = [
         "setting",
         "variant",
@@ -206,20 +191,59 @@ def tuning_markdown(reports: Sequence[Mapping[str, Any]]) -> str:
     ]
     lines = [
         "Searches (each setting is its search's base config with the overrides in the table; what "
-        "the base line does not name is in each run's config.json), grouped by the variant they "
-        "tune. In bold: each variant's best setting by fused validation top-1. XLA compiles other "
-        "code for another CPU model, so a seed trained on another CPU follows another trajectory: "
-        "settings trained on different CPUs differ by about as much as two seeds would.",
+        "the base line does not name is in each run's config.json), grouped by the share of the "
+        "training data and by the variant they tune. In bold: each variant's best setting by "
+        "fused validation top-1. XLA compiles other code for another CPU model, so a seed trained "
+        "on another CPU follows another trajectory: settings trained on different CPUs differ by "
+        "about as much as two seeds would.",
         "",
     ]
     lines += [f"- {c}" for c in commands]
-    lines += [
-        "",
-        "Validation top-1 (%) of every setting tried:",
-        "",
-        reporting.markdown_table(header, rows),
-    ]
+    for fraction, rows in tables:
+        lines += [
+            "",
+            f"Validation top-1 (%) of every setting tried, {_share(fraction)}:",
+            "",
+            reporting.markdown_table(header, rows),
+        ]
     return "\n".join(lines) + "\n"
+
+
+def _share(fraction: float) -> str:
+    return f"with {100 * fraction:g} % of the training data"
+
+
+def _val_cell(runs: Sequence[Mapping[str, Any]], head: str) -> str:
+    """A head's validation top-1 over a setting's runs: mean (± std over several seeds)."""
+    from evidence import common
+
+    values = [r["validation"][f"{head}_top1"] for r in runs if f"{head}_top1" in r["validation"]]
+    if not values:
+        return "-"
+    mean, std = common.mean_std(values)
+    return reporting.pct_pm(mean, std if len(values) > 1 else None)
+
+
+def _search_rows(groups: Mapping[str, Sequence[tuple[str, Mapping[str, Any]]]]) -> list[list[str]]:
+    """The table rows of one training fraction's searches, a block per variant searched."""
+    from evidence import ablation
+
+    rows = []
+    for group in groups.values():
+        _, best = best_setting(group)
+        for label, v in group:
+            seeds = ", ".join(str(r["seed"]) for r in v["runs"])
+            heads = [_val_cell(v["runs"], h) for h in ("fused", "visual", "cdr")]
+            protocol = ablation.report_protocol(v)
+            overrides = ablation.overrides_text(v) or "(the config as it is)"
+            name = f"**{label}**" if v is best else label
+            cpus = ", ".join(
+                dict.fromkeys(
+                    reporting.short_cpu(r["machine"]["cpu"]) for r in v["runs"] if "machine" in r
+                )
+            )
+            rows.append([name, v["base"], protocol, overrides, seeds, cpus or "?", *heads])
+    return rows
 
 
 def _runs_by_seed(report: Mapping[str, Any], variant: str) -> dict[int, Mapping[str, Any]]:
@@ -327,6 +351,7 @@ def _config_line(c: Mapping[str, Any]) -> str:
     return (
         f"{c['dataset']} ({c['image_size']} px); {c['backbone']}({kwargs}), embed {c['embed_dim']}, "
         f"fusion {c['fusion']}; {c['train_steps']} steps of batch {c['batch_size']}, lr {c['lr']}; "
+        + (f"{_share(c['train_fraction'])}; " if c.get("train_fraction", 1.0) != 1.0 else "")
         + (f"loss {c['loss_weights']}; CDR {c['cdr_training']}; " if "cdr_training" in c else "")
         + f"CDR test chain {c['cdr_test_chain']}"
     )
@@ -513,20 +538,29 @@ def _search_claims(reports: Sequence[Mapping[str, Any]] | None) -> list[str]:
         return []
     from evidence import ablation
 
-    best = []
-    for base, group in search_groups(reports).items():
-        label, v = best_setting(group)
-        what = ablation.overrides_text(v) or "as the config is"
-        best.append(
-            f"{base}: {label} ({what}), {reporting.pct(_val_fused(v))} % (best of {len(group)})"
+    lines = []
+    for fraction, groups in search_groups(reports).items():
+        best = []
+        for base, group in groups.items():
+            label, v = best_setting(group)
+            what = ablation.overrides_text(v) or "as the config is"
+            best.append(
+                f"{base}: {label} ({what}), {reporting.pct(_val_fused(v))} % (best of {len(group)})"
+            )
+        steps = sorted(
+            {
+                r["provenance"]["config"]["train_steps"]
+                for r in reports
+                if _train_fraction(r) == fraction
+            }
         )
-    steps = sorted({r["provenance"]["config"].get("train_steps") for r in reports})
-    return [
-        f"- Search over training protocols (fused validation top-1, "
-        f"{'/'.join(map(str, steps))} steps; section 10), each variant's best setting: "
-        + "; ".join(best)
-        + "."
-    ]
+        lines.append(
+            f"- Search over training protocols {_share(fraction)} (fused validation top-1, "
+            f"{'/'.join(map(str, steps))} steps; section 10), each variant's best setting: "
+            + "; ".join(best)
+            + "."
+        )
+    return lines
 
 
 def summary(studies: Mapping[str, Mapping[str, Any]]) -> list[str]:

@@ -854,29 +854,39 @@ def test_every_command_line_end_to_end(tiny_data_dir, tmp_path):
 
 
 def test_search_table_groups_settings_by_variant_and_bolds_each_variants_best():
-    """Searches split over several workdirs read as one search per variant, each setting with the
-    CPU it was trained on (another CPU model is another trajectory); the summary names each
-    variant's best."""
+    """Searches split over several workdirs read as one search per variant and share of the
+    training data, each setting with the CPU it was trained on (another CPU model is another
+    trajectory); the summary names each variant's best at each share."""
     config = dict(dataset="d", image_size=8, backbone="r", backbone_kwargs={}, embed_dim=4,
                   fusion="concat", train_steps=10, batch_size=2, lr=0.1, cdr_test_chain="c")  # fmt: skip
 
-    def report(settings, cpu):
+    def report(settings, cpu, fraction=None):
         variants = {
             label: dict(base=base, overrides={"optim.lr": lr}, protocol="-",
                         runs=[dict(seed=0, validation={"fused_top1": acc, "visual_top1": acc},
                                    machine={"cpu": cpu})])
             for label, base, lr, acc in settings
         }  # fmt: skip
-        return dict(variants=variants, provenance=dict(command="cmd", config=config))
+        fraction_field = {} if fraction is None else {"train_fraction": fraction}
+        return dict(
+            variants=variants, provenance=dict(command="cmd", config=config | fraction_field)
+        )
 
     reports = [
+        report([("b3", "baseline", 0.3, 0.50), ("b4", "baseline", 0.4, 0.45)], "AMD EPYC", 0.1),
         report([("b1", "baseline", 0.1, 0.70), ("d1", "distill", 0.1, 0.60)], "AMD EPYC"),
         report([("b2", "baseline", 0.2, 0.75), ("d2", "distill", 0.2, 0.55)], "Intel(R) Xeon(R)"),
     ]
     page = results.tuning_markdown(reports)
-    rows = [line.split(" | ") for line in page.splitlines() if line.startswith("| ")]
+    full, tenth = page.split("with 100 % of the training data:")[1].split("with 10 % of the")
+    rows = [line.split(" | ") for line in full.splitlines() if line.startswith("| ")]
     assert [r[0].strip("| ") for r in rows[1:]] == ["b1", "**b2**", "**d1**", "d2"]
     assert [r[5] for r in rows[1:]] == ["AMD EPYC", "Intel Xeon", "AMD EPYC", "Intel Xeon"]
-    (claim,) = results._search_claims(reports)
+    rows = [line.split(" | ") for line in tenth.splitlines() if line.startswith("| ")]
+    assert [r[0].strip("| ") for r in rows[1:]] == ["**b3**", "b4"]
+    assert "10 % of the training data; " in page  # the 10 % search's base line says so
+    claim, low = results._search_claims(reports)
+    assert "with 100 % of the training data" in claim
     assert "baseline: b2 (optim.lr=0.2), 75.0 % (best of 2)" in claim
     assert "distill: d1 (optim.lr=0.1), 60.0 % (best of 2)" in claim
+    assert "with 10 % of the training data" in low and "baseline: b3 (optim.lr=0.3), 50.0 %" in low
