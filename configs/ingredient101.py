@@ -1,6 +1,6 @@
 """MARNet on Ingredient-101 (Food-101 images, 101 dishes, per-class ingredient lists), 224 px, one host.
 
-Build the dataset once (see `python -m marnet_jax.data.build --help` and README), then:
+Build the dataset once (see `python -m marnet_jax.build_dataset --help` and README), then:
 
     python -m marnet_jax.main --config configs/ingredient101.py --workdir runs/i101_r50 \
         --config.data.data_dir=DATA_DIR

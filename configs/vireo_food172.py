@@ -1,6 +1,6 @@
 """MARNet on Vireo Food-172 (110,241 images, 172 dishes, 353 per-image ingredients), 224 px, one host.
 
-Build the dataset once (see `python -m marnet_jax.data.build --help` and README), then:
+Build the dataset once (see `python -m marnet_jax.build_dataset --help` and README), then:
 
     python -m marnet_jax.main --config configs/vireo_food172.py --workdir runs/vireo_r50 \
         --config.data.data_dir=DATA_DIR

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
+from absl import flags
 
 from evidence import common
 from marnet_jax import cli, reporting
@@ -530,26 +531,30 @@ def run(
     return report
 
 
-def _define_flags() -> None:
-    from absl import flags
-
-    flags.DEFINE_list("variants", ["baseline", "ema", "cdr", "full"], "Variants to train.")
-    flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (config.seed) of every variant.")
+def _define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_list(
+        "variants", ["baseline", "ema", "cdr", "full"], "Variants to train.", flag_values=fv
+    )
+    flags.DEFINE_list(
+        "seeds", ["0", "1", "2"], "Seeds (config.seed) of every variant.", flag_values=fv
+    )
     flags.DEFINE_multi_string(
         "extra_variant",
         None,
         "Another variant: 'LABEL=BASE field=value ...', e.g. 'gated=full model.fusion=gated' or "
         "'ddpm=full model.cdr.sampler=ddpm'. Repeatable.",
+        flag_values=fv,
     )
     flags.DEFINE_multi_string(
         "seeds_of",
         None,
         "Seeds of some variants instead of --seeds: 'VARIANT[,VARIANT...]=SEED[,SEED...]', e.g. "
         "'baseline,full=0,1,2,3,4'. Repeatable.",
+        flag_values=fv,
     )
 
 
-def _run_from_flags(f: Any) -> Path:
+def _run_from_flags(f: flags.FlagValues) -> Path:
     run(
         f.config,
         f.workdir,
@@ -562,8 +567,10 @@ def _run_from_flags(f: Any) -> Path:
     return Path(f.workdir) / common.ABLATION / "ablation.md"
 
 
-def main() -> None:
-    common.study_cli("evidence.ablation", _define_flags, _run_from_flags, training=True)
+def main(argv: Sequence[str] | None = None) -> int:
+    return common.study_cli(
+        "evidence.ablation", _define_flags, _run_from_flags, argv, training=True, doc=__doc__
+    )
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+from absl import flags
 
 from evidence import common
 from marnet_jax import cli, reporting
@@ -400,25 +401,41 @@ def run(
     return report
 
 
-def _define_flags() -> None:
-    from absl import flags
-
-    flags.DEFINE_string("variant", "full", "Ablation variant to study (must have CDR).")
-    flags.DEFINE_list("seeds", [], "Seeds (default: the first seed the ablation trained).")
-    flags.DEFINE_list("ddim_steps", ["1", "5", "10", "50"], "DDIM step counts (<= T are used).")
-    flags.DEFINE_list("num_samples", ["1", "4"], "Chains averaged per image.")
-    flags.DEFINE_boolean("ddpm", True, "Also the ancestral DDPM chain over all T steps.")
-    flags.DEFINE_integer("num_examples", 0, "First N test images (0: the whole split).")
-    flags.DEFINE_integer(
-        "repeats", 20, "Timed calls per latency (median; fewer, but >= 3, once they took 10 s)."
+def _define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string(
+        "variant", "full", "Ablation variant to study (must have CDR).", flag_values=fv
     )
     flags.DEFINE_list(
-        "latency_batch_sizes", [], "Batch sizes of the latency (default: 1 and the eval batch)."
+        "seeds", [], "Seeds (default: the first seed the ablation trained).", flag_values=fv
     )
-    flags.DEFINE_float("tolerance", 0.5, "Accuracy (points) a cheaper setting may lose.")
+    flags.DEFINE_list(
+        "ddim_steps", ["1", "5", "10", "50"], "DDIM step counts (<= T are used).", flag_values=fv
+    )
+    flags.DEFINE_list("num_samples", ["1", "4"], "Chains averaged per image.", flag_values=fv)
+    flags.DEFINE_boolean(
+        "ddpm", True, "Also the ancestral DDPM chain over all T steps.", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "num_examples", 0, "First N test images (0: the whole split).", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "repeats",
+        20,
+        "Timed calls per latency (median; fewer, but >= 3, once they took 10 s).",
+        flag_values=fv,
+    )
+    flags.DEFINE_list(
+        "latency_batch_sizes",
+        [],
+        "Batch sizes of the latency (default: 1 and the eval batch).",
+        flag_values=fv,
+    )
+    flags.DEFINE_float(
+        "tolerance", 0.5, "Accuracy (points) a cheaper setting may lose.", flag_values=fv
+    )
 
 
-def _run_from_flags(f: Any) -> Path:
+def _run_from_flags(f: flags.FlagValues) -> Path:
     run(
         f.config,
         f.workdir,
@@ -437,8 +454,10 @@ def _run_from_flags(f: Any) -> Path:
     return Path(f.workdir) / STUDY / "cdr_inference.md"
 
 
-def main() -> None:
-    common.study_cli("evidence.cdr_inference", _define_flags, _run_from_flags)
+def main(argv: Sequence[str] | None = None) -> int:
+    return common.study_cli(
+        "evidence.cdr_inference", _define_flags, _run_from_flags, argv, doc=__doc__
+    )
 
 
 if __name__ == "__main__":

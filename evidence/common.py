@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from absl import flags
 
 from marnet_jax import reporting
 from marnet_jax.train.steps import EVAL_HEADS
@@ -37,65 +38,52 @@ class UsageError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------
-# Command line (absl flags are defined only when a study runs as a program: tests import the modules
-# side by side with marnet_jax.main, whose --config and --workdir would clash).
+# Command line.
 
 
-def define_common_flags() -> None:
-    """--config (a config file with overrides, as in marnet_jax.main) and --workdir."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:arg]).")
-    flags.DEFINE_string("workdir", None, "Evidence workdir: every study reads and writes here.")
-    flags.mark_flags_as_required(["config", "workdir"])
-
-
-def run_cli(prog: str, main: Callable[[], None]) -> None:
-    """Runs a study's main; a UsageError or a missing file ends the program with one line."""
+def run_cli(prog: str, main: Callable[[], None]) -> int:
+    """Runs a study's main (0: the exit status); a UsageError or a missing file ends the program
+    with one line."""
     try:
         main()
     except (UsageError, FileNotFoundError) as e:
         sys.exit(f"{prog}: {e}")
+    return 0
 
 
 def study_cli(
     prog: str,
-    define_flags: Callable[[], None],
-    run_from_flags: Callable[[Any], Path],
+    define_flags: Callable[[flags.FlagValues], None],
+    run_from_flags: Callable[[flags.FlagValues], Path],
+    argv: Sequence[str] | None = None,
     training: bool = False,
-) -> None:
-    """The command line of a study: --config, --workdir and `define_flags()`'s flags (absl, one-line
-    errors for a mistyped field), then `run_from_flags(FLAGS)`, whose markdown fragment is printed.
-    A UsageError or a missing file ends the program with one line. `training`: a run stopped by
+    doc: str = "",
+) -> int:
+    """The command line of a study (marnet_jax.cli.parse_flags; `doc` for --help): --config,
+    --workdir and `define_flags`'s flags, then `run_from_flags(flags)`, whose markdown fragment is printed; the
+    exit status. A UsageError or a missing file ends it with one line. `training`: a run stopped by
     SIGTERM (a checkpoint was saved) exits 0 with the resume hint, as marnet_jax.main does."""
-    from absl import app, flags
-    from absl import logging as absl_logging
+    from marnet_jax.cli import define_config, parse_flags, usage_error
 
-    from marnet_jax.cli import flags_parser
+    def define(fv: flags.FlagValues) -> None:
+        define_config(fv, argv, "Evidence workdir: every study reads and writes here.")
+        define_flags(fv)
 
-    define_common_flags()
-    define_flags()
-    absl_logging.set_verbosity(absl_logging.WARNING)
+    args, rest = parse_flags(prog, define, argv, "--config FILE --workdir DIR [flags]", doc)
+    if rest:
+        usage_error(prog, f"unexpected arguments {rest}.")
 
-    def main(argv: Sequence[str]) -> None:
-        if len(argv) > 1:
-            sys.exit(f"{prog}: unexpected arguments {argv[1:]}.")
-        logging.getLogger("marnet_jax").setLevel(logging.INFO)
+    def body() -> None:
+        try:
+            fragment = run_from_flags(args)
+        except Preempted as e:
+            if not training:
+                raise
+            logging.getLogger("marnet_jax").warning("%s", e)
+            return
+        print(fragment.read_text())
 
-        def body() -> None:
-            try:
-                fragment = run_from_flags(flags.FLAGS)
-            except Preempted as e:
-                if not training:
-                    raise
-                logging.getLogger("marnet_jax").warning("%s", e)
-                return
-            print(fragment.read_text())
-
-        run_cli(prog, body)
-
-    app.run(main, flags_parser=flags_parser(prog))
+    return run_cli(prog, body)
 
 
 def write_study(

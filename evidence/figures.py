@@ -28,6 +28,7 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+from absl import flags
 
 from evidence import common
 from evidence.robustness import config_name
@@ -588,23 +589,36 @@ def run(
     return report
 
 
-def _define_flags() -> None:
-    from absl import flags
-
-    flags.DEFINE_string("variant", "full", "Ablation variant whose features are drawn.")
+def _define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string(
-        "compare", "baseline", "Variant whose x_v is scored for comparison ('' for none)."
+        "variant", "full", "Ablation variant whose features are drawn.", flag_values=fv
     )
-    flags.DEFINE_list("seeds", [], "Seeds (default: every seed the ablation trained).")
-    flags.DEFINE_integer("num_examples", 1500, "First N test images (0: the whole split).")
-    flags.DEFINE_integer("grid", 12, "Test images in the case-study grid.")
-    flags.DEFINE_integer("grid_seed", 0, "Seed of the random choice of case-study images.")
-    flags.DEFINE_float("perplexity", 30.0, "t-SNE perplexity (capped at (N - 1) / 3).")
-    flags.DEFINE_integer("tsne_max_iter", 1000, "t-SNE optimisation steps (>= 250).")
-    flags.DEFINE_integer("knn_k", 10, "k of the k-NN accuracy.")
+    flags.DEFINE_string(
+        "compare",
+        "baseline",
+        "Variant whose x_v is scored for comparison ('' for none).",
+        flag_values=fv,
+    )
+    flags.DEFINE_list(
+        "seeds", [], "Seeds (default: every seed the ablation trained).", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "num_examples", 1500, "First N test images (0: the whole split).", flag_values=fv
+    )
+    flags.DEFINE_integer("grid", 12, "Test images in the case-study grid.", flag_values=fv)
+    flags.DEFINE_integer(
+        "grid_seed", 0, "Seed of the random choice of case-study images.", flag_values=fv
+    )
+    flags.DEFINE_float(
+        "perplexity", 30.0, "t-SNE perplexity (capped at (N - 1) / 3).", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "tsne_max_iter", 1000, "t-SNE optimisation steps (>= 250).", flag_values=fv
+    )
+    flags.DEFINE_integer("knn_k", 10, "k of the k-NN accuracy.", flag_values=fv)
 
 
-def _run_from_flags(f: Any) -> Path:
+def _run_from_flags(f: flags.FlagValues) -> Path:
     run(
         f.config,
         f.workdir,
@@ -622,8 +636,8 @@ def _run_from_flags(f: Any) -> Path:
     return Path(f.workdir) / STUDY / "figures.md"
 
 
-def main() -> None:
-    common.study_cli("evidence.figures", _define_flags, _run_from_flags)
+def main(argv: Sequence[str] | None = None) -> int:
+    return common.study_cli("evidence.figures", _define_flags, _run_from_flags, argv, doc=__doc__)
 
 
 if __name__ == "__main__":

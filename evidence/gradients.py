@@ -14,13 +14,17 @@ gradients.png (the series, one column per variant).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from absl import flags
 
 from evidence import common, convergence
 from marnet_jax import cli, reporting
 from marnet_jax.train import metrics
+
+PROG = "evidence.gradients"
 
 STUDY = "gradients"
 EARLY = 0.1  # the first 10 % of the steps
@@ -168,22 +172,20 @@ def plot(report: Mapping[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    from absl import app, flags
+def _define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string(
+        "workdir", None, "Evidence workdir of evidence.convergence.", flag_values=fv
+    )
+    flags.DEFINE_integer("steps", None, "The budget whose runs to read.", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "The seed whose runs to read.", flag_values=fv)
+    flags.mark_flags_as_required(["workdir", "steps"], flag_values=fv)
 
-    flags.DEFINE_string("workdir", None, "Evidence workdir of evidence.convergence.")
-    flags.DEFINE_integer("steps", None, "The budget whose runs to read.")
-    flags.DEFINE_integer("seed", 0, "The seed whose runs to read.")
-    flags.mark_flags_as_required(["workdir", "steps"])
 
-    def body(argv) -> None:
-        del argv
-        f = flags.FLAGS
-        common.run_cli(
-            "evidence.gradients", lambda: print(markdown(run(f.workdir, f.steps, f.seed)))
-        )
-
-    app.run(body)
+def main(argv: Sequence[str] | None = None) -> int:
+    args, rest = cli.parse_flags(PROG, _define_flags, argv, "--workdir DIR --steps N", __doc__)
+    if rest:
+        cli.usage_error(PROG, f"unexpected arguments {rest}.")
+    return common.run_cli(PROG, lambda: print(markdown(run(args.workdir, args.steps, args.seed))))
 
 
 if __name__ == "__main__":

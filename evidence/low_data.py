@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
+from absl import flags
 
 from evidence import ablation, common
 from marnet_jax import cli, reporting
@@ -195,18 +196,23 @@ def plot(report: Mapping[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _define_flags() -> None:
-    from absl import flags
-
-    flags.DEFINE_list("fractions", ["0.1", "0.3", "1.0"], "Fractions of the training split.")
-    flags.DEFINE_list("variants", ["baseline", "aux", "full"], "Variants to train.")
-    flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (config.seed) of every variant.")
+def _define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_list(
+        "fractions", ["0.1", "0.3", "1.0"], "Fractions of the training split.", flag_values=fv
+    )
+    flags.DEFINE_list("variants", ["baseline", "aux", "full"], "Variants to train.", flag_values=fv)
+    flags.DEFINE_list(
+        "seeds", ["0", "1", "2"], "Seeds (config.seed) of every variant.", flag_values=fv
+    )
     flags.DEFINE_multi_string(
-        "extra_variant", None, "Another variant, as in evidence.ablation. Repeatable."
+        "extra_variant",
+        None,
+        "Another variant, as in evidence.ablation. Repeatable.",
+        flag_values=fv,
     )
 
 
-def _run_from_flags(f: Any) -> Path:
+def _run_from_flags(f: flags.FlagValues) -> Path:
     run(
         f.config,
         f.workdir,
@@ -219,8 +225,10 @@ def _run_from_flags(f: Any) -> Path:
     return Path(f.workdir) / STUDY / f"{STUDY}.md"
 
 
-def main() -> None:
-    common.study_cli("evidence.low_data", _define_flags, _run_from_flags, training=True)
+def main(argv: Sequence[str] | None = None) -> int:
+    return common.study_cli(
+        "evidence.low_data", _define_flags, _run_from_flags, argv, training=True, doc=__doc__
+    )
 
 
 if __name__ == "__main__":

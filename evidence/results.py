@@ -25,12 +25,15 @@ import datetime
 import json
 import re
 import shutil
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from absl import flags
+
 from marnet_jax import cli, reporting
+
+PROG = "evidence.results"
 
 STUDIES = {
     "tuning": "1. Tuning on the validation split",
@@ -847,36 +850,37 @@ def run(workdir: str | Path, output: str | Path, command: str = "") -> Path:
     return output
 
 
-def _main(argv: Sequence[str]) -> None:
-    from absl import flags
-
-    from evidence import common
-
-    if len(argv) > 1:
-        sys.exit(f"evidence.results: unexpected arguments {argv[1:]}.")
-    f = flags.FLAGS
-    if f.restore_from:
-        restored = restore(Path(f.restore_from), Path(f.workdir))
-        print(f"Restored into {f.workdir}: {', '.join(restored) or 'nothing new'}")
-    common.run_cli(
-        "evidence.results",
-        lambda: print(f"Wrote {run(f.workdir, f.output, common.command_line())}"),
+def _define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("workdir", None, "Evidence workdir the studies wrote into.", flag_values=fv)
+    flags.DEFINE_string(
+        "output",
+        "docs/results.md",
+        "The page to write (figures go next to it).",
+        flag_values=fv,
     )
-
-
-def main() -> None:
-    from absl import app, flags
-
-    flags.DEFINE_string("workdir", None, "Evidence workdir the studies wrote into.")
-    flags.DEFINE_string("output", "docs/results.md", "The page to write (figures go next to it).")
     flags.DEFINE_string(
         "restore_from",
         None,
         "First lay the committed summaries in this folder (docs/results) out into --workdir, so "
         "that the page is regenerated with the studies of earlier sessions.",
+        flag_values=fv,
     )
-    flags.mark_flags_as_required(["workdir"])
-    app.run(_main)
+    flags.mark_flags_as_required(["workdir"], flag_values=fv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from evidence import common
+
+    args, rest = cli.parse_flags(PROG, _define_flags, argv, "--workdir DIR", __doc__)
+    if rest:
+        cli.usage_error(PROG, f"unexpected arguments {rest}.")
+    if args.restore_from:
+        restored = restore(Path(args.restore_from), Path(args.workdir))
+        print(f"Restored into {args.workdir}: {', '.join(restored) or 'nothing new'}")
+    return common.run_cli(
+        PROG,
+        lambda: print(f"Wrote {run(args.workdir, args.output, common.command_line())}"),
+    )
 
 
 if __name__ == "__main__":

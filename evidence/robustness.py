@@ -27,6 +27,7 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+from absl import flags
 
 from evidence import common, corruptions
 from marnet_jax import cli, reporting
@@ -507,21 +508,32 @@ def run(
     return report
 
 
-def _define_flags() -> None:
-    from absl import flags
-
-    flags.DEFINE_list("variants", ["baseline", "full"], "Ablation variants to evaluate.")
-    flags.DEFINE_list("seeds", [], "Seeds to evaluate (default: every seed the ablation trained).")
-    flags.DEFINE_list("corruptions", list(corruptions.NAMES), "Corruptions to apply.")
-    flags.DEFINE_list("severities", ["1", "2", "3", "4", "5"], "Severities (1..5).")
-    flags.DEFINE_string("split", None, "Split to corrupt (default: config.data.test_split).")
-    flags.DEFINE_integer(
-        "num_examples", 1000, "Use the first N examples of the split (0: all; 41 passes over them)."
+def _define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_list(
+        "variants", ["baseline", "full"], "Ablation variants to evaluate.", flag_values=fv
     )
-    flags.DEFINE_integer("corruption_seed", 0, "Seed of the random parts of the corruptions.")
+    flags.DEFINE_list(
+        "seeds", [], "Seeds to evaluate (default: every seed the ablation trained).", flag_values=fv
+    )
+    flags.DEFINE_list(
+        "corruptions", list(corruptions.NAMES), "Corruptions to apply.", flag_values=fv
+    )
+    flags.DEFINE_list("severities", ["1", "2", "3", "4", "5"], "Severities (1..5).", flag_values=fv)
+    flags.DEFINE_string(
+        "split", None, "Split to corrupt (default: config.data.test_split).", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "num_examples",
+        1000,
+        "Use the first N examples of the split (0: all; 41 passes over them).",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "corruption_seed", 0, "Seed of the random parts of the corruptions.", flag_values=fv
+    )
 
 
-def _run_from_flags(f: Any) -> Path:
+def _run_from_flags(f: flags.FlagValues) -> Path:
     run(
         f.config,
         f.workdir,
@@ -537,8 +549,10 @@ def _run_from_flags(f: Any) -> Path:
     return Path(f.workdir) / STUDY / "robustness.md"
 
 
-def main() -> None:
-    common.study_cli("evidence.robustness", _define_flags, _run_from_flags)
+def main(argv: Sequence[str] | None = None) -> int:
+    return common.study_cli(
+        "evidence.robustness", _define_flags, _run_from_flags, argv, doc=__doc__
+    )
 
 
 if __name__ == "__main__":

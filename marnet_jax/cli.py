@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import re
 import sys
@@ -10,28 +11,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from absl import flags
-
-
-def flags_parser(prog: str) -> Callable[[list[str]], list[str]]:
-    """absl flag parsing of the global FLAGS for `prog` (app.run commands: main, the studies); a
-    mistyped config field ends the program with one line that names it, not a traceback."""
-
-    def parse(argv: list[str]) -> list[str]:
-        try:
-            return flags.FLAGS(argv)
-        except (AttributeError, KeyError) as e:
-            message = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\n", " ")
-            message = re.sub(r"[\\'\"]+", "'", message).strip("'")
-            key = re.match(r"[A-Za-z_]\w*", message)
-            overrides = [a[2:].split("=")[0] for a in argv if a.startswith("--config.")]
-            named = [o for o in overrides if key and key.group(0) in o.split(".")]
-            field = named[0] if named else "in a --config override"
-            hint = message.split("'", 1)[1].strip(" '") if "'" in message else message
-            sys.exit(f"{prog}: unknown config field {field}. {hint}")
-        except flags.Error as e:
-            sys.exit(f"{prog}: {e}")
-
-    return parse
 
 
 def usage_error(prog: str, message: str) -> NoReturn:
@@ -47,10 +26,12 @@ def parse_flags(
     usage: str = "[flags]",
     doc: str = "",
 ) -> tuple[flags.FlagValues, list[str]]:
-    """absl flags of one command, defined by `define` on a FlagValues of their own (so commands
-    never clash and tests can call a command's main(argv)); returns them and the positional
-    arguments. argv defaults to sys.argv[1:]. --help prints the flags and exits 0; a bad flag exits
-    2 with one line that names it."""
+    """The command line of every command: absl flags defined by `define` on a FlagValues of their
+    own (so commands never clash and tests can call a command's main(argv)); returns them and the
+    positional arguments. argv defaults to sys.argv[1:]. --help prints the flags and exits 0; a bad
+    flag, or a --config.FIELD override of a field the config does not have, exits 2 with one line
+    that names it. The global absl flags (the libraries': grain's worker processes read them) keep
+    their defaults."""
     values = flags.FlagValues()
     define(values)
     args = list(sys.argv[1:] if argv is None else argv)
@@ -59,9 +40,60 @@ def parse_flags(
         raise SystemExit(0)
     try:
         rest = values([prog, *args])
+    except (AttributeError, KeyError) as e:  # ml_collections: a locked config has no such field
+        usage_error(prog, _unknown_config_field(e, args))
     except flags.Error as e:
         usage_error(prog, str(e))
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
     return values, rest[1:]
+
+
+def define_config(
+    fv: flags.FlagValues, argv: Sequence[str] | None, workdir_help: str | None = None
+) -> None:
+    """A required --config (configs/NAME.py[:arg], any field overridable as --config.FIELD=value)
+    and, given its help text, a required --workdir. `argv`: the arguments parse_flags gets (None:
+    sys.argv[1:]), where ml_collections finds the overrides."""
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "Config file (configs/NAME.py[:arg]).",
+        flag_values=fv,
+        sys_argv=None if argv is None else ["", *argv],
+    )
+    flags.mark_flag_as_required("config", flag_values=fv)
+    if workdir_help is not None:
+        flags.DEFINE_string("workdir", None, workdir_help, flag_values=fv)
+        flags.mark_flag_as_required("workdir", flag_values=fv)
+
+
+def _unknown_config_field(error: Exception, args: Sequence[str]) -> str:
+    """ml_collections' error for an override of a missing config field, as one line naming it."""
+    message = str(error.args[0] if error.args else error).replace("\\n", " ").replace("\n", " ")
+    message = re.sub(r"[\\'\"]+", "'", message).strip("'")
+    key = re.match(r"[A-Za-z_]\w*", message)
+    overrides = [a[2:].split("=")[0] for a in args if a.startswith("--config.")]
+    named = [o for o in overrides if key and key.group(0) in o.split(".")]
+    field = named[0] if named else "in a --config override"
+    hint = message.split("'", 1)[1].strip(" '") if "'" in message else message
+    return f"unknown config field {field}. {hint}"
+
+
+def configure_logging() -> None:
+    """What a command prints of the logs: the project's INFO lines (progress, resume, layout) and
+    every library's warnings, one line each; the libraries' INFO lines (orbax, tfds) are noise."""
+    from absl import logging as absl_logging
+
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(levelname).1s%(asctime)s %(name)s] %(message)s",
+        datefmt="%m%d %H:%M:%S",
+    )
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("marnet_jax").setLevel(logging.INFO)
 
 
 def configure_jax() -> None:
@@ -103,8 +135,9 @@ def tpu_chips_attached() -> bool:
 
 
 def run(main: Callable[[], Any]) -> NoReturn:
-    """A command's entry point: JAX's settings before it starts (`configure_jax`), then `main()`;
-    an int it returns is the exit status."""
+    """A command's entry point: JAX's settings before it starts (`configure_jax`), the logs
+    (`configure_logging`), then `main()`; an int it returns is the exit status."""
     configure_jax()
+    configure_logging()
     status = main()
     sys.exit(status if isinstance(status, int) else 0)

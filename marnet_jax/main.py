@@ -12,34 +12,36 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import jax
-from absl import app, flags
-from absl import logging as absl_logging
-from ml_collections import config_flags
+from absl import flags
 
 from marnet_jax import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:arg]).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
-_MODE = flags.DEFINE_enum(
-    "mode",
-    "train",
-    ["train", "eval"],
-    "train: train then test; eval: evaluate the newest checkpoint.",
-)
+PROG = "marnet_jax.main"
 
 
-_MULTIHOST = flags.DEFINE_enum(
-    "multihost",
-    None,
-    ["auto", "on", "off"],
-    "Start JAX's multi-process runtime (jax.distributed.initialize) before the run: 'auto' detects a "
-    "multi-process job (see maybe_initialize_distributed), 'on' always starts it and lets JAX find the "
-    "cluster (Cloud TPU, SLURM, Open MPI, Kubernetes), 'off' never does. Default: $MARNET_MULTIHOST "
-    "(auto | on | off, also 1 | 0), else auto.",
-)
+def define_flags(fv: flags.FlagValues, argv: Sequence[str] | None) -> None:
+    cli.define_config(fv, argv, "Directory for checkpoints, metrics and results.")
+    flags.DEFINE_enum(
+        "mode",
+        "train",
+        ["train", "eval"],
+        "train: train then test; eval: evaluate the newest checkpoint.",
+        flag_values=fv,
+    )
+    flags.DEFINE_enum(
+        "multihost",
+        None,
+        ["auto", "on", "off"],
+        "Start JAX's multi-process runtime (jax.distributed.initialize) before the run: 'auto' "
+        "detects a multi-process job (see maybe_initialize_distributed), 'on' always starts it and "
+        "lets JAX find the cluster (Cloud TPU, SLURM, Open MPI, Kubernetes), 'off' never does. "
+        "Default: $MARNET_MULTIHOST (auto | on | off, also 1 | 0), else auto.",
+        flag_values=fv,
+    )
+
 
 _MULTIHOST_ENV = "MARNET_MULTIHOST"
 _MODES = {
@@ -129,37 +131,33 @@ def maybe_initialize_distributed(mode: str | None = None) -> str | None:
     return reason
 
 
-def main(argv) -> None:
-    del argv
-    if _CONFIG.value is None or _WORKDIR.value is None:
-        raise app.UsageError("--config and --workdir are required.")
-    absl_logging.set_verbosity(absl_logging.WARNING)  # library INFO logs (orbax) are noise here
-    logging.getLogger("marnet_jax").setLevel(logging.INFO)
+def main(argv: Sequence[str] | None = None) -> int:
+    """Trains and tests (--mode train) or evaluates (--mode eval) the config in --workdir; the exit
+    status."""
+    args, rest = cli.parse_flags(
+        PROG, lambda fv: define_flags(fv, argv), argv, "--config FILE --workdir DIR", __doc__
+    )
+    if rest:
+        cli.usage_error(PROG, f"unexpected arguments {rest}.")
     try:
-        maybe_initialize_distributed(_MULTIHOST.value)
+        maybe_initialize_distributed(args.multihost)
     except ValueError as e:  # a bad MARNET_MULTIHOST
-        raise app.UsageError(str(e)) from e
+        cli.usage_error(PROG, str(e))
     from marnet_jax.train import checkpoint, trainer  # after distributed init: touches devices
 
     try:
-        if _MODE.value == "train":
-            trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        if args.mode == "train":
+            trainer.train_and_evaluate(args.config, args.workdir)
         else:
-            trainer.evaluate(_CONFIG.value, _WORKDIR.value)
+            trainer.evaluate(args.config, args.workdir)
     except checkpoint.CheckpointError as e:
         # orbax leaves its reads of a damaged checkpoint unfinished; asyncio would log each one
         # at exit under the one-line error.
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-        sys.exit(f"marnet_jax.main: {e}")
-
-
-parse_flags = cli.flags_parser("marnet_jax.main")
-
-
-def run() -> None:
-    cli.configure_jax()
-    app.run(main, flags_parser=parse_flags)
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    run()
+    cli.run(main)

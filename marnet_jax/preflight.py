@@ -38,11 +38,14 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from absl import flags
 
 from marnet_jax import cli, reporting
 from marnet_jax.data import datasets, decoders
 from marnet_jax.train import cost, sharding
 from marnet_jax.train.experiment import Experiment
+
+PROG = "marnet_jax.preflight"
 
 GiB = 2**30
 
@@ -559,43 +562,45 @@ def table(r: dict[str, Any]) -> str:
     return reporting.markdown_table(["quantity", "value"], rows)
 
 
-def _main(argv: Sequence[str]) -> None:
-    from absl import flags
-    from absl import logging as absl_logging
+def _define_flags(fv: flags.FlagValues, argv: Sequence[str] | None) -> None:
+    cli.define_config(fv, argv)
+    flags.DEFINE_string(
+        "topology",
+        None,
+        "GEN:SHAPE (v5e:16x16), accelerator type (v4-32) or GPUs (h100x8).",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "num_slices", 1, "Slices of that topology (multislice, data-parallel).", flag_values=fv
+    )
+    flags.DEFINE_boolean(
+        "max_batch", False, "Also find the largest per-chip batch that fits.", flag_values=fv
+    )
+    flags.DEFINE_string("json", None, "Also write the record as JSON here.", flag_values=fv)
+    flags.mark_flag_as_required("topology", flag_values=fv)
 
-    f = flags.FLAGS
-    if len(argv) > 1:
-        sys.exit(f"marnet_jax.preflight: unexpected arguments {list(argv[1:])}.")
-    absl_logging.set_verbosity(absl_logging.WARNING)  # library INFO logs (tfds) are noise here
-    try:
-        record = run(f.config, f.topology, f.num_slices, f.max_batch)
-    except PreflightError as e:
-        sys.exit(f"marnet_jax.preflight: {e}")
-    print(table(record))
-    if f.json:
-        reporting.write_json(f.json, record)
 
-
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> int:
+    """Compiles the config's steps for --topology and prints the record; the exit status."""
     # Abstract devices only: no accelerator is needed, and on a machine without a GPU the CUDA
     # plugin registers (for GPU topologies) only when the CPU is the chosen platform. (jax has read
     # the environment when it was imported: the setting goes to its config.)
     if "JAX_PLATFORMS" not in os.environ:
         jax.config.update("jax_platforms", "cpu")
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    from marnet_jax.cli import flags_parser
-
-    config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:arg]).")
-    flags.DEFINE_string(
-        "topology", None, "GEN:SHAPE (v5e:16x16), accelerator type (v4-32) or GPUs (h100x8)."
+    args, rest = cli.parse_flags(
+        PROG, lambda fv: _define_flags(fv, argv), argv, "--config FILE --topology TOPOLOGY", __doc__
     )
-    flags.DEFINE_integer("num_slices", 1, "Slices of that topology (multislice, data-parallel).")
-    flags.DEFINE_boolean("max_batch", False, "Also find the largest per-chip batch that fits.")
-    flags.DEFINE_string("json", None, "Also write the record as JSON here.")
-    flags.mark_flags_as_required(["config", "topology"])
-    app.run(_main, flags_parser=flags_parser("marnet_jax.preflight"))
+    if rest:
+        cli.usage_error(PROG, f"unexpected arguments {rest}.")
+    try:
+        record = run(args.config, args.topology, args.num_slices, args.max_batch)
+    except PreflightError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 1
+    print(table(record))
+    if args.json:
+        reporting.write_json(args.json, record)
+    return 0
 
 
 if __name__ == "__main__":

@@ -67,10 +67,12 @@ LAYERS = (
             "marnet_jax.predict",
             "marnet_jax.preflight",
             "marnet_jax.check_weights",
+            "marnet_jax.build_dataset",
         ),
+        ("marnet_jax.testing",),
     ),
 )
-COMMANDS = LAYERS[-1][0]
+COMMANDS = (*LAYERS[-1][0], *LAYERS[-1][1])
 
 
 def _module_name(path: Path) -> str:
@@ -140,3 +142,34 @@ def test_importing_the_library_imports_no_command():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_every_command_parses_flags_of_its_own(tmp_path):
+    """The commands, the studies and the benchmarks define their flags on a FlagValues of their
+    own (cli.parse_flags): importing them all defines no global flag, so any of them can be
+    imported beside another; and each main(argv) ends a mistyped config field with one line."""
+    commands = [
+        *COMMANDS,
+        *(f"evidence.{p.stem}" for p in sorted((ROOT / "evidence").glob("[a-z]*.py"))),
+        *(f"benchmarks.{p.stem}" for p in sorted((ROOT / "benchmarks").glob("[a-z]*.py"))),
+    ]
+    script = (
+        "import importlib\n"
+        "from absl import flags\n"
+        f"for m in {commands!r}: importlib.import_module(m)\n"
+        "print(sorted(n for n in ('config', 'workdir', 'variants', 'topology', 'seeds') "
+        "if n in flags.FLAGS))\n"
+        "from marnet_jax import main\n"
+        f"main.main(['--config', 'configs/tiny.py', '--workdir', {str(tmp_path)!r}, "
+        "'--config.train.num_stepz=3'])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stderr[-2000:]
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert (
+        out.stderr.strip()
+        .splitlines()[-1]
+        .startswith("marnet_jax.main: unknown config field config.train.num_stepz.")
+    )

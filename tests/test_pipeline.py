@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from marnet_jax.data import config as data_config
-from marnet_jax.data import datasets, decoders, decoding, fixtures, photometric, pipeline
+from marnet_jax.data import datasets, decoders, decoding, photometric, pipeline
+from marnet_jax.testing import fixtures
 from marnet_jax.train import steps
 
 SIZE = 32

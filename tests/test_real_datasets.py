@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from marnet_jax.data import build as build_cli
-from marnet_jax.data import fixtures, manual_release
+from marnet_jax import build_dataset as build_cli
+from marnet_jax.data import manual_release
 from marnet_jax.data.ingredient101 import Ingredient101
 from marnet_jax.data.vireo_food172 import VireoFood172
+from marnet_jax.testing import fixtures
 
 BUILDERS = {"vireo_food172": VireoFood172, "ingredient101": Ingredient101}
 WRITERS = fixtures.WRITERS

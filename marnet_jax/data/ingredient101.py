@@ -118,7 +118,7 @@ Extract both into the same manual_dir, so that it holds
   <manual_dir>/food-101/images/apple_pie/....jpg
   <manual_dir>/Ingredients101/Annotations/classes.txt  ('annotations/' in lower case also works)
 (one extra top-level folder around both is also accepted).
-Then: python -m marnet_jax.data.build --dataset ingredient101 [--config simplified] \\
+Then: python -m marnet_jax.build_dataset --dataset ingredient101 [--config simplified] \\
         --manual_dir <manual_dir> --data_dir <dir>
 """
 

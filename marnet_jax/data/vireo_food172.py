@@ -122,7 +122,7 @@ Extract both into the same manual_dir, so that it holds
   <manual_dir>/ready_chinese_food/1/....jpg
   <manual_dir>/SplitAndIngreLabel/TR.txt (and the other five files)
 (one extra top-level folder, e.g. <manual_dir>/VireoFood172/ready_chinese_food/, is also accepted).
-Then: python -m marnet_jax.data.build --dataset vireo_food172 --manual_dir <manual_dir> \\
+Then: python -m marnet_jax.build_dataset --dataset vireo_food172 --manual_dir <manual_dir> \\
         --data_dir <dir>
 """
 

@@ -1,17 +1,16 @@
 """Builds a marnet_jax tfds dataset into a data_dir (`tfds build` needs TensorFlow; this does not).
 
-    python -m marnet_jax.data.build --dataset vireo_food172 --manual_dir DIR --data_dir DIR
-    python -m marnet_jax.data.build --dataset ingredient101 --config simplified --manual_dir DIR \\
+    python -m marnet_jax.build_dataset --dataset vireo_food172 --manual_dir DIR --data_dir DIR
+    python -m marnet_jax.build_dataset --dataset ingredient101 --config simplified --manual_dir DIR \\
         --data_dir DIR [--skip_bad_records] [--max_shorter_side N]
-    python -m marnet_jax.data.build --dataset synthetic_food --config tiny --data_dir DIR
+    python -m marnet_jax.build_dataset --dataset synthetic_food --config tiny --data_dir DIR
 
-Builders are found by their tfds name once their modules are imported (BUILDER_MODULES). Prints
-the split sizes when done; exits with status 1 and the builder's message on bad input.
+The builders are the project's (datasets.BUILDER_MODULES). Prints the split sizes when done; exits
+with status 1 and the builder's message on bad input.
 """
 
 from __future__ import annotations
 
-import importlib
 import sys
 from collections.abc import Sequence
 
@@ -19,26 +18,9 @@ import tensorflow_datasets as tfds
 from absl import flags
 
 from marnet_jax import cli
-from marnet_jax.data import manual_release
+from marnet_jax.data import datasets, manual_release
 
-# Modules that register builders; a module not (yet) present in the package is passed over.
-BUILDER_MODULES = (
-    "marnet_jax.data.synthetic_food",
-    "marnet_jax.data.vireo_food172",
-    "marnet_jax.data.ingredient101",
-)
-
-
-def register_builders() -> list[str]:
-    """Imports the builder modules (registering their builders); returns the available names."""
-    for module in BUILDER_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:  # a missing dependency inside an existing module is an error
-                raise
-    names = {"synthetic_food", "vireo_food172", "ingredient101"}
-    return sorted(n for n in names if n in tfds.list_builders(with_community_datasets=False))
+PROG = "marnet_jax.build_dataset"
 
 
 def build(
@@ -52,8 +34,7 @@ def build(
     overwrite: bool = False,
 ) -> tfds.core.DatasetBuilder:
     """Builds (or reuses) `dataset` in data_dir and returns its builder."""
-    register_builders()
-    cls = tfds.builder_cls(dataset)
+    cls = datasets.builder_class(dataset)
     kwargs = {}
     if issubclass(cls, manual_release.ManualReleaseBuilder):
         kwargs["skip_bad_records"] = skip_bad_records
@@ -101,7 +82,7 @@ def summary(builder: tfds.core.DatasetBuilder) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit status."""
-    available = register_builders()
+    available = sorted(datasets.BUILDER_MODULES)
 
     def define(fv: flags.FlagValues) -> None:
         flags.DEFINE_enum("dataset", None, available, "the dataset to build", flag_values=fv)
@@ -129,9 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         flags.DEFINE_boolean("overwrite", False, "rebuild an existing dataset", flag_values=fv)
 
-    args, rest = cli.parse_flags("marnet_jax.data.build", define, argv, doc=__doc__)
+    args, rest = cli.parse_flags(PROG, define, argv, doc=__doc__)
     if rest:
-        cli.usage_error("marnet_jax.data.build", f"unexpected arguments {rest}")
+        cli.usage_error(PROG, f"unexpected arguments {rest}")
     try:
         builder = build(
             args.dataset,

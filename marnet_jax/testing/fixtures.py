@@ -2,8 +2,8 @@
 
 For tests, and to try the builders without the real data:
 
-    python -m marnet_jax.data.fixtures --dataset vireo_food172 --out /tmp/vireo_manual
-    python -m marnet_jax.data.build --dataset vireo_food172 --manual_dir /tmp/vireo_manual \\
+    python -m marnet_jax.testing.fixtures --dataset vireo_food172 --out /tmp/vireo_manual
+    python -m marnet_jax.build_dataset --dataset vireo_food172 --manual_dir /tmp/vireo_manual \\
         --data_dir /tmp/tfds
 
 The copies keep the releases' quirks: VIREO split lines with a leading slash, IngreLabel.txt values
@@ -378,9 +378,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         flags.DEFINE_string("extra_top_level", None, "an extra top-level folder", flag_values=fv)
         flags.DEFINE_list("faults", [], "faults to plant (FAULTS names)", flag_values=fv)
 
-    args, rest = cli.parse_flags("marnet_jax.data.fixtures", define, argv, doc=__doc__)
+    args, rest = cli.parse_flags("marnet_jax.testing.fixtures", define, argv, doc=__doc__)
     if rest:
-        cli.usage_error("marnet_jax.data.fixtures", f"unexpected arguments {rest}")
+        cli.usage_error("marnet_jax.testing.fixtures", f"unexpected arguments {rest}")
     fixture = WRITERS[args.dataset](
         args.out,
         num_classes=args.num_classes,
