@@ -91,6 +91,7 @@ def configure_logging() -> None:
         level=logging.WARNING,
         format="%(levelname).1s%(asctime)s %(name)s] %(message)s",
         datefmt="%m%d %H:%M:%S",
+        force=True,  # a library that logged through the root logger on import configured it
     )
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("marnet_jax").setLevel(logging.INFO)
