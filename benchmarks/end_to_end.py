@@ -165,7 +165,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     args = _common.parse_args("end_to_end", __doc__, argv, PRESETS, "small", define)
     _common.setup_jax(args)
-    flags.FLAGS.mark_as_parsed()  # grain worker processes read absl flags.
     preset = PRESETS[args.preset]
     config = importlib.import_module(f"configs.{preset.config}").get_config(preset.arg)
     config.mesh.num_devices = args.devices

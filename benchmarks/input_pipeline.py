@@ -182,7 +182,6 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     args = _common.parse_args("input_pipeline", __doc__, argv, PRESETS, "small", define)
-    flags.FLAGS.mark_as_parsed()  # grain worker processes read absl flags.
     preset = PRESETS[args.preset]
     workers = [int(w) for w in args.workers.split(",")]
     decoders = args.decoders.split(",")
