@@ -2,12 +2,15 @@
 
     python -m evidence.low_data --config configs/default.py --workdir runs/evidence \
         [--fractions 0.1,0.3,1.0] [--variants baseline,aux,full] [--seeds 0,1,2]
-        [--extra_variant 'full=full loss.w_mse=0.3']
+        [--extra_variant 'full=full loss.w_mse=0.3'] [--seeds_at 0.1=0,1,2,3,4]
+        [--setting_at '0.1:full=full loss.w_mse=0.3']
 
 Privileged text should matter most when images are few. Every (variant, fraction, seed) is a normal
 training run with `data.train_fraction` set (a fixed random subset, the same for every seed and
 variant, nested across fractions). Variants and extra variants are named as in evidence.ablation
-(the same label for the same settings in both studies). Runs of fraction 1.0 are the ablation's own
+(the same label for the same settings in both studies). `--setting_at` gives a label another setting at
+one fraction (the one its search on that share of the data chose on validation); `--seeds_at` gives a
+fraction seeds of its own (more where the comparison is closest). Runs of fraction 1.0 are the ablation's own
 (`<workdir>/ablation/runs/<variant>/seed_<s>/`): trained once, shared by both studies. Rerunning skips
 finished runs and resumes an interrupted one. Writes `<workdir>/low_data/`: low_data.json (every run,
 summaries, paired comparisons per fraction), low_data.csv, low_data.md and low_data.png (fused test
@@ -60,6 +63,76 @@ def _parse_fractions(values: Sequence[str]) -> list[float]:
     return fractions
 
 
+def parse_setting_at(specs: Sequence[str]) -> dict[tuple[float, str], tuple[str, dict[str, Any]]]:
+    """['0.1:full=full loss.w_mse=0.3', ...] -> {(0.1, 'full'): ('full', {'loss.w_mse': 0.3})}."""
+    out: dict[tuple[float, str], tuple[str, dict[str, Any]]] = {}
+    for spec in specs:
+        fraction, sep, variant = spec.partition(":")
+        if not sep:
+            raise common.UsageError(
+                f"--setting_at {spec!r}: expected 'FRACTION:LABEL=BASE field=value ...'."
+            )
+        (f,) = _parse_fractions([fraction])
+        label, base, overrides = ablation.parse_extra_variant(variant)
+        if (f, label) in out:
+            raise common.UsageError(f"--setting_at gives {label!r} at {f:g} twice.")
+        out[(f, label)] = (base, overrides)
+    return out
+
+
+def parse_seeds_at(specs: Sequence[str]) -> dict[float, list[int]]:
+    """['0.1=0,1,2,3,4', ...] -> {0.1: [0, 1, 2, 3, 4]}."""
+    out: dict[float, list[int]] = {}
+    for spec in specs:
+        fraction, sep, seeds = spec.partition("=")
+        if not sep or not seeds:
+            raise common.UsageError(f"--seeds_at {spec!r}: expected 'FRACTION=SEED[,SEED...]'.")
+        (f,) = _parse_fractions([fraction])
+        if f in out:
+            raise common.UsageError(f"--seeds_at names the fraction {f:g} twice.")
+        out[f] = common.parse_ints(seeds.split(","), f"--seeds_at {spec!r}")
+        common.check_seeds(out[f], f"--seeds_at {spec!r}")
+    return out
+
+
+def plan_runs(
+    config: ml_collections.ConfigDict,
+    fractions: Sequence[float],
+    variants: Sequence[str],
+    seeds: Sequence[int],
+    extra_variants: Sequence[str] = (),
+    settings_at: Mapping[tuple[float, str], tuple[str, Mapping[str, Any]]] | None = None,
+    seeds_at: Mapping[float, Sequence[int]] | None = None,
+) -> dict[tuple[str, float, int], tuple[dict[str, Any], ml_collections.ConfigDict]]:
+    """{(label, fraction, seed): (the setting's overrides, its config)} of the study: each label's
+    setting (or its `settings_at` one at that fraction) over `seeds` (or that fraction's)."""
+    common.check_seeds(seeds, "--seeds")
+    settings = ablation.variant_plan(variants, extra_variants)
+    settings_at, seeds_at = dict(settings_at or {}), dict(seeds_at or {})
+    for (f, label), (base, _) in settings_at.items():
+        if f not in fractions or label not in settings or settings[label][0] != base:
+            raise common.UsageError(
+                f"--setting_at {f:g}:{label}={base}: expected a fraction of {list(fractions)} and "
+                f"a label trained here with its own base variant "
+                f"({ {k: b for k, (b, _) in settings.items()} })."
+            )
+    unknown = sorted(set(seeds_at) - set(fractions))
+    if unknown:
+        raise common.UsageError(
+            f"--seeds_at names {unknown}, not in --fractions {list(fractions)}."
+        )
+    plan = {}
+    for label in settings:
+        for f in fractions:
+            base, overrides = settings_at.get((f, label), settings[label])
+            for s in seeds_at.get(f, seeds):
+                cfg = ablation.variant_config(
+                    config, base, {**overrides, "data.train_fraction": f}, s
+                )
+                plan[(label, f, s)] = (dict(overrides), cfg)
+    return plan
+
+
 def run(
     config: ml_collections.ConfigDict,
     workdir: str | Path,
@@ -68,23 +141,21 @@ def run(
     variants: Sequence[str],
     seeds: Sequence[int],
     extra_variants: Sequence[str] = (),
+    settings_at: Mapping[tuple[float, str], tuple[str, Mapping[str, Any]]] | None = None,
+    seeds_at: Mapping[float, Sequence[int]] | None = None,
     command: str = "",
 ) -> dict[str, Any]:
     """Trains what is missing, then writes low_data.json/.csv/.md/.png; returns the JSON record."""
     workdir = Path(workdir)
-    common.check_seeds(seeds, "--seeds")
-    plan = {
-        (v, f, s): ablation.variant_config(config, base, {**ov, "data.train_fraction": f}, s)
-        for v, (base, ov) in ablation.variant_plan(variants, extra_variants).items()
-        for f in fractions
-        for s in seeds
-    }
+    plan = plan_runs(config, fractions, variants, seeds, extra_variants, settings_at, seeds_at)
     prov = common.Provenance(command, config, seeds)
     records: dict[tuple[str, float], dict[int, dict[str, Any]]] = {}
-    for i, ((v, f, s), cfg) in enumerate(plan.items(), 1):
+    setting: dict[tuple[str, float], dict[str, Any]] = {}
+    for i, ((v, f, s), (overrides, cfg)) in enumerate(plan.items(), 1):
         d = run_dir(workdir, v, f, s)
         log.info("Low-data run %d/%d: %s, fraction %g, seed %d in %s", i, len(plan), v, f, s, d)
         records.setdefault((v, f), {})[s] = ablation.train_run(cfg, d)
+        setting[(v, f)] = overrides
 
     from marnet_jax.data import datasets
 
@@ -97,6 +168,7 @@ def run(
                 "fraction": f,
                 "num_train": round(f * num_train),
                 "seeds": sorted(runs),
+                "overrides": setting[(v, f)],
                 "summary": ablation.summarise([runs[s] for s in sorted(runs)]),
                 "runs": [{k: x for k, x in r.items() if k != "config"} for r in runs.values()],
             }
@@ -144,10 +216,19 @@ def markdown(report: Mapping[str, Any]) -> str:
                 r["summary"].get("visual_top1_mean"), r["summary"].get("visual_top1_std")
             ),
             reporting.pct_pm(r["summary"].get("cdr_top1_mean"), r["summary"].get("cdr_top1_std")),
+            ablation.overrides_text({"overrides": r.get("overrides", {})}) or "-",
         ]
         for r in sorted(report["rows"], key=lambda r: (r["fraction"], r["variant"]))
     ]
-    header = ["variant", "training images", "seeds", "fused top-1", "visual probe", "CDR head"]
+    header = [
+        "variant",
+        "training images",
+        "seeds",
+        "fused top-1",
+        "visual probe",
+        "CDR head",
+        "setting (overrides)",
+    ]
     text = [
         "Test top-1 (%) by the fraction of the training split trained on (a fixed random subset, "
         "the same for every seed and variant), mean ± sample std over seeds.",
@@ -210,6 +291,18 @@ def _define_flags(fv: flags.FlagValues) -> None:
         "Another variant, as in evidence.ablation. Repeatable.",
         flag_values=fv,
     )
+    flags.DEFINE_multi_string(
+        "setting_at",
+        None,
+        "'FRACTION:LABEL=BASE field=value ...': LABEL's setting at that fraction. Repeatable.",
+        flag_values=fv,
+    )
+    flags.DEFINE_multi_string(
+        "seeds_at",
+        None,
+        "'FRACTION=SEED,SEED,...': the seeds of every variant at that fraction. Repeatable.",
+        flag_values=fv,
+    )
 
 
 def _run_from_flags(f: flags.FlagValues) -> Path:
@@ -220,6 +313,8 @@ def _run_from_flags(f: flags.FlagValues) -> Path:
         variants=f.variants,
         seeds=common.parse_ints(f.seeds, "--seeds"),
         extra_variants=f.extra_variant or (),
+        settings_at=parse_setting_at(f.setting_at or ()),
+        seeds_at=parse_seeds_at(f.seeds_at or ()),
         command=common.command_line(),
     )
     return Path(f.workdir) / STUDY / f"{STUDY}.md"

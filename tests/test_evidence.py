@@ -642,6 +642,39 @@ def test_low_data_study_trains_subsets_and_shares_full_data_runs_with_the_ablati
                      extra_variants=("baseline=baseline loss.label_smoothing=0.1",))  # fmt: skip
 
 
+def test_low_data_plan_takes_a_setting_and_seeds_per_fraction(tiny_data_dir):
+    """The setting chosen on one share of the data trains at that share only; a fraction may have
+    more seeds than the others."""
+    config = apply_variant(_config(tiny_data_dir), "full,teacher")
+    plan = low_data.plan_runs(
+        config,
+        fractions=(0.1, 1.0),
+        variants=("baseline",),
+        seeds=(0, 1),
+        extra_variants=("full=full loss.w_mse=0.1",),
+        settings_at=low_data.parse_setting_at(["0.1:full=full loss.w_mse=0.3 loss.w_cdr=0.3"]),
+        seeds_at=low_data.parse_seeds_at(["0.1=0,1,2"]),
+    )
+    assert sorted(plan) == sorted(
+        [(v, 0.1, s) for v in ("baseline", "full") for s in (0, 1, 2)]
+        + [(v, 1.0, s) for v in ("baseline", "full") for s in (0, 1)]
+    )
+    overrides, cfg = plan[("full", 0.1, 2)]
+    assert overrides == {"loss.w_mse": 0.3, "loss.w_cdr": 0.3}
+    assert (cfg.loss.w_mse, cfg.loss.w_cdr, cfg.data.train_fraction, cfg.seed) == (0.3, 0.3, 0.1, 2)
+    overrides, cfg = plan[("full", 1.0, 1)]
+    assert overrides == {"loss.w_mse": 0.1}
+    assert (cfg.loss.w_mse, cfg.loss.w_cdr, cfg.protocol) == (0.1, 1.0, "teacher")
+    assert plan[("baseline", 0.1, 0)][0] == {}
+    with pytest.raises(common.UsageError, match=r"--setting_at 0.1:aux=aux"):
+        low_data.plan_runs(config, (0.1,), ("baseline",), (0,),
+                           settings_at=low_data.parse_setting_at(["0.1:aux=aux loss.w_aux=3"]))  # fmt: skip
+    with pytest.raises(common.UsageError, match=r"--seeds_at names \[0.3\]"):
+        low_data.plan_runs(config, (0.1,), ("baseline",), (0,), seeds_at={0.3: [0]})
+    with pytest.raises(common.UsageError, match="FRACTION:LABEL"):
+        low_data.parse_setting_at(["full=full loss.w_mse=0.3"])
+
+
 def test_convergence_trains_each_budget_as_its_own_run_and_finds_where_it_converged(
     tiny_data_dir, tmp_path, monkeypatch
 ):
