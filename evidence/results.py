@@ -90,7 +90,9 @@ COMMANDS = {
     f"{_CHOSEN} --variants aux {_TUNED} {_TUNED_MODULES} --seeds 0,1,2 "
     "--seeds_of baseline,aux,distill,full=0,1,2,3,4",
     "protocol/low_data": "python -m evidence.low_data --config configs/default.py:full,teacher "
-    f"{_CHOSEN} --variants aux {_TUNED} --fractions 0.1,0.3,1.0 --seeds 0,1,2",
+    f"{_CHOSEN} --variants aux {_TUNED} --fractions 0.1,0.3,1.0 --seeds 0,1,2 "
+    "--seeds_at 0.1=0,1,2,3,4 [--setting_at '0.1:LABEL=BASE ...' for each variant whose search "
+    "at 10 % chose another setting]",
 }
 
 
@@ -210,6 +212,28 @@ def tuning_markdown(reports: Sequence[Mapping[str, Any]]) -> str:
             reporting.markdown_table(header, rows),
         ]
     return "\n".join(lines) + "\n"
+
+
+def seed_spread_note(report: Mapping[str, Any] | None) -> list[str]:
+    """How far apart one seed's validation numbers may fall: the spread over seeds of each setting
+    the chosen-protocol study trained on several seeds (a search trains one seed per setting)."""
+    from evidence import common
+
+    if not report:
+        return []
+    runs = [v["runs"] for v in report["variants"].values() if len(v["runs"]) >= 3]
+    if not runs:
+        return []
+    stds = [common.mean_std([r["validation"]["fused_top1"] for r in x])[1] for x in runs]
+    counts = sorted({len(x) for x in runs})
+    seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    return [
+        "",
+        f"Each setting above is one seed. Over seeds, a setting's fused validation top-1 has a "
+        f"standard deviation of {reporting.pct(min(stds))} to {reporting.pct(max(stds))} points "
+        f"(section 11: {len(runs)} settings, {seeds} seeds each, {report['provenance']['config']['train_steps']} steps): settings closer than "
+        "about that are not told apart by a search of one seed.",
+    ]
 
 
 def _share(fraction: float) -> str:
@@ -713,6 +737,8 @@ def page(workdir: Path, output: Path, command: str) -> str:
         s = studies[study]
         if study in (*SEARCHES, PRETRAINED):
             text.append(s["md"].rstrip())
+            if study == "protocol_tuning":
+                text += seed_spread_note(studies.get("protocol/ablation", {}).get("json"))
             continue
         text.append(provenance_block(s["json"]["provenance"]))
         if _name(study) in ("ablation", "convergence"):

@@ -585,6 +585,25 @@ def test_pretrained_section_pairs_imagenet_with_scratch_by_seed(evidence, tmp_pa
     assert results._pretrained_claims(None)[0].endswith("not measured (run the pretrained study).")
 
 
+def test_search_page_states_the_seed_spread_of_the_chosen_protocol_study():
+    def setting(*vals):
+        return {"runs": [{"validation": {"fused_top1": v}} for v in vals]}
+
+    report = {
+        "variants": {
+            "a": setting(0.80, 0.82, 0.81),
+            "b": setting(0.7, 0.7, 0.7, 0.7),
+            "c": setting(0.9),
+        },
+        "provenance": {"config": {"train_steps": 6400}},
+    }
+    (note,) = results.seed_spread_note(report)[1:]
+    assert "standard deviation of 0.0 to 1.0 points" in note
+    assert "2 settings, 3-4 seeds each, 6400 steps" in note
+    assert results.seed_spread_note(None) == []
+    assert results.seed_spread_note({"variants": {"c": setting(0.9)}}) == []
+
+
 def test_low_data_claims_of_the_summary():
     c = dict(variant="full", fraction=0.1, seeds=[0, 1, 2], variant_mean=0.582)
     c |= dict(reference_mean=0.571, delta_mean=0.011, delta_std=0.006, verdict="helps")
