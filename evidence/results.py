@@ -49,6 +49,7 @@ STUDIES = {
     # the studies of the chosen protocol, in the sub-workdir <workdir>/protocol/
     "protocol/ablation": "11. The chosen protocol: MARNet against the baseline, aux and distill",
     "protocol/low_data": "12. The chosen protocol with little data",
+    "protocol/robustness": "13. The chosen protocol under corruptions",
 }
 TUNING = "tuning"  # <workdir>/tuning/<name>/ablation/ablation.json: one ablation call per search
 # <workdir>/protocol_tuning/<name>/ablation/ablation.json: the searches over training protocols.
@@ -93,6 +94,8 @@ COMMANDS = {
     f"{_CHOSEN} --variants aux {_TUNED} --fractions 0.1,0.3,1.0 --seeds 0,1,2 "
     "--seeds_at 0.1=0,1,2,3,4 [--setting_at '0.1:LABEL=BASE ...' for each variant whose search "
     "at 10 % chose another setting]",
+    "protocol/robustness": "python -m evidence.robustness --config configs/default.py:full,teacher "
+    f"{_CHOSEN} --variants baseline,full --seeds 0,1,2,3,4",
 }
 
 
@@ -506,6 +509,27 @@ def _pretrained_claims(reports: Mapping[str, Mapping[str, Any]] | None) -> list[
     ]
 
 
+def _robustness_claims(report: Mapping[str, Any] | None, chosen: bool = False) -> list[str]:
+    """Each model against the baseline under lighting, viewpoint and all corruptions: the relative
+    drop and the mean corruption accuracy, paired by seed (`chosen`: the chosen protocol's runs)."""
+    where = ""
+    if report and chosen:
+        where = f" (chosen protocol, {report['provenance']['config'].get('train_steps')} steps)"
+    lines = []
+    for c in report["comparisons"] if report else []:
+        if c["group"] in ("lighting", "viewpoint", "all"):
+            model = "MARNet (full)" if c["model"] == "full" else c["model"]
+            lines.append(
+                f"- Claim: {model} resists {c['group']} corruptions better than the baseline"
+                f"{where}: **{c['drop_verdict']}** (relative drop "
+                f"{reporting.pct_pm(*c['relative_drop'])} % vs "
+                f"{reporting.pct_pm(*c['reference_relative_drop'])} %); **{c['mca_verdict']}** "
+                f"(mean corruption accuracy {reporting.pct_pm(*c['mca'])} vs "
+                f"{reporting.pct_pm(*c['reference_mca'])} %)."
+            )
+    return lines
+
+
 def _protocol_claims(report: Mapping[str, Any] | None) -> list[str]:
     """MARNet under the chosen protocol against the baseline and the two simpler uses of the text."""
     if not report:
@@ -608,22 +632,11 @@ def summary(studies: Mapping[str, Mapping[str, Any]]) -> list[str]:
     lines += _convergence_claims(studies.get("convergence", {}).get("json"))
     lines += _search_claims(studies.get(PROTOCOL_TUNING, {}).get("json"))
     lines += _protocol_claims(studies.get("protocol/ablation", {}).get("json"))
-    rb = studies.get("robustness", {}).get("json")
-    found = False
-    for c in rb["comparisons"] if rb else []:
-        if c["group"] in ("lighting", "viewpoint", "all"):
-            found = True
-            model = "MARNet (full)" if c["model"] == "full" else c["model"]
-            lines.append(
-                f"- Claim: {model} resists {c['group']} corruptions better than the baseline: "
-                f"**{c['drop_verdict']}** (relative drop {reporting.pct_pm(*c['relative_drop'])} % vs "
-                f"{reporting.pct_pm(*c['reference_relative_drop'])} %); **{c['mca_verdict']}** (mean corruption "
-                f"accuracy {reporting.pct_pm(*c['mca'])} vs {reporting.pct_pm(*c['reference_mca'])} %)."
-            )
-    if not found:
-        lines.append(
-            "- Robustness to lighting and viewpoint: not measured (run the robustness study)."
-        )
+    robust = _robustness_claims(studies.get("robustness", {}).get("json"))
+    lines += robust or [
+        "- Robustness to lighting and viewpoint: not measured (run the robustness study)."
+    ]
+    lines += _robustness_claims(studies.get("protocol/robustness", {}).get("json"), chosen=True)
     fg = studies.get("figures", {}).get("json")
     claims = fg["claims"] if fg else []
     if claims:

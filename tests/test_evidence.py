@@ -604,6 +604,30 @@ def test_search_page_states_the_seed_spread_of_the_chosen_protocol_study():
     assert results.seed_spread_note({"variants": {"c": setting(0.9)}}) == []
 
 
+def test_robustness_claims_name_the_chosen_protocol_study():
+    c = {
+        "group": "lighting",
+        "model": "full",
+        "drop_verdict": "no consistent effect",
+        "mca_verdict": "hurts",
+        "relative_drop": (0.2, 0.01),
+        "reference_relative_drop": (0.21, 0.02),
+        "mca": (0.6, 0.01),
+        "reference_mca": (0.62, 0.01),
+    }
+    report = {
+        "comparisons": [c, c | {"group": "camera"}],
+        "provenance": {"config": {"train_steps": 6400}},
+    }
+    (line,) = results._robustness_claims(report, chosen=True)
+    assert line.startswith(
+        "- Claim: MARNet (full) resists lighting corruptions better than the baseline (chosen "
+        "protocol, 6400 steps): **no consistent effect** (relative drop 20.0 ± 1.0 % vs 21.0 ± 2.0 %)"
+    )
+    assert "(chosen" not in results._robustness_claims(report)[0]
+    assert results._robustness_claims(None, chosen=True) == []
+
+
 def test_low_data_claims_of_the_summary():
     c = dict(variant="full", fraction=0.1, seeds=[0, 1, 2], variant_mean=0.582)
     c |= dict(reference_mean=0.571, delta_mean=0.011, delta_std=0.006, verdict="helps")
