@@ -3,14 +3,15 @@
     python -m evidence.low_data --config configs/default.py --workdir runs/evidence \
         [--fractions 0.1,0.3,1.0] [--variants baseline,aux,full] [--seeds 0,1,2]
         [--extra_variant 'full=full loss.w_mse=0.3'] [--seeds_at 0.1=0,1,2,3,4]
-        [--setting_at '0.1:full=full loss.w_mse=0.3']
+        [--setting_at '0.1:full=full loss.w_mse=0.3'] [--steps_at 0.1=1600]
 
 Privileged text should matter most when images are few. Every (variant, fraction, seed) is a normal
 training run with `data.train_fraction` set (a fixed random subset, the same for every seed and
 variant, nested across fractions). Variants and extra variants are named as in evidence.ablation
 (the same label for the same settings in both studies). `--setting_at` gives a label another setting at
 one fraction (the one its search on that share of the data chose on validation); `--seeds_at` gives a
-fraction seeds of its own (more where the comparison is closest). Runs of fraction 1.0 are the ablation's own
+fraction seeds of its own (more where the comparison is closest), `--steps_at` a training budget of its
+own (where its search found the models stop learning). Runs of fraction 1.0 are the ablation's own
 (`<workdir>/ablation/runs/<variant>/seed_<s>/`): trained once, shared by both studies. Rerunning skips
 finished runs and resumes an interrupted one. Writes `<workdir>/low_data/`: low_data.json (every run,
 summaries, paired comparisons per fraction), low_data.csv, low_data.md and low_data.png (fused test
@@ -80,18 +81,28 @@ def parse_setting_at(specs: Sequence[str]) -> dict[tuple[float, str], tuple[str,
     return out
 
 
-def parse_seeds_at(specs: Sequence[str]) -> dict[float, list[int]]:
-    """['0.1=0,1,2,3,4', ...] -> {0.1: [0, 1, 2, 3, 4]}."""
+def parse_at(specs: Sequence[str], flag: str) -> dict[float, list[int]]:
+    """['0.1=0,1,2,3,4', ...] -> {0.1: [0, 1, 2, 3, 4]}: a fraction's own integers (--seeds_at,
+    --steps_at)."""
     out: dict[float, list[int]] = {}
     for spec in specs:
-        fraction, sep, seeds = spec.partition("=")
-        if not sep or not seeds:
-            raise common.UsageError(f"--seeds_at {spec!r}: expected 'FRACTION=SEED[,SEED...]'.")
+        fraction, sep, values = spec.partition("=")
+        if not sep or not values:
+            raise common.UsageError(f"{flag} {spec!r}: expected 'FRACTION=N[,N...]'.")
         (f,) = _parse_fractions([fraction])
         if f in out:
-            raise common.UsageError(f"--seeds_at names the fraction {f:g} twice.")
-        out[f] = common.parse_ints(seeds.split(","), f"--seeds_at {spec!r}")
-        common.check_seeds(out[f], f"--seeds_at {spec!r}")
+            raise common.UsageError(f"{flag} names the fraction {f:g} twice.")
+        out[f] = common.parse_ints(values.split(","), f"{flag} {spec!r}")
+    return out
+
+
+def parse_steps_at(specs: Sequence[str]) -> dict[float, int]:
+    """['0.1=1600', ...] -> {0.1: 1600}."""
+    out = {}
+    for f, values in parse_at(specs, "--steps_at").items():
+        if len(values) != 1 or values[0] < 1:
+            raise common.UsageError(f"--steps_at {f:g}: expected one positive number of steps.")
+        out[f] = values[0]
     return out
 
 
@@ -103,12 +114,20 @@ def plan_runs(
     extra_variants: Sequence[str] = (),
     settings_at: Mapping[tuple[float, str], tuple[str, Mapping[str, Any]]] | None = None,
     seeds_at: Mapping[float, Sequence[int]] | None = None,
+    steps_at: Mapping[float, int] | None = None,
 ) -> dict[tuple[str, float, int], tuple[dict[str, Any], ml_collections.ConfigDict]]:
     """{(label, fraction, seed): (the setting's overrides, its config)} of the study: each label's
-    setting (or its `settings_at` one at that fraction) over `seeds` (or that fraction's)."""
+    setting (or its `settings_at` one at that fraction) over `seeds` (or that fraction's), for the
+    config's train.num_steps (or that fraction's)."""
     common.check_seeds(seeds, "--seeds")
     settings = ablation.variant_plan(variants, extra_variants)
-    settings_at, seeds_at = dict(settings_at or {}), dict(seeds_at or {})
+    settings_at, seeds_at, steps_at = (
+        dict(settings_at or {}),
+        dict(seeds_at or {}),
+        dict(steps_at or {}),
+    )
+    for f, own in seeds_at.items():
+        common.check_seeds(own, f"--seeds_at {f:g}")
     for (f, label), (base, _) in settings_at.items():
         if f not in fractions or label not in settings or settings[label][0] != base:
             raise common.UsageError(
@@ -116,18 +135,20 @@ def plan_runs(
                 f"a label trained here with its own base variant "
                 f"({ {k: b for k, (b, _) in settings.items()} })."
             )
-    unknown = sorted(set(seeds_at) - set(fractions))
-    if unknown:
-        raise common.UsageError(
-            f"--seeds_at names {unknown}, not in --fractions {list(fractions)}."
-        )
+    for flag, at in (("--seeds_at", seeds_at), ("--steps_at", steps_at)):
+        unknown = sorted(set(at) - set(fractions))
+        if unknown:
+            raise common.UsageError(
+                f"{flag} names {unknown}, not in --fractions {list(fractions)}."
+            )
     plan = {}
     for label in settings:
         for f in fractions:
             base, overrides = settings_at.get((f, label), settings[label])
             for s in seeds_at.get(f, seeds):
+                budget = {"train.num_steps": steps_at[f]} if f in steps_at else {}
                 cfg = ablation.variant_config(
-                    config, base, {**overrides, "data.train_fraction": f}, s
+                    config, base, {**overrides, **budget, "data.train_fraction": f}, s
                 )
                 plan[(label, f, s)] = (dict(overrides), cfg)
     return plan
@@ -143,19 +164,24 @@ def run(
     extra_variants: Sequence[str] = (),
     settings_at: Mapping[tuple[float, str], tuple[str, Mapping[str, Any]]] | None = None,
     seeds_at: Mapping[float, Sequence[int]] | None = None,
+    steps_at: Mapping[float, int] | None = None,
     command: str = "",
 ) -> dict[str, Any]:
     """Trains what is missing, then writes low_data.json/.csv/.md/.png; returns the JSON record."""
     workdir = Path(workdir)
-    plan = plan_runs(config, fractions, variants, seeds, extra_variants, settings_at, seeds_at)
+    plan = plan_runs(
+        config, fractions, variants, seeds, extra_variants, settings_at, seeds_at, steps_at
+    )
     prov = common.Provenance(command, config, seeds)
     records: dict[tuple[str, float], dict[int, dict[str, Any]]] = {}
     setting: dict[tuple[str, float], dict[str, Any]] = {}
+    steps: dict[tuple[str, float], int] = {}
     for i, ((v, f, s), (overrides, cfg)) in enumerate(plan.items(), 1):
         d = run_dir(workdir, v, f, s)
         log.info("Low-data run %d/%d: %s, fraction %g, seed %d in %s", i, len(plan), v, f, s, d)
         records.setdefault((v, f), {})[s] = ablation.train_run(cfg, d)
         setting[(v, f)] = overrides
+        steps[(v, f)] = cfg.train.num_steps
 
     from marnet_jax.data import datasets
 
@@ -169,6 +195,7 @@ def run(
                 "num_train": round(f * num_train),
                 "seeds": sorted(runs),
                 "overrides": setting[(v, f)],
+                "steps": steps[(v, f)],
                 "summary": ablation.summarise([runs[s] for s in sorted(runs)]),
                 "runs": [{k: x for k, x in r.items() if k != "config"} for r in runs.values()],
             }
@@ -216,6 +243,7 @@ def markdown(report: Mapping[str, Any]) -> str:
                 r["summary"].get("visual_top1_mean"), r["summary"].get("visual_top1_std")
             ),
             reporting.pct_pm(r["summary"].get("cdr_top1_mean"), r["summary"].get("cdr_top1_std")),
+            r.get("steps", "?"),
             ablation.overrides_text({"overrides": r.get("overrides", {})}) or "-",
         ]
         for r in sorted(report["rows"], key=lambda r: (r["fraction"], r["variant"]))
@@ -227,6 +255,7 @@ def markdown(report: Mapping[str, Any]) -> str:
         "fused top-1",
         "visual probe",
         "CDR head",
+        "train steps",
         "setting (overrides)",
     ]
     text = [
@@ -303,6 +332,12 @@ def _define_flags(fv: flags.FlagValues) -> None:
         "'FRACTION=SEED,SEED,...': the seeds of every variant at that fraction. Repeatable.",
         flag_values=fv,
     )
+    flags.DEFINE_multi_string(
+        "steps_at",
+        None,
+        "'FRACTION=STEPS': train.num_steps at that fraction (its search's budget). Repeatable.",
+        flag_values=fv,
+    )
 
 
 def _run_from_flags(f: flags.FlagValues) -> Path:
@@ -314,7 +349,8 @@ def _run_from_flags(f: flags.FlagValues) -> Path:
         seeds=common.parse_ints(f.seeds, "--seeds"),
         extra_variants=f.extra_variant or (),
         settings_at=parse_setting_at(f.setting_at or ()),
-        seeds_at=parse_seeds_at(f.seeds_at or ()),
+        seeds_at=parse_at(f.seeds_at or (), "--seeds_at"),
+        steps_at=parse_steps_at(f.steps_at or ()),
         command=common.command_line(),
     )
     return Path(f.workdir) / STUDY / f"{STUDY}.md"

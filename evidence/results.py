@@ -92,8 +92,8 @@ COMMANDS = {
     "--seeds_of baseline,aux,distill,full=0,1,2,3,4",
     "protocol/low_data": "python -m evidence.low_data --config configs/default.py:full,teacher "
     f"{_CHOSEN} --variants aux {_TUNED} --fractions 0.1,0.3,1.0 --seeds 0,1,2 "
-    "--seeds_at 0.1=0,1,2,3,4 [--setting_at '0.1:LABEL=BASE ...' for each variant whose search "
-    "at 10 % chose another setting]",
+    "--seeds_at 0.1=0,1,2,3,4 --steps_at 0.1=1600 [--setting_at '0.1:LABEL=BASE ...' for each "
+    "variant whose search at 10 % (1,600 steps) chose another setting]",
     "protocol/robustness": "python -m evidence.robustness --config configs/default.py:full,teacher "
     f"{_CHOSEN} --variants baseline,full --seeds 0,1,2,3,4",
 }

@@ -668,7 +668,8 @@ def test_low_data_study_trains_subsets_and_shares_full_data_runs_with_the_ablati
     out = tmp_path / "low_data"
     assert _csv_header(out / "low_data.csv") == low_data.CSV_COLUMNS
     _png_ok(out / "low_data.png")
-    assert "| baseline | 50 % (100) | 1 |" in (out / "low_data.md").read_text()
+    md = (out / "low_data.md").read_text()
+    assert "| baseline | 50 % (100) | 1 |" in md and f"| {config.train.num_steps} | - |" in md
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
@@ -696,7 +697,8 @@ def test_low_data_plan_takes_a_setting_and_seeds_per_fraction(tiny_data_dir):
         seeds=(0, 1),
         extra_variants=("full=full loss.w_mse=0.1",),
         settings_at=low_data.parse_setting_at(["0.1:full=full loss.w_mse=0.3 loss.w_cdr=0.3"]),
-        seeds_at=low_data.parse_seeds_at(["0.1=0,1,2"]),
+        seeds_at=low_data.parse_at(["0.1=0,1,2"], "--seeds_at"),
+        steps_at=low_data.parse_steps_at(["0.1=6"]),
     )
     assert sorted(plan) == sorted(
         [(v, 0.1, s) for v in ("baseline", "full") for s in (0, 1, 2)]
@@ -705,6 +707,8 @@ def test_low_data_plan_takes_a_setting_and_seeds_per_fraction(tiny_data_dir):
     overrides, cfg = plan[("full", 0.1, 2)]
     assert overrides == {"loss.w_mse": 0.3, "loss.w_cdr": 0.3}
     assert (cfg.loss.w_mse, cfg.loss.w_cdr, cfg.data.train_fraction, cfg.seed) == (0.3, 0.3, 0.1, 2)
+    assert cfg.train.num_steps == 6
+    assert plan[("baseline", 1.0, 0)][1].train.num_steps == config.train.num_steps
     overrides, cfg = plan[("full", 1.0, 1)]
     assert overrides == {"loss.w_mse": 0.1}
     assert (cfg.loss.w_mse, cfg.loss.w_cdr, cfg.protocol) == (0.1, 1.0, "teacher")
@@ -714,6 +718,8 @@ def test_low_data_plan_takes_a_setting_and_seeds_per_fraction(tiny_data_dir):
                            settings_at=low_data.parse_setting_at(["0.1:aux=aux loss.w_aux=3"]))  # fmt: skip
     with pytest.raises(common.UsageError, match=r"--seeds_at names \[0.3\]"):
         low_data.plan_runs(config, (0.1,), ("baseline",), (0,), seeds_at={0.3: [0]})
+    with pytest.raises(common.UsageError, match="one positive number of steps"):
+        low_data.parse_steps_at(["0.1=1600,3200"])
     with pytest.raises(common.UsageError, match="FRACTION:LABEL"):
         low_data.parse_setting_at(["full=full loss.w_mse=0.3"])
 
