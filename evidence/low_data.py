@@ -20,6 +20,7 @@ top-1 against the fraction).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -106,37 +107,41 @@ def parse_steps_at(specs: Sequence[str]) -> dict[float, int]:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class AtFraction:
+    """What a study sets per share of the data: {(fraction, label): (base, overrides)} (the
+    setting its search chose there), {fraction: seeds} and {fraction: train steps}."""
+
+    settings: Mapping[tuple[float, str], tuple[str, Mapping[str, Any]]] = dataclasses.field(
+        default_factory=dict
+    )
+    seeds: Mapping[float, Sequence[int]] = dataclasses.field(default_factory=dict)
+    steps: Mapping[float, int] = dataclasses.field(default_factory=dict)
+
+
 def plan_runs(
     config: ml_collections.ConfigDict,
     fractions: Sequence[float],
     variants: Sequence[str],
     seeds: Sequence[int],
     extra_variants: Sequence[str] = (),
-    settings_at: Mapping[tuple[float, str], tuple[str, Mapping[str, Any]]] | None = None,
-    seeds_at: Mapping[float, Sequence[int]] | None = None,
-    steps_at: Mapping[float, int] | None = None,
+    at: AtFraction = AtFraction(),
 ) -> dict[tuple[str, float, int], tuple[dict[str, Any], ml_collections.ConfigDict]]:
     """{(label, fraction, seed): (the setting's overrides, its config)} of the study: each label's
-    setting (or its `settings_at` one at that fraction) over `seeds` (or that fraction's), for the
-    config's train.num_steps (or that fraction's)."""
+    setting over `seeds` for the config's train.num_steps, or what `at` gives that fraction."""
     common.check_seeds(seeds, "--seeds")
     settings = ablation.variant_plan(variants, extra_variants)
-    settings_at, seeds_at, steps_at = (
-        dict(settings_at or {}),
-        dict(seeds_at or {}),
-        dict(steps_at or {}),
-    )
-    for f, own in seeds_at.items():
+    for f, own in at.seeds.items():
         common.check_seeds(own, f"--seeds_at {f:g}")
-    for (f, label), (base, _) in settings_at.items():
+    for (f, label), (base, _) in at.settings.items():
         if f not in fractions or label not in settings or settings[label][0] != base:
             raise common.UsageError(
                 f"--setting_at {f:g}:{label}={base}: expected a fraction of {list(fractions)} and "
                 f"a label trained here with its own base variant "
                 f"({ {k: b for k, (b, _) in settings.items()} })."
             )
-    for flag, at in (("--seeds_at", seeds_at), ("--steps_at", steps_at)):
-        unknown = sorted(set(at) - set(fractions))
+    for flag, given in (("--seeds_at", at.seeds), ("--steps_at", at.steps)):
+        unknown = sorted(set(given) - set(fractions))
         if unknown:
             raise common.UsageError(
                 f"{flag} names {unknown}, not in --fractions {list(fractions)}."
@@ -144,9 +149,9 @@ def plan_runs(
     plan = {}
     for label in settings:
         for f in fractions:
-            base, overrides = settings_at.get((f, label), settings[label])
-            for s in seeds_at.get(f, seeds):
-                budget = {"train.num_steps": steps_at[f]} if f in steps_at else {}
+            base, overrides = at.settings.get((f, label), settings[label])
+            budget = {"train.num_steps": at.steps[f]} if f in at.steps else {}
+            for s in at.seeds.get(f, seeds):
                 cfg = ablation.variant_config(
                     config, base, {**overrides, **budget, "data.train_fraction": f}, s
                 )
@@ -162,16 +167,12 @@ def run(
     variants: Sequence[str],
     seeds: Sequence[int],
     extra_variants: Sequence[str] = (),
-    settings_at: Mapping[tuple[float, str], tuple[str, Mapping[str, Any]]] | None = None,
-    seeds_at: Mapping[float, Sequence[int]] | None = None,
-    steps_at: Mapping[float, int] | None = None,
+    at: AtFraction = AtFraction(),
     command: str = "",
 ) -> dict[str, Any]:
     """Trains what is missing, then writes low_data.json/.csv/.md/.png; returns the JSON record."""
     workdir = Path(workdir)
-    plan = plan_runs(
-        config, fractions, variants, seeds, extra_variants, settings_at, seeds_at, steps_at
-    )
+    plan = plan_runs(config, fractions, variants, seeds, extra_variants, at)
     prov = common.Provenance(command, config, seeds)
     records: dict[tuple[str, float], dict[int, dict[str, Any]]] = {}
     setting: dict[tuple[str, float], dict[str, Any]] = {}
@@ -348,9 +349,11 @@ def _run_from_flags(f: flags.FlagValues) -> Path:
         variants=f.variants,
         seeds=common.parse_ints(f.seeds, "--seeds"),
         extra_variants=f.extra_variant or (),
-        settings_at=parse_setting_at(f.setting_at or ()),
-        seeds_at=parse_at(f.seeds_at or (), "--seeds_at"),
-        steps_at=parse_steps_at(f.steps_at or ()),
+        at=AtFraction(
+            settings=parse_setting_at(f.setting_at or ()),
+            seeds=parse_at(f.seeds_at or (), "--seeds_at"),
+            steps=parse_steps_at(f.steps_at or ()),
+        ),
         command=common.command_line(),
     )
     return Path(f.workdir) / STUDY / f"{STUDY}.md"

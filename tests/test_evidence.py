@@ -696,9 +696,11 @@ def test_low_data_plan_takes_a_setting_and_seeds_per_fraction(tiny_data_dir):
         variants=("baseline",),
         seeds=(0, 1),
         extra_variants=("full=full loss.w_mse=0.1",),
-        settings_at=low_data.parse_setting_at(["0.1:full=full loss.w_mse=0.3 loss.w_cdr=0.3"]),
-        seeds_at=low_data.parse_at(["0.1=0,1,2"], "--seeds_at"),
-        steps_at=low_data.parse_steps_at(["0.1=6"]),
+        at=low_data.AtFraction(
+            settings=low_data.parse_setting_at(["0.1:full=full loss.w_mse=0.3 loss.w_cdr=0.3"]),
+            seeds=low_data.parse_at(["0.1=0,1,2"], "--seeds_at"),
+            steps=low_data.parse_steps_at(["0.1=6"]),
+        ),
     )
     assert sorted(plan) == sorted(
         [(v, 0.1, s) for v in ("baseline", "full") for s in (0, 1, 2)]
@@ -715,9 +717,11 @@ def test_low_data_plan_takes_a_setting_and_seeds_per_fraction(tiny_data_dir):
     assert plan[("baseline", 0.1, 0)][0] == {}
     with pytest.raises(common.UsageError, match=r"--setting_at 0.1:aux=aux"):
         low_data.plan_runs(config, (0.1,), ("baseline",), (0,),
-                           settings_at=low_data.parse_setting_at(["0.1:aux=aux loss.w_aux=3"]))  # fmt: skip
+                           at=low_data.AtFraction(settings=low_data.parse_setting_at(["0.1:aux=aux loss.w_aux=3"])))  # fmt: skip
     with pytest.raises(common.UsageError, match=r"--seeds_at names \[0.3\]"):
-        low_data.plan_runs(config, (0.1,), ("baseline",), (0,), seeds_at={0.3: [0]})
+        low_data.plan_runs(
+            config, (0.1,), ("baseline",), (0,), at=low_data.AtFraction(seeds={0.3: [0]})
+        )
     with pytest.raises(common.UsageError, match="one positive number of steps"):
         low_data.parse_steps_at(["0.1=1600,3200"])
     with pytest.raises(common.UsageError, match="FRACTION:LABEL"):
