@@ -50,6 +50,7 @@ STUDIES = {
     "protocol/ablation": "11. The chosen protocol: MARNet against the baseline, aux and distill",
     "protocol/low_data": "12. The chosen protocol with little data",
     "protocol/robustness": "13. The chosen protocol under corruptions",
+    "protocol/figures": "14. The chosen protocol: feature clustering and confidence",
 }
 TUNING = "tuning"  # <workdir>/tuning/<name>/ablation/ablation.json: one ablation call per search
 # <workdir>/protocol_tuning/<name>/ablation/ablation.json: the searches over training protocols.
@@ -96,6 +97,8 @@ COMMANDS = {
     "variant whose search at 10 % (1,600 steps) chose another setting]",
     "protocol/robustness": "python -m evidence.robustness --config configs/default.py:full,teacher "
     f"{_CHOSEN} --variants baseline,full --seeds 0,1,2,3,4",
+    "protocol/figures": "python -m evidence.figures --config configs/default.py:full,teacher "
+    f"{_CHOSEN} --seeds 0,1,2,3,4 --compare baseline",
 }
 
 
@@ -509,12 +512,26 @@ def _pretrained_claims(reports: Mapping[str, Mapping[str, Any]] | None) -> list[
     ]
 
 
+def _chosen(report: Mapping[str, Any] | None, chosen: bool) -> str:
+    """' (chosen protocol, N steps)' for a study of the chosen protocol's runs, else ''."""
+    if not (report and chosen):
+        return ""
+    return f" (chosen protocol, {report['provenance']['config'].get('train_steps')} steps)"
+
+
+def _figures_claims(report: Mapping[str, Any] | None, chosen: bool = False) -> list[str]:
+    """The paper's Figure 3 and 4 claims (clustering, confidence), paired by seed."""
+    return [
+        f"- Claim: {c['claim']}{_chosen(report, chosen)}: **{c['verdict']}** ({_fig(c, 'a')} vs "
+        f"{_fig(c, 'b')}, seeds {', '.join(str(s) for s in c['seeds'])})."
+        for c in (report["claims"] if report else [])
+    ]
+
+
 def _robustness_claims(report: Mapping[str, Any] | None, chosen: bool = False) -> list[str]:
     """Each model against the baseline under lighting, viewpoint and all corruptions: the relative
     drop and the mean corruption accuracy, paired by seed (`chosen`: the chosen protocol's runs)."""
-    where = ""
-    if report and chosen:
-        where = f" (chosen protocol, {report['provenance']['config'].get('train_steps')} steps)"
+    where = _chosen(report, chosen)
     lines = []
     for c in report["comparisons"] if report else []:
         if c["group"] in ("lighting", "viewpoint", "all"):
@@ -637,17 +654,10 @@ def summary(studies: Mapping[str, Mapping[str, Any]]) -> list[str]:
         "- Robustness to lighting and viewpoint: not measured (run the robustness study)."
     ]
     lines += _robustness_claims(studies.get("protocol/robustness", {}).get("json"), chosen=True)
-    fg = studies.get("figures", {}).get("json")
-    claims = fg["claims"] if fg else []
-    if claims:
-        for c in claims:
-            lines.append(
-                f"- Claim: {c['claim']}: **{c['verdict']}** ({_fig(c, 'a')} vs "
-                f"{_fig(c, 'b')}, seeds "
-                f"{', '.join(str(s) for s in c['seeds'])})."
-            )
-    else:
-        lines.append("- x_CDR better clustered / more confident than x_v: not measured.")
+    lines += _figures_claims(studies.get("figures", {}).get("json")) or [
+        "- x_CDR better clustered / more confident than x_v: not measured."
+    ]
+    lines += _figures_claims(studies.get("protocol/figures", {}).get("json"), chosen=True)
     lines += _pretrained_claims(studies.get(PRETRAINED, {}).get("json"))
     ci = studies.get("cdr_inference", {}).get("json")
     for r in ci["recommendations"] if ci else []:

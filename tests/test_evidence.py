@@ -626,6 +626,24 @@ def test_robustness_claims_name_the_chosen_protocol_study():
     )
     assert "(chosen" not in results._robustness_claims(report)[0]
     assert results._robustness_claims(None, chosen=True) == []
+    figures_report = {
+        "claims": [
+            {
+                "claim": "x_CDR is better clustered than x_v",
+                "verdict": "hurts",
+                "seeds": [0, 1],
+                "metric": "knn",
+                "a": (0.6, 0.01),
+                "b": (0.65, None),
+            }
+        ],
+        "provenance": {"config": {"train_steps": 6400}},
+    }
+    (line,) = results._figures_claims(figures_report, chosen=True)
+    assert line == (
+        "- Claim: x_CDR is better clustered than x_v (chosen protocol, 6400 steps): **hurts** "
+        "(60.0 ± 1.0 % vs 65.0 %, seeds 0, 1)."
+    )
 
 
 def test_low_data_claims_of_the_summary():
