@@ -151,19 +151,20 @@ def variant_plan(
     return plan
 
 
-def parse_seeds_of(specs: Sequence[str]) -> dict[str, list[int]]:
-    """['baseline,full=0,1,2,3,4', ...] -> {'baseline': [0, ..., 4], 'full': [0, ..., 4]}."""
+def parse_seeds_of(
+    specs: Sequence[str], flag: str = "--seeds_of", key: str = "VARIANT"
+) -> dict[str, list[int]]:
+    """['baseline,full=0,1,2,3,4', ...] -> {'baseline': [0, ..., 4], 'full': [0, ..., 4]}: the
+    integers of each key (seeds of a variant; the budgets and fractions' flags of other studies)."""
     out: dict[str, list[int]] = {}
     for spec in specs:
-        labels, sep, seeds = spec.partition("=")
-        if not sep or not labels or not seeds:
-            raise common.UsageError(
-                f"--seeds_of {spec!r}: expected 'VARIANT[,VARIANT...]=SEED[,SEED...]'."
-            )
-        for label in labels.split(","):
-            if label in out:
-                raise common.UsageError(f"--seeds_of names {label!r} twice.")
-            out[label] = common.parse_ints(seeds.split(","), f"--seeds_of {spec!r}")
+        keys, sep, values = spec.partition("=")
+        if not sep or not keys or not values:
+            raise common.UsageError(f"{flag} {spec!r}: expected '{key}[,{key}...]=N[,N...]'.")
+        for key in keys.split(","):
+            if key in out:
+                raise common.UsageError(f"{flag} names {key!r} twice.")
+            out[key] = common.parse_ints(values.split(","), f"{flag} {spec!r}")
     return out
 
 

@@ -55,13 +55,13 @@ def run_dir(workdir: Path, variant: str, fraction: float, seed: int) -> Path:
     return workdir / STUDY / "runs" / variant / f"frac_{fraction:g}" / f"seed_{seed}"
 
 
-def _parse_fractions(values: Sequence[str]) -> list[float]:
+def _parse_fractions(values: Sequence[str], flag: str = "--fractions") -> list[float]:
     try:
         fractions = sorted({float(v) for v in values})
     except ValueError as e:
-        raise common.UsageError(f"--fractions must be numbers, got {list(values)}.") from e
+        raise common.UsageError(f"{flag} must be numbers, got {list(values)}.") from e
     if not fractions or not all(0.0 < f <= 1.0 for f in fractions):
-        raise common.UsageError(f"--fractions must be in (0, 1], got {list(values)}.")
+        raise common.UsageError(f"{flag} must be in (0, 1], got {list(values)}.")
     return fractions
 
 
@@ -74,7 +74,7 @@ def parse_setting_at(specs: Sequence[str]) -> dict[tuple[float, str], tuple[str,
             raise common.UsageError(
                 f"--setting_at {spec!r}: expected 'FRACTION:LABEL=BASE field=value ...'."
             )
-        (f,) = _parse_fractions([fraction])
+        (f,) = _parse_fractions([fraction], "--setting_at's fraction")
         label, base, overrides = ablation.parse_extra_variant(variant)
         if (f, label) in out:
             raise common.UsageError(f"--setting_at gives {label!r} at {f:g} twice.")
@@ -86,14 +86,11 @@ def parse_at(specs: Sequence[str], flag: str) -> dict[float, list[int]]:
     """['0.1=0,1,2,3,4', ...] -> {0.1: [0, 1, 2, 3, 4]}: a fraction's own integers (--seeds_at,
     --steps_at)."""
     out: dict[float, list[int]] = {}
-    for spec in specs:
-        fraction, sep, values = spec.partition("=")
-        if not sep or not values:
-            raise common.UsageError(f"{flag} {spec!r}: expected 'FRACTION=N[,N...]'.")
-        (f,) = _parse_fractions([fraction])
+    for key, values in ablation.parse_seeds_of(specs, flag, key="FRACTION").items():
+        (f,) = _parse_fractions([key], f"{flag}'s fraction")
         if f in out:
             raise common.UsageError(f"{flag} names the fraction {f:g} twice.")
-        out[f] = common.parse_ints(values.split(","), f"{flag} {spec!r}")
+        out[f] = values
     return out
 
 
@@ -175,14 +172,12 @@ def run(
     plan = plan_runs(config, fractions, variants, seeds, extra_variants, at)
     prov = common.Provenance(command, config, seeds)
     records: dict[tuple[str, float], dict[int, dict[str, Any]]] = {}
-    setting: dict[tuple[str, float], dict[str, Any]] = {}
-    steps: dict[tuple[str, float], int] = {}
-    for i, ((v, f, s), (overrides, cfg)) in enumerate(plan.items(), 1):
+    for i, ((v, f, s), (_, cfg)) in enumerate(plan.items(), 1):
         d = run_dir(workdir, v, f, s)
         log.info("Low-data run %d/%d: %s, fraction %g, seed %d in %s", i, len(plan), v, f, s, d)
         records.setdefault((v, f), {})[s] = ablation.train_run(cfg, d)
-        setting[(v, f)] = overrides
-        steps[(v, f)] = cfg.train.num_steps
+    # Every seed of a (variant, fraction) has the same setting and budget.
+    setting = {(v, f): (ov, cfg.train.num_steps) for (v, f, _), (ov, cfg) in plan.items()}
 
     from marnet_jax.data import datasets
 
@@ -195,8 +190,8 @@ def run(
                 "fraction": f,
                 "num_train": round(f * num_train),
                 "seeds": sorted(runs),
-                "overrides": setting[(v, f)],
-                "steps": steps[(v, f)],
+                "overrides": setting[(v, f)][0],
+                "steps": setting[(v, f)][1],
                 "summary": ablation.summarise([runs[s] for s in sorted(runs)]),
                 "runs": [{k: x for k, x in r.items() if k != "config"} for r in runs.values()],
             }

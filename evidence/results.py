@@ -233,12 +233,13 @@ def seed_spread_note(report: Mapping[str, Any] | None) -> list[str]:
     stds = [common.mean_std([r["validation"]["fused_top1"] for r in x])[1] for x in runs]
     counts = sorted({len(x) for x in runs})
     seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    steps = report["provenance"]["config"]["train_steps"]
     return [
         "",
         f"Each setting above is one seed. Over seeds, a setting's fused validation top-1 has a "
         f"standard deviation of {reporting.pct(min(stds))} to {reporting.pct(max(stds))} points "
-        f"(section 11: {len(runs)} settings, {seeds} seeds each, {report['provenance']['config']['train_steps']} steps): settings closer than "
-        "about that are not told apart by a search of one seed.",
+        f"(section 11: {len(runs)} settings, {seeds} seeds each, {steps} steps): settings closer "
+        "than about that are not told apart by a search of one seed.",
     ]
 
 

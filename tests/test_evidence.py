@@ -734,8 +734,10 @@ def test_low_data_plan_takes_a_setting_and_seeds_per_fraction(tiny_data_dir):
     assert (cfg.loss.w_mse, cfg.loss.w_cdr, cfg.protocol) == (0.1, 1.0, "teacher")
     assert plan[("baseline", 0.1, 0)][0] == {}
     with pytest.raises(common.UsageError, match=r"--setting_at 0.1:aux=aux"):
-        low_data.plan_runs(config, (0.1,), ("baseline",), (0,),
-                           at=low_data.AtFraction(settings=low_data.parse_setting_at(["0.1:aux=aux loss.w_aux=3"])))  # fmt: skip
+        aux_setting = low_data.parse_setting_at(["0.1:aux=aux loss.w_aux=3"])
+        low_data.plan_runs(
+            config, (0.1,), ("baseline",), (0,), at=low_data.AtFraction(settings=aux_setting)
+        )
     with pytest.raises(common.UsageError, match=r"--seeds_at names \[0.3\]"):
         low_data.plan_runs(
             config, (0.1,), ("baseline",), (0,), at=low_data.AtFraction(seeds={0.3: [0]})
