@@ -480,16 +480,26 @@ def _fig(c: Mapping[str, Any], side: str) -> str:
 _REFERENCES = {"aux": "the ingredient head", "distill": "distillation from the text teacher"}
 
 
-def _low_data_claims(report: Mapping[str, Any] | None) -> list[str]:
-    """Per training fraction: MARNet against the baseline and against the ingredient head."""
+def _low_data_claims(report: Mapping[str, Any] | None, chosen: bool = False) -> list[str]:
+    """Per training fraction: MARNet against the baseline and each reference (`chosen`: the chosen
+    protocol's study, which also compares the references with the baseline, at each fraction's
+    budget)."""
     if not report:
-        return ["- Privileged text with little data: not measured (run the low-data study)."]
+        return (
+            []
+            if chosen
+            else ["- Privileged text with little data: not measured (run the low-data study)."]
+        )
+    steps = {r["fraction"]: r.get("steps") for r in report["rows"]} if chosen else {}
+    names = {"full": "MARNet", **_REFERENCES}
     lines = []
     for c in report["comparisons"]:
-        if c["variant"] != "full":
+        if c["variant"] != "full" and not chosen:
             continue
+        where = f" (chosen protocol, {steps[c['fraction']]} steps)" if chosen else ""
         lines.append(
-            f"- With {100 * c['fraction']:.0f} % of the training data, MARNet beats "
+            f"- With {100 * c['fraction']:.0f} % of the training data{where}, "
+            f"{names.get(c['variant'], c['variant'])} beats "
             f"{_REFERENCES.get(c['reference'], 'the baseline')}: "
             f"**{_plain(c['verdict'])}** ({reporting.pct(c['variant_mean'])} vs "
             f"{reporting.pct(c['reference_mean'])} %, difference {reporting.pct_pm(c['delta_mean'], c['delta_std'])} "
@@ -647,6 +657,7 @@ def summary(studies: Mapping[str, Mapping[str, Any]]) -> list[str]:
             f"- Claim: {claim}: {text or 'not measured (run the ablation with both variants)'}."
         )
     lines += _low_data_claims(studies.get("low_data", {}).get("json"))
+    lines += _low_data_claims(studies.get("protocol/low_data", {}).get("json"), chosen=True)
     lines += _convergence_claims(studies.get("convergence", {}).get("json"))
     lines += _search_claims(studies.get(PROTOCOL_TUNING, {}).get("json"))
     lines += _protocol_claims(studies.get("protocol/ablation", {}).get("json"))

@@ -662,6 +662,16 @@ def test_low_data_claims_of_the_summary():
         "- With 30 % of the training data, MARNet beats the ingredient head: **does not help: it "
         "lowers accuracy** (58.2 vs 57.1 %, difference 1.1 ± 0.6 points, seeds 0, 1, 2).",
     ]
+    # The chosen protocol's study: every comparison, each at its fraction's budget.
+    report["rows"] = [{"fraction": 0.1, "steps": 1600}, {"fraction": 0.3, "steps": 3200}]
+    lines = results._low_data_claims(report, chosen=True)
+    assert len(lines) == 3
+    assert lines[1] == (
+        "- With 10 % of the training data (chosen protocol, 1600 steps), the ingredient head beats "
+        "the baseline: **helps** (58.2 vs 57.1 %, difference 1.1 ± 0.6 points, seeds 0, 1, 2)."
+    )
+    assert lines[2].startswith("- With 30 % of the training data (chosen protocol, 3200 steps)")
+    assert results._low_data_claims(None, chosen=True) == []
 
 
 def test_low_data_study_trains_subsets_and_shares_full_data_runs_with_the_ablation(
