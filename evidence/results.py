@@ -51,6 +51,7 @@ STUDIES = {
     "protocol/low_data": "12. The chosen protocol with little data",
     "protocol/robustness": "13. The chosen protocol under corruptions",
     "protocol/figures": "14. The chosen protocol: feature clustering and confidence",
+    "protocol/convergence": "15. Learning curves with less data: the budgets of section 12",
 }
 TUNING = "tuning"  # <workdir>/tuning/<name>/ablation/ablation.json: one ablation call per search
 # <workdir>/protocol_tuning/<name>/ablation/ablation.json: the searches over training protocols.
@@ -101,6 +102,12 @@ COMMANDS = {
     f"{_CHOSEN} --variants baseline,full --seeds 0,1,2,3,4",
     "protocol/figures": "python -m evidence.figures --config configs/default.py:full,teacher "
     f"{_CHOSEN} --seeds 0,1,2,3,4 --compare baseline",
+    "protocol/convergence": "python -m evidence.convergence --config configs/default.py:full,teacher "
+    "--workdir W/protocol --variants= --extra_variant 'baseline_f01=baseline "
+    "data.train_fraction=0.1 optim.lr=0.012' --budgets_of baseline_f01=1600,3200 --extra_variant "
+    "'full_f01=full data.train_fraction=0.1 model.cdr_chain_grad=last_step' --budgets_of "
+    "full_f01=1600,3200 --extra_variant 'baseline_f03=baseline data.train_fraction=0.3 "
+    "loss.label_smoothing=0.1' --budgets_of baseline_f03=1600,3200,6400",
 }
 
 
@@ -661,6 +668,7 @@ def summary(studies: Mapping[str, Mapping[str, Any]]) -> list[str]:
     lines += _low_data_claims(studies.get("low_data", {}).get("json"))
     lines += _low_data_claims(studies.get("protocol/low_data", {}).get("json"), chosen=True)
     lines += _convergence_claims(studies.get("convergence", {}).get("json"))
+    lines += _convergence_claims(studies.get("protocol/convergence", {}).get("json"))
     lines += _search_claims(studies.get(PROTOCOL_TUNING, {}).get("json"))
     lines += _protocol_claims(studies.get("protocol/ablation", {}).get("json"))
     robust = _robustness_claims(studies.get("robustness", {}).get("json"))
