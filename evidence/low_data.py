@@ -170,7 +170,7 @@ def run(
     """Trains what is missing, then writes low_data.json/.csv/.md/.png; returns the JSON record."""
     workdir = Path(workdir)
     plan = plan_runs(config, fractions, variants, seeds, extra_variants, at)
-    prov = common.Provenance(command, config, seeds)
+    prov = common.Provenance(command, config, sorted({s for (_, _, s) in plan}))
     records: dict[tuple[str, float], dict[int, dict[str, Any]]] = {}
     for i, ((v, f, s), (_, cfg)) in enumerate(plan.items(), 1):
         d = run_dir(workdir, v, f, s)

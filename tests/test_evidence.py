@@ -664,6 +664,7 @@ def test_low_data_claims_of_the_summary():
     ]
     # The chosen protocol's study: every comparison, each at its fraction's budget.
     report["rows"] = [{"fraction": 0.1, "steps": 1600}, {"fraction": 0.3, "steps": 3200}]
+    report["comparisons"].append(c | {"fraction": 1.0})  # section 11's runs: claimed there
     lines = results._low_data_claims(report, chosen=True)
     assert len(lines) == 3
     assert lines[1] == (
