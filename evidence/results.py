@@ -95,10 +95,11 @@ COMMANDS = {
     "protocol/low_data": "python -m evidence.low_data --config configs/default.py:full,teacher "
     f"{_CHOSEN} --variants aux {_TUNED} --fractions 0.1,0.3,1.0 --seeds 0,1,2 "
     "--seeds_at 0.1=0,1,2,3,4 --seeds_at 1.0=0,1,2,3,4 --steps_at 0.1=1600 --steps_at 0.3=3200 "
-    "--setting_at '0.1:baseline=baseline optim.lr=0.012' --setting_at '0.1:aux=aux loss.w_aux=10.0' --setting_at '0.1:distill=distill "
-    "loss.w_distill=2.0 loss.distill_temperature=4.0' --setting_at '0.1:full=full "
-    "model.cdr_chain_grad=last_step' (the settings the search at 10 % chose, section 10; the budgets "
-    "from section 15)",
+    "--setting_at '0.1:baseline=baseline optim.lr=0.012' "
+    "--setting_at '0.1:aux=aux loss.w_aux=10.0' "
+    "--setting_at '0.1:distill=distill loss.w_distill=2.0 loss.distill_temperature=4.0' "
+    "--setting_at '0.1:full=full model.cdr_chain_grad=last_step' (the settings the search at 10 % "
+    "chose, section 10; the budgets from section 15)",
     "protocol/robustness": "python -m evidence.robustness --config configs/default.py:full,teacher "
     f"{_CHOSEN} --variants baseline,full --seeds 0,1,2,3,4",
     "protocol/figures": "python -m evidence.figures --config configs/default.py:full,teacher "
