@@ -151,23 +151,6 @@ def variant_plan(
     return plan
 
 
-def parse_seeds_of(
-    specs: Sequence[str], flag: str = "--seeds_of", key: str = "VARIANT"
-) -> dict[str, list[int]]:
-    """['baseline,full=0,1,2,3,4', ...] -> {'baseline': [0, ..., 4], 'full': [0, ..., 4]}: the
-    integers of each key (seeds of a variant; the budgets and fractions' flags of other studies)."""
-    out: dict[str, list[int]] = {}
-    for spec in specs:
-        keys, sep, values = spec.partition("=")
-        if not sep or not keys or not values:
-            raise common.UsageError(f"{flag} {spec!r}: expected '{key}[,{key}...]=N[,N...]'.")
-        for key in keys.split(","):
-            if key in out:
-                raise common.UsageError(f"{flag} names {key!r} twice.")
-            out[key] = common.parse_ints(values.split(","), f"{flag} {spec!r}")
-    return out
-
-
 def _set_field(config: ml_collections.ConfigDict, field: str, value: Any) -> None:
     *path, last = field.split(".")
     node = config
@@ -562,7 +545,7 @@ def _run_from_flags(f: flags.FlagValues) -> Path:
         variants=f.variants,
         seeds=common.parse_ints(f.seeds, "--seeds"),
         extra_variants=f.extra_variant or (),
-        seeds_of=parse_seeds_of(f.seeds_of or ()),
+        seeds_of=common.parse_ints_of(f.seeds_of or (), "--seeds_of"),
         command=common.command_line(),
     )
     return Path(f.workdir) / common.ABLATION / "ablation.md"

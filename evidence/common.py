@@ -123,6 +123,21 @@ def parse_ints(values: Sequence[str], what: str) -> list[int]:
         raise UsageError(f"{what} must be integers, got {list(values)}.") from e
 
 
+def parse_ints_of(specs: Sequence[str], flag: str, key: str = "VARIANT") -> dict[str, list[int]]:
+    """['baseline,full=0,1,2', ...] -> {'baseline': [0, 1, 2], 'full': [0, 1, 2]}: the integers a
+    repeatable flag gives each key (a variant's seeds or budgets, a fraction's seeds or steps)."""
+    out: dict[str, list[int]] = {}
+    for spec in specs:
+        keys, sep, values = spec.partition("=")
+        if not sep or not keys or not values:
+            raise UsageError(f"{flag} {spec!r}: expected '{key}[,{key}...]=N[,N...]'.")
+        for k in keys.split(","):
+            if k in out:
+                raise UsageError(f"{flag} names {k!r} twice.")
+            out[k] = parse_ints(values.split(","), f"{flag} {spec!r}")
+    return out
+
+
 def check_seeds(seeds: Sequence[int], what: str) -> None:
     """Seeds of a study: at least one, distinct, non-negative; else an error naming the flag."""
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:

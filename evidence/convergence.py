@@ -254,7 +254,7 @@ def _run_from_flags(f: flags.FlagValues) -> Path:
         variants=f.variants,
         seeds=common.parse_ints(f.seeds, "--seeds"),
         extra_variants=f.extra_variant or (),
-        budgets_of=ablation.parse_seeds_of(f.budgets_of or (), "--budgets_of"),
+        budgets_of=common.parse_ints_of(f.budgets_of or (), "--budgets_of"),
         tolerance=f.tolerance / 100.0,
         command=common.command_line(),
     )

@@ -86,7 +86,7 @@ def parse_at(specs: Sequence[str], flag: str) -> dict[float, list[int]]:
     """['0.1=0,1,2,3,4', ...] -> {0.1: [0, 1, 2, 3, 4]}: a fraction's own integers (--seeds_at,
     --steps_at)."""
     out: dict[float, list[int]] = {}
-    for key, values in ablation.parse_seeds_of(specs, flag, key="FRACTION").items():
+    for key, values in common.parse_ints_of(specs, flag, key="FRACTION").items():
         (f,) = _parse_fractions([key], f"{flag}'s fraction")
         if f in out:
             raise common.UsageError(f"{flag} names the fraction {f:g} twice.")

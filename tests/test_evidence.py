@@ -297,7 +297,7 @@ def test_ablation_gives_some_variants_more_seeds_and_pairs_on_shared_seeds(
         return {config.data.eval_split: split, config.data.test_split: split}
 
     monkeypatch.setattr(trainer, "train_and_evaluate", fake_training)
-    seeds_of = ablation.parse_seeds_of(["baseline,full=0,1,2,3"])
+    seeds_of = common.parse_ints_of(["baseline,full=0,1,2,3"], "--seeds_of")
     assert seeds_of == {"baseline": [0, 1, 2, 3], "full": [0, 1, 2, 3]}
     config = _config(tiny_data_dir)
     report = ablation.run(
@@ -317,7 +317,7 @@ def test_ablation_gives_some_variants_more_seeds_and_pairs_on_shared_seeds(
     with pytest.raises(common.UsageError, match=r"'aux'.*not trained here"):
         ablation.run(config, tmp_path, variants=("baseline",), seeds=(0,), seeds_of={"aux": [0]})
     with pytest.raises(common.UsageError, match="expected 'VARIANT"):
-        ablation.parse_seeds_of(["baseline:0,1"])
+        common.parse_ints_of(["baseline:0,1"], "--seeds_of")
 
 
 def test_ablation_compares_variants_with_settings_of_their_own_under_their_names(
