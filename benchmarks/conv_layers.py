@@ -30,6 +30,7 @@ from absl import flags
 
 from benchmarks import _common
 from marnet_jax import cli, reporting
+from marnet_jax.data.config import train_image_size
 from marnet_jax.models import resnet
 from marnet_jax.models.backbones import build_backbone
 
@@ -63,7 +64,7 @@ def backbone_convs(config: ml_collections.ConfigDict) -> collections.Counter[Con
     model = build_backbone(config.model.backbone, **kwargs)
     if not isinstance(model, resnet.ResNet):
         raise ValueError(f"model.backbone={config.model.backbone!r} is not a ResNet.")
-    px = config.data.image_size
+    px = train_image_size(config.data)
     images = jnp.zeros((config.train.batch_size, px, px, 3))
     found: collections.Counter[ConvLayer] = collections.Counter()
 

@@ -39,6 +39,7 @@ from absl import flags
 from benchmarks import _common, input_pipeline, train_step
 from marnet_jax import cli, reporting
 from marnet_jax.data import dali, datasets, decoders, pipeline, synthetic_food
+from marnet_jax.data.config import train_image_size
 from marnet_jax.train import loop, sharding
 
 
@@ -141,7 +142,7 @@ def measure(config, src, p_train, state, mesh, preset: Preset) -> tuple[dict[str
         workers=config.data.worker_count,
         read_threads=config.data.read_threads,
         batch=b,
-        image_size=config.data.image_size,
+        image_size=train_image_size(config.data),
         data_images_per_s=data,
         model_images_per_s=model,
         both_images_per_s=both,
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p_train, state, mesh = train_step.setup_step(config, facts)
         host = _common.synthetic_train_batch(
             config.train.batch_size,
-            config.data.image_size,
+            train_image_size(config.data),
             facts.num_classes,
             facts.num_ingredients,
         )

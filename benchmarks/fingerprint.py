@@ -27,6 +27,7 @@ from typing import Any
 from absl import flags
 
 from marnet_jax import cli, cpu, reporting
+from marnet_jax.data.config import train_image_size
 
 PROG = "benchmarks.fingerprint"
 
@@ -63,7 +64,7 @@ def fingerprint(config_name: str = "tiny", arg: str | None = None, steps: int = 
     for i in range(steps):
         host = _common.synthetic_train_batch(
             config.train.batch_size,
-            config.data.image_size,
+            train_image_size(config.data),
             facts.num_classes,
             facts.num_ingredients,
             seed=i,

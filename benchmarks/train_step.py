@@ -38,6 +38,7 @@ from absl import flags
 from benchmarks import _common
 from marnet_jax import cli, reporting
 from marnet_jax.data import datasets
+from marnet_jax.data.config import train_image_size
 from marnet_jax.train import sharding
 from marnet_jax.train.experiment import Experiment
 
@@ -147,7 +148,7 @@ def compile_case(case: Case, devices: int = -1, flops: bool = True) -> CompiledC
     facts = datasets.shape_facts(config.data)
     p_train, state, mesh = setup_step(config, facts)
     host = _common.synthetic_train_batch(
-        case.batch, config.data.image_size, facts.num_classes, facts.num_ingredients
+        case.batch, train_image_size(config.data), facts.num_classes, facts.num_ingredients
     )
     batch = sharding.global_batch(host, mesh)
 
@@ -192,7 +193,7 @@ def run_case(
         config=f"configs/{case.config}.py:{case.arg}",
         backbone=c.config.model.backbone,
         backbone_kwargs=c.config.model.backbone_kwargs.to_dict(),
-        image_size=c.config.data.image_size,
+        image_size=train_image_size(c.config.data),
         batch=case.batch,
         dtype=case.dtype,
         remat=case.remat,

@@ -23,6 +23,7 @@ import numpy as np
 from absl import flags
 
 from marnet_jax import reporting
+from marnet_jax.data.config import train_image_size
 from marnet_jax.train.steps import EVAL_HEADS
 
 ABLATION = "ablation"  # the study folder whose runs/<variant>/seed_<s>/ the other studies read
@@ -167,6 +168,7 @@ def config_summary(config: Any) -> dict[str, Any]:
     return {
         "dataset": f"{config.data.name}/{config.data.builder_config}",
         "image_size": config.data.image_size,
+        "train_image_size": train_image_size(config.data),
         "backbone": model.backbone,
         "backbone_kwargs": dict(model.backbone_kwargs),
         "embed_dim": model.embed_dim,

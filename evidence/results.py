@@ -393,8 +393,12 @@ def _command(p: Mapping[str, Any]) -> str:
 
 def _config_line(c: Mapping[str, Any]) -> str:
     kwargs = ", ".join(f"{k}={v}" for k, v in c["backbone_kwargs"].items())
+    train_px = c.get("train_image_size", c["image_size"])
+    px = f"{c['image_size']} px" + (
+        f", trained on {train_px} px crops" if train_px != c["image_size"] else ""
+    )
     return (
-        f"{c['dataset']} ({c['image_size']} px); {c['backbone']}({kwargs}), embed {c['embed_dim']}, "
+        f"{c['dataset']} ({px}); {c['backbone']}({kwargs}), embed {c['embed_dim']}, "
         f"fusion {c['fusion']}; {c['train_steps']} steps of batch {c['batch_size']}, lr {c['lr']}; "
         + (f"{_share(c['train_fraction'])}; " if c.get("train_fraction", 1.0) != 1.0 else "")
         + (f"loss {c['loss_weights']}; CDR {c['cdr_training']}; " if "cdr_training" in c else "")

@@ -42,6 +42,7 @@ from absl import flags
 
 from marnet_jax import cli, reporting
 from marnet_jax.data import datasets, decoders
+from marnet_jax.data.config import train_image_size
 from marnet_jax.train import cost, sharding
 from marnet_jax.train.experiment import Experiment
 
@@ -241,9 +242,10 @@ def batch_specs(
     jitter factors and flips; eval: the padding mask), sharded over the batch axes."""
     shard = sharding.batch_sharding(mesh)
     decoder = decoders.Decoder() if eval_ else decoders.for_config(config.data)
+    size = config.data.image_size if eval_ else train_image_size(config.data)
     out = {
         key: _spec(shape, dtype, shard)
-        for key, (shape, dtype) in decoder.image_shapes(batch, config.data.image_size).items()
+        for key, (shape, dtype) in decoder.image_shapes(batch, size).items()
     }
     out["label"] = _spec((batch,), np.int32, shard)
     out["ingredients"] = _spec((batch, facts.num_ingredients), np.float32, shard)
@@ -500,6 +502,7 @@ def run(
             "backbone": config.model.backbone,
             "variant": config.variant,
             "image_size": int(config.data.image_size),
+            "train_image_size": train_image_size(config.data),
             "dtype": config.model.dtype,
             "remat": bool(config.model.remat),
         },

@@ -1007,3 +1007,12 @@ def test_search_table_groups_settings_by_variant_and_bolds_each_variants_best():
     assert "baseline: b2 (optim.lr=0.2), 75.0 % (best of 2)" in claim
     assert "distill: d1 (optim.lr=0.1), 60.0 % (best of 2)" in claim
     assert "with 10 % of the training data" in low and "baseline: b3 (optim.lr=0.3), 50.0 %" in low
+
+
+def test_config_line_names_smaller_training_crops():
+    config = tiny.get_config()
+    line = results._config_line(common.config_summary(config))
+    assert line.startswith("synthetic_food/tiny (32 px); resnet")
+    config.data.train_image_size = 24
+    line = results._config_line(common.config_summary(config))
+    assert line.startswith("synthetic_food/tiny (32 px, trained on 24 px crops); resnet")

@@ -408,6 +408,27 @@ def test_cpu_decode_ships_the_boxes_that_the_train_step_resizes_to_the_cpu_crops
         decoders.CanvasCrop(pipeline.RandomResizedCrop(32, interpolation="nearest"))
 
 
+@pytest.mark.parametrize("decoder", ["cpu", "cpu_decode"])
+def test_train_image_size_sizes_the_training_crops_only(decoder):
+    """data.train_image_size: the train step's input is that size, from the same draws as at
+    image_size (labels, flips, jitter); evaluation batches stay at image_size."""
+    src = memory_source(16, height=48, width=48)
+    kwargs = dict(batch_size=8, seed=3, shard_index=0, shard_count=1, data_source=src)
+    small, full = cfg(decoder=decoder, train_image_size=24), cfg(decoder=decoder)
+    a = next(pipeline.train_iterator(small, **kwargs))
+    b = next(pipeline.train_iterator(full, **kwargs))
+    assert steps.model_input(a, small).shape == (8, 24, 24, 3)
+    assert steps.model_input(b, full).shape == (8, SIZE, SIZE, 3)
+    for key in ("label", "flip", "jitter"):
+        np.testing.assert_array_equal(a[key], b[key])
+    ev = next(
+        pipeline.eval_batches(small, batch_size=8, shard_index=0, shard_count=1, data_source=src)
+    )
+    assert ev["image"].shape == (8, SIZE, SIZE, 3)
+    with pytest.raises(ValueError, match=r"data\.train_image_size must be a positive int"):
+        data_config.train_image_size(cfg(train_image_size=-1))
+
+
 def test_augmentation_deterministic_by_seed_and_varies_across_seeds_and_epochs():
     n = 8
     src = memory_source(n)

@@ -82,18 +82,28 @@ def test_aux_variant_on_a_training_subset_trains_end_to_end(tiny_data_dir, tmp_p
     assert "aux_head" in params and "text_encoder" not in params
 
 
-def test_cpu_decode_trains_end_to_end(tiny_data_dir, tmp_path):
+def test_cpu_decode_and_smaller_training_crops_train_end_to_end(tiny_data_dir, tmp_path):
     """data.decoder 'cpu_decode': the host ships decoded boxes in canvases and the train step
-    resizes them; the trainer runs on it as on 'cpu' crops."""
+    resizes them; the trainer runs on it as on 'cpu' crops, here with training crops smaller
+    than the evaluation's (data.train_image_size)."""
     config = apply_variant(
         _config(tiny_data_dir, train__num_steps=3, train__log_every=1), "baseline"
     )
     config.data.decoder = "cpu_decode"
+    config.data.train_image_size = config.data.image_size - 8
     results = trainer.train_and_evaluate(config, str(tmp_path))
     assert 0.0 <= results[config.data.test_split]["visual_top1"] <= 1.0
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [x["loss"] for x in lines if x["split"] == "train"]
     assert len(losses) == 3 and all(np.isfinite(losses))
+
+
+def test_smaller_training_crops_refuse_a_vit_with_learned_position_embeddings():
+    config = tiny.get_config()
+    config.model.backbone = "vit_ti16"
+    config.data.train_image_size = 16
+    with pytest.raises(ValueError, match=r"data\.train_image_size=16 .*posemb='sincos2d'"):
+        Experiment.build(config)
 
 
 # Slow: the default run checks the same equality through resume_step

@@ -90,6 +90,11 @@ def get_data_config(dataset: str = "synthetic_food") -> ml_collections.ConfigDic
 
     # --- Image geometry -----------------------------------------------------------------------
     c.image_size = preset["image_size"][builder_config]  # Output height = width in pixels.
+    # Side of the training crops in pixels; None = image_size. Smaller crops make a cheaper train
+    # step for a backbone that pools globally (ResNet, EfficientNet; not a ViT's fixed grid), and
+    # a random-resized crop then shows the dish at about the size the evaluation's full view shows
+    # it (FixRes: Touvron et al., NeurIPS 2019, arXiv 1906.06423). Evaluation stays at image_size.
+    c.train_image_size = ml_collections.config_dict.placeholder(int)
     # Eval: resize the shorter side to image_size / eval_crop_ratio, then take the central
     # image_size crop. 0.875 is the ImageNet convention for photos; 1.0 keeps the whole shorter
     # side (the identity for synthetic images, which are rendered at image_size).
@@ -137,3 +142,12 @@ def get_data_config(dataset: str = "synthetic_food") -> ml_collections.ConfigDic
     c.decoder = "cpu"
     c.dali_threads = 4  # DALI's CPU threads per GPU (JPEG parsing, host decoding of PNG).
     return c
+
+
+def train_image_size(data_cfg: ml_collections.ConfigDict) -> int:
+    """Side of the training crops: data.train_image_size, or data.image_size where it is None (or
+    a config predates the field)."""
+    size = data_cfg.get("train_image_size") or data_cfg.image_size
+    if int(size) < 1:
+        raise ValueError(f"config.data.train_image_size must be a positive int, got {size!r}.")
+    return int(size)

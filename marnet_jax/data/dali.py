@@ -24,6 +24,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from marnet_jax.data.config import train_image_size
+
 _INTERPOLATION = {
     "nearest": "INTERP_NN",
     "bilinear": "INTERP_LINEAR",
@@ -158,7 +160,7 @@ class GpuCrops:
                 rows,
                 crop_pipeline(
                     rows.stop - rows.start,
-                    self._cfg.image_size,
+                    train_image_size(self._cfg),
                     self._cfg.interpolation,
                     None if self._on_cpu else device.local_hardware_id,
                     int(self._cfg.dali_threads),
@@ -173,7 +175,7 @@ class GpuCrops:
     def __next__(self) -> dict[str, Any]:
         batch = dict(next(self._batches))
         encoded, crop = batch.pop("encoded"), batch.pop("crop")
-        local_batch, size = len(encoded), self._cfg.image_size
+        local_batch, size = len(encoded), train_image_size(self._cfg)
         if self._decoders is None:
             self._build(local_batch)
         anchor = crop[:, :2].astype(np.float32)

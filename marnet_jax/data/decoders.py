@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 
 from marnet_jax.data import dali, decoding, photometric
+from marnet_jax.data.config import train_image_size
 
 Example = dict[str, Any]
 Shapes = dict[str, tuple[tuple[int, ...], Any]]
@@ -184,7 +185,7 @@ class CpuDecode(Decoder):
 
     def crops(self, batch: dict[str, jax.Array], data_cfg: ml_collections.ConfigDict) -> jax.Array:
         chex.assert_type(batch["image"], np.uint8)
-        size, interpolation = data_cfg.image_size, data_cfg.interpolation
+        size, interpolation = train_image_size(data_cfg), data_cfg.interpolation
         return photometric.resize_crops(
             batch["image"], batch["box"], batch["extent"], size, interpolation
         )

@@ -42,6 +42,7 @@ import ml_collections
 import numpy as np
 
 from marnet_jax.data import datasets, decoders, decoding
+from marnet_jax.data.config import train_image_size
 
 Example = dict[str, Any]
 
@@ -364,7 +365,7 @@ def train_transforms(data_cfg: ml_collections.ConfigDict) -> list[Any]:
     ships it (decoders.Decoder.host_transform: 'cpu' decoded and resized to uint8), then the
     draws of the jitter's factors and of the flip."""
     aug = data_cfg.augment
-    size = data_cfg.image_size
+    size = train_image_size(data_cfg)
     if aug.random_resized_crop:
         crop = RandomResizedCrop(size, aug.crop_scale, aug.crop_ratio, data_cfg.interpolation)
     else:
@@ -403,7 +404,8 @@ def train_iterator(
         data_cfg.train_fraction < 1 trains on a fixed random part of either (train_subset_indices).
 
     Returns:
-      A grain DatasetIterator of dicts 'image' uint8 [b, S, S, 3] (crops), 'jitter' float32
+      A grain DatasetIterator of dicts 'image' uint8 [b, S, S, 3] (crops, S = data_config.
+      train_image_size(data_cfg)), 'jitter' float32
       [b, 3] (with colour jitter on: ColorJitter), 'flip' bool [b] (with flips on: RandomFlip),
       'label' int32 [b], 'ingredients' float32 [b, V]: photometric.train_images makes the model
       input of them. With data.decoder 'cpu_decode' or 'dali', the decoder's
@@ -437,7 +439,7 @@ def train_iterator(
     decoder = decoders.for_config(data_cfg)
     ds = ds.map(TrainFeatures(decoder))
     ds = ds.batch(batch_size, drop_remainder=True, batch_fn=decoder.batch_fn())
-    ds = ds.map(CheckBatch(batch_size, data_cfg.image_size, decoder, with_mask=False))
+    ds = ds.map(CheckBatch(batch_size, train_image_size(data_cfg), decoder, with_mask=False))
     return _to_iterator(ds, data_cfg)
 
 

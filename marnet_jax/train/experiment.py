@@ -23,6 +23,7 @@ import optax
 from etils import epath
 
 from marnet_jax.data import datasets, decoders, pipeline
+from marnet_jax.data.config import train_image_size
 from marnet_jax.models import build_model, pretrained, word_vectors
 from marnet_jax.models.config import upgrade_model_config
 from marnet_jax.models.marnet import MARNet
@@ -47,6 +48,24 @@ def _compile_once(jitted: Any, *args: Any) -> Any:
     if jax.default_backend() == "cpu":
         return lowered.compile(compiler_options={"xla_backend_optimization_level": 0})
     return lowered.compile()
+
+
+def _check_train_image_size(config: ml_collections.ConfigDict) -> None:
+    """Training crops of another size than the evaluation's need a backbone that takes any input
+    size; a ViT's learned position embeddings fix its grid at data.image_size."""
+    size = train_image_size(config.data)
+    kwargs = config.model.get("backbone_kwargs") or {}
+    if (
+        size != config.data.image_size
+        and config.model.backbone.startswith("vit")
+        and kwargs.get("posemb", "learn") == "learn"
+    ):
+        raise ValueError(
+            f"config.data.train_image_size={size} differs from data.image_size="
+            f"{config.data.image_size}, but {config.model.backbone}'s learned position "
+            "embeddings fix its grid: train at data.image_size, or set "
+            "model.backbone_kwargs.posemb='sincos2d'."
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +103,7 @@ class Experiment:
                 "model.use_text_head needs a teacher: set config.teacher.steps >= 1 or "
                 "config.teacher.init_from to a finished run's workdir."
             )
+        _check_train_image_size(config)
         facts = datasets.prepare(config.data) if facts is None else facts
         mesh = sharding.make_mesh(config.mesh, devices)
         model = build_model(config.model, facts.num_classes, facts.num_ingredients)
