@@ -55,6 +55,7 @@ class Case:
     remat: bool = False
     backbone_kwargs: tuple[tuple[str, Any], ...] = ()  # overrides of config.model.backbone_kwargs
     compiler_options: tuple[tuple[str, Any], ...] = ()  # XLA options for this compile only
+    train_image_size: int | None = None  # config.data.train_image_size (None: the config's)
     warmup: int = 2
     iters: int = 10
     gpu_only: bool = False
@@ -85,6 +86,9 @@ PRESETS: dict[str, list[Case]] = {
             64,
             backbone_kwargs=(("conv_impl", "xla"),),
         ),
+        # Training crops of 48 px (data.train_image_size) for the default's 64-px images.
+        Case("default full 48px crops", "default", "full", 64, train_image_size=48),
+        Case("default baseline 48px crops", "default", "baseline", 64, train_image_size=48),
     ],
     "cpu-smoke": [
         Case("resnet50 224px full", "vireo_food172", "resnet50", 4, "bfloat16", warmup=1, iters=2),
@@ -113,6 +117,8 @@ def make_config(case: Case, devices: int) -> ml_collections.ConfigDict:
     config.mesh.num_devices = devices
     if case.remat:
         config.model.remat = True
+    if case.train_image_size:
+        config.data.train_image_size = case.train_image_size
     for key, value in case.backbone_kwargs:
         config.model.backbone_kwargs[key] = value
     return config

@@ -51,7 +51,7 @@ STUDIES = {
     "protocol/low_data": "12. The chosen protocol with little data",
     "protocol/robustness": "13. The chosen protocol under corruptions",
     "protocol/figures": "14. The chosen protocol: feature clustering and confidence",
-    "protocol/convergence": "15. Learning curves with less data: the budgets of section 12",
+    "protocol/convergence": "15. Learning curves: the budgets of section 12, and 48-px training crops",
 }
 TUNING = "tuning"  # <workdir>/tuning/<name>/ablation/ablation.json: one ablation call per search
 # <workdir>/protocol_tuning/<name>/ablation/ablation.json: the searches over training protocols.
@@ -109,7 +109,9 @@ COMMANDS = {
     "data.train_fraction=0.1 optim.lr=0.012' --budgets_of baseline_f01=1600,3200 --extra_variant "
     "'full_f01=full data.train_fraction=0.1 model.cdr_chain_grad=last_step' --budgets_of "
     "full_f01=1600,3200 --extra_variant 'baseline_f03=baseline data.train_fraction=0.3 "
-    "loss.label_smoothing=0.1' --budgets_of baseline_f03=1600,3200,6400",
+    "loss.label_smoothing=0.1' --budgets_of baseline_f03=1600,3200,6400 --extra_variant "
+    "'baseline_48=baseline loss.label_smoothing=0.1 data.train_image_size=48' --budgets_of "
+    "baseline_48=3200,4800,6400",
 }
 
 
