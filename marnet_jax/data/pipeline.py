@@ -404,14 +404,13 @@ def train_iterator(
         data_cfg.train_fraction < 1 trains on a fixed random part of either (train_subset_indices).
 
     Returns:
-      A grain DatasetIterator of dicts 'image' uint8 [b, S, S, 3] (crops, S = data_config.
-      train_image_size(data_cfg)), 'jitter' float32
-      [b, 3] (with colour jitter on: ColorJitter), 'flip' bool [b] (with flips on: RandomFlip),
-      'label' int32 [b], 'ingredients' float32 [b, V]: photometric.train_images makes the model
-      input of them. With data.decoder 'cpu_decode' or 'dali', the decoder's
-      keys replace 'image' (decoders.Decoder.host_keys). Its get_state() is a
-      JSON-able dict; set_state() on a fresh iterator made with the same arguments continues with
-      exactly the same batches.
+      A grain DatasetIterator of dicts 'image' uint8 [b, S, S, 3] (crops; S is
+      train_image_size(data_cfg)), 'jitter' float32 [b, 3] (with colour jitter on: ColorJitter),
+      'flip' bool [b] (with flips on: RandomFlip), 'label' int32 [b], 'ingredients' float32
+      [b, V]: photometric.train_images makes the model input of them. With data.decoder
+      'cpu_decode' or 'dali', the decoder's keys replace 'image' (decoders.Decoder.host_keys).
+      Its get_state() is a JSON-able dict; set_state() on a fresh iterator made with the same
+      arguments continues with exactly the same batches.
     """
     shard_index, shard_count = _default_shard(shard_index, shard_count)
     if seed < 0:
