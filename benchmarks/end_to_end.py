@@ -10,8 +10,9 @@
                                                       # the GPU [--workers 8,16] [--batch 256]
                                                       # [--decoders cpu,cpu_decode,dali]
 
-For each data worker count three rates are measured, in images/s over the same number of steps
-after warm-up:
+For each data worker count (and, on synthetic_food, with the training split read from its records
+and decoded once into memory: config.data.cache_decoded) three rates are measured, in images/s over
+the same number of steps after warm-up:
   data:  the grain input pipeline alone (decode, crop, augmentation draws, batch), as trainer reads it;
   model: the jitted train step alone on one device-resident batch, steps dispatched back to back;
   both:  the trainer's loop: grain batches through loop.DevicePrefetcher (2 batches in flight on
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import itertools
 import pathlib
 import tempfile
 import time
@@ -138,6 +140,7 @@ def measure(config, src, p_train, state, mesh, preset: Preset) -> tuple[dict[str
     both = _rate(b * preset.steps, time.perf_counter() - t0)
     row = dict(
         decoder=config.data.decoder,
+        decoded_once=bool(config.data.cache_decoded),
         status="measured",
         workers=config.data.worker_count,
         read_threads=config.data.read_threads,
@@ -203,8 +206,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             config.data.decoder = decoder
             decoders.for_config(config.data)  # an unknown name fails here
             why_not = dali_unavailable() if decoder == "dali" else None
-            for worker_count in workers:
-                config.data.worker_count = worker_count
+            caches = (False,) if preset.source == JPEG or decoder == "dali" else (False, True)
+            for worker_count, cached in itertools.product(workers, caches):
+                config.data.worker_count, config.data.cache_decoded = worker_count, cached
                 if why_not:
                     rows.append(dict(decoder=decoder, status=f"not run: {why_not}"))
                     print(f"decoder={decoder}: not run: {why_not}", flush=True)
@@ -212,7 +216,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 row, state = measure(config, src, p_train, state, mesh, preset)
                 rows.append(row)
                 print(
-                    f"decoder={decoder} workers={worker_count}: data {row['data_images_per_s']} "
+                    f"decoder={decoder} workers={worker_count} decoded once={cached}: data "
+                    f"{row['data_images_per_s']} "
                     f"model {row['model_images_per_s']} both {row['both_images_per_s']} images/s",
                     flush=True,
                 )
@@ -222,7 +227,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"\nconfigs/{preset.config}.py:{preset.arg}, {args.preset} preset, batch "
         f"{config.train.batch_size}, on {reporting.machine_line(info, load=True)}"
     )
-    headers = ["decoder", "workers", "read threads", "px", "data images/s", "model images/s"]
+    headers = ["decoder", "decoded once", "workers", "read threads", "px", "data images/s"]
+    headers += ["model images/s"]
     headers += ["both images/s", "bottleneck", "both / min"]
     measured = [r for r in rows if r["status"] == "measured"]
     print(
@@ -231,6 +237,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             [
                 [
                     r["decoder"],
+                    "yes" if r["decoded_once"] else "no",
                     r["workers"],
                     r["read_threads"],
                     r["image_size"],

@@ -42,6 +42,7 @@ def memory_source(n: int, *, height: int = SIZE, width: int = SIZE, fmt: str = "
 def cfg(**overrides):
     c = data_config.get_data_config("synthetic_food/tiny")
     c.read_threads = 0
+    c.cache_decoded = False  # the records' own path; the cache's tests turn it on
     for k, v in overrides.items():
         setattr(c, k, v)
     return c
@@ -427,6 +428,44 @@ def test_train_image_size_sizes_the_training_crops_only(decoder):
     assert ev["image"].shape == (8, SIZE, SIZE, 3)
     with pytest.raises(ValueError, match=r"data\.train_image_size must be a positive int"):
         data_config.train_image_size(cfg(train_image_size=-1))
+
+
+@pytest.mark.parametrize("decoder", ["cpu", "cpu_decode"])
+def test_cache_decoded_gives_the_batches_of_the_encoded_records_and_resumes(decoder):
+    src = memory_source(24, height=40, width=36)
+    kwargs = dict(batch_size=5, seed=3, shard_index=1, shard_count=2, data_source=src)
+    records = take(pipeline.train_iterator(cfg(decoder=decoder), **kwargs), 7)
+    cached_cfg = cfg(decoder=decoder, cache_decoded=True, read_threads=2)
+    assert_same_batches(take(pipeline.train_iterator(cached_cfg, **kwargs), 7), records)
+    it = pipeline.train_iterator(cached_cfg, **kwargs)
+    take(it, 3)
+    restored = pipeline.train_iterator(cached_cfg, **kwargs)
+    restored.set_state(pipeline.state_from_json(pipeline.state_to_json(it.get_state())))
+    assert_same_batches(take(restored, 4), records[3:])
+
+
+def test_decoded_source_decodes_every_record_once_and_keeps_the_rest():
+    src = memory_source(6, height=20, width=30)
+    cached = pipeline.DecodedSource(src, threads=2)
+    assert len(cached) == 6 and cached.nbytes() == 6 * 20 * 30 * 3
+    for record, decoded in zip(src, (cached[i] for i in range(6))):
+        np.testing.assert_array_equal(
+            decoded["image"], np.asarray(Image.open(io.BytesIO(record["image"])))
+        )
+        assert decoded["label"] == record["label"] and decoded["image_path"] == record["image_path"]
+    assert pipeline.DecodedSource(cached)[2]["image"] is cached[2]["image"]  # decoded stays as is
+
+
+def test_cache_decoded_is_refused_with_dali_naming_both_fields():
+    with pytest.raises(ValueError, match=r"cache_decoded.*decoder='dali'"):
+        pipeline.train_iterator(
+            cfg(decoder="dali", cache_decoded=True),
+            batch_size=2,
+            seed=0,
+            shard_index=0,
+            shard_count=1,
+            data_source=memory_source(4),
+        )
 
 
 def test_augmentation_deterministic_by_seed_and_varies_across_seeds_and_epochs():

@@ -12,6 +12,7 @@ Evaluation (`eval_batches`): one ordered pass over a contiguous slice of the spl
 padded with masked copies of a real example so that every shard yields as many full batches.
 
 Element flow (dicts): source {'image': encoded bytes, 'label', 'ingredients', 'image_path'}
+  (train with data.cache_decoded: 'image' decoded once into memory, DecodedSource)
   -> train: RandomResizedCrop (decodes as it crops), ColorJitter (draws the factors),
      RandomFlip (draws the flip), TrainFeatures -> batch:
      {'image' uint8 [B, S, S, 3], 'jitter' float32 [B, 3] (with colour jitter on), 'flip' bool [B]
@@ -30,7 +31,9 @@ All transforms are module-level classes so grain can pickle them into worker pro
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -45,6 +48,7 @@ from marnet_jax.data import datasets, decoders, decoding
 from marnet_jax.data.config import train_image_size
 
 Example = dict[str, Any]
+log = logging.getLogger("marnet_jax")
 
 # --------------------------------------------------------------------------------------------------
 # Transforms.
@@ -301,6 +305,41 @@ class Subset:
         return f"Subset({self.source!r}, {len(self.indices)} of {len(self.source)} records)"
 
 
+class DecodedSource:
+    """`source` with every image decoded once, up front, into host memory (data.cache_decoded):
+    a training crop then costs a resize instead of a record read, a parse and a decode.
+
+    'image' becomes the decoded uint8 [H, W, 3] array; the crops cut from it are the same pixels
+    as from the encoded bytes for PNG (synthetic_food) and for any JPEG whose crop the pipeline
+    decodes at full scale. A large JPEG's crop is otherwise decoded at a coarser DCT scale
+    (decoding.decoded_box), so its pixels differ. Decoding runs in `threads` threads."""
+
+    def __init__(self, source: Sequence[Example], threads: int = 1):
+        def decoded(index: int) -> Example:
+            record = source[index]
+            image = record["image"]
+            if not (isinstance(image, np.ndarray) and image.ndim == 3):  # not decoded yet
+                image = np.asarray(decoding.decode(decoding.encoded_bytes(image)))
+            return {**record, "image": image}
+
+        with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+            self.records = list(pool.map(decoded, range(len(source))))
+        self.description = repr(source)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Example:
+        return self.records[index]
+
+    def nbytes(self) -> int:
+        """Host memory held by the decoded images."""
+        return sum(r["image"].nbytes for r in self.records)
+
+    def __repr__(self) -> str:
+        return f"DecodedSource({self.description}, {len(self)} records)"
+
+
 _SUBSET_SEED = 20241  # fixed: every seed and variant of a study trains on the same subset
 
 
@@ -382,6 +421,23 @@ def train_transforms(data_cfg: ml_collections.ConfigDict) -> list[Any]:
 # Public pipelines.
 
 
+def cached_decoded(src: Sequence[Example], data_cfg: ml_collections.ConfigDict) -> DecodedSource:
+    """The training source decoded once into memory (data.cache_decoded), refused with DALI,
+    which decodes the encoded bytes itself."""
+    if data_cfg.decoder == "dali":
+        raise ValueError(
+            "config.data.cache_decoded=True keeps decoded images, but data.decoder='dali' decodes "
+            "the encoded bytes on the GPUs: set one of them off ('cpu' or 'cpu_decode')."
+        )
+    cached = DecodedSource(src, int(data_cfg.read_threads))
+    log.info(
+        "Decoded %d training images into %.0f MB of host memory.",
+        len(cached),
+        cached.nbytes() / 2**20,
+    )
+    return cached
+
+
 def train_iterator(
     data_cfg: ml_collections.ConfigDict,
     split: str | None = None,
@@ -423,6 +479,8 @@ def train_iterator(
     fraction = float(data_cfg.get("train_fraction", 1.0))
     if fraction != 1.0:
         src = Subset(src, train_subset_indices(len(src), fraction))
+    if data_cfg.get("cache_decoded", False):
+        src = cached_decoded(src, data_cfg)
     n = len(src)
     used = n - n % shard_count  # Drop the remainder so every shard has the same epoch length.
     if used == 0:
