@@ -1,6 +1,7 @@
 """The default config's MARNet written in plain PyTorch (eager), timed like the JAX step; side by side.
 
-  python -m benchmarks.torch_marnet                   # configs/default.py: full and baseline, both frameworks
+  python -m benchmarks.torch_marnet                   # configs/default.py:VARIANT,joint for full and
+                                                      # baseline, both frameworks
   python -m benchmarks.torch_marnet --frameworks torch
   python -m benchmarks.torch_marnet --preset tiny     # configs/tiny.py, seconds (tests)
 
@@ -69,6 +70,10 @@ _SUPPORTED = {
     "optim.grad_accum_steps": 1,
     "optim.backbone_lr_mult": 1.0,
     "model.fusion_dropout": 0.0,
+    "model.use_text_head": False,  # the joint protocol: no text teacher, the text side trains
+    "model.freeze_text": False,
+    "model.align_moves": "both",
+    "model.classifier_input": "x_ema",
 }
 
 
@@ -434,7 +439,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     load_before = reporting.load_average()
     rows = []
     for variant in variants:
-        config = importlib.import_module(f"configs.{module}").get_config(variant)
+        config = importlib.import_module(f"configs.{module}").get_config(f"{variant},joint")
         facts = datasets.shape_facts(config.data)
         b, px = config.train.batch_size, config.data.image_size
         base = dict(variant=variant, batch=b, image_size=px, dtype="float32")

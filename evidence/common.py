@@ -167,6 +167,7 @@ def config_summary(config: Any) -> dict[str, Any]:
     model = config.model
     return {
         "dataset": f"{config.data.name}/{config.data.builder_config}",
+        "protocol": config.get("protocol", "joint"),
         "image_size": config.data.image_size,
         "train_image_size": train_image_size(config.data),
         "backbone": model.backbone,

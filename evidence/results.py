@@ -74,20 +74,21 @@ _TUNED_MODULES = (
     "--extra_variant 'cdr=cdr loss.w_mse=0.1 loss.w_cdr=0.1'"
 )
 COMMANDS = {
-    "tuning": "python -m evidence.ablation --config configs/default.py "
+    "tuning": "python -m evidence.ablation --config configs/default.py:full,joint "
     "--workdir W/tuning/NAME --seeds 0 --variants ... --extra_variant 'LABEL=BASE field=value'",
-    "ablation": "python -m evidence.ablation --config configs/default.py --workdir W",
-    "low_data": "python -m evidence.low_data --config configs/default.py --workdir W",
-    "robustness": "python -m evidence.robustness --config configs/default.py --workdir W",
-    "figures": "python -m evidence.figures --config configs/default.py --workdir W",
-    "cdr_inference": "python -m evidence.cdr_inference --config configs/default.py --workdir W",
+    "ablation": "python -m evidence.ablation --config configs/default.py:full,joint --workdir W",
+    "low_data": "python -m evidence.low_data --config configs/default.py:full,joint --workdir W",
+    "robustness": "python -m evidence.robustness --config configs/default.py:full,joint --workdir W",
+    "figures": "python -m evidence.figures --config configs/default.py:full,joint --workdir W",
+    "cdr_inference": "python -m evidence.cdr_inference --config configs/default.py:full,joint --workdir W",
     "pretrained": "python -m evidence.ablation --config configs/efficientnet_lite0.py "
     "--workdir W/pretrained/scratch --variants baseline,full --seeds 0,1,2, and the same with "
     "--config configs/efficientnet_lite0.py:full,imagenet --workdir W/pretrained/imagenet",
-    "convergence": "python -m evidence.convergence --config configs/default.py --workdir W "
+    "convergence": "python -m evidence.convergence --config configs/default.py:full,joint "
+    "--workdir W "
     "--config.train.grad_diag_every=100",
     "gradients": "python -m evidence.gradients --workdir W --steps N",
-    "protocol_tuning": "python -m evidence.ablation --config configs/default.py "
+    "protocol_tuning": "python -m evidence.ablation --config configs/default.py:full,teacher "
     "--workdir W/protocol_tuning/NAME --seeds 0 --variants ... --extra_variant 'LABEL=BASE ...'",
     "protocol/ablation": "python -m evidence.ablation --config configs/default.py:full,teacher "
     f"{_CHOSEN} --variants aux {_TUNED} {_TUNED_MODULES} --seeds 0,1,2 "
@@ -383,10 +384,18 @@ def pretrained_markdown(reports: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+_DEFAULT_CONFIG = re.compile(r"(--config[ =]configs/default\.py)(?::(\w+))?(?=\s|$)")
+
+
 def _command(p: Mapping[str, Any]) -> str:
     """The recorded command of a study, as it runs now: the studies were modules of the package
-    (marnet_jax.evidence) before they moved to evidence/ (the code did not change)."""
-    return (p["command"] or "(called from Python)").replace("marnet_jax.evidence.", "evidence.")
+    (marnet_jax.evidence) before they moved to evidence/ (the code did not change), and
+    configs/default.py without a protocol trained 'joint' before its default became 'tuned'
+    (reports since then record the protocol in their config summary)."""
+    command = (p["command"] or "(called from Python)").replace("marnet_jax.evidence.", "evidence.")
+    if "protocol" in p.get("config", {}):
+        return command
+    return _DEFAULT_CONFIG.sub(lambda m: f"{m[1]}:{m[2] or 'full'},joint", command)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -247,8 +247,10 @@ def test_torch_port_refuses_what_it_does_not_mirror():
     pytest.importorskip("torch")
     from benchmarks import torch_marnet
 
-    config = default.get_config()
+    config = default.get_config("full,joint")
     torch_marnet.check_supported(config)
+    with pytest.raises(ValueError, match=r"use_text_head=True.*classifier_input='x_v'"):
+        torch_marnet.check_supported(default.get_config())  # the tuned teacher protocol
     config.model.cdr.prediction = "eps"
     config.model.fusion = "gated"
     with pytest.raises(ValueError, match=r"fusion='gated'.*cdr\.prediction='eps'"):
@@ -260,7 +262,7 @@ def test_torch_port_has_the_jax_models_parameter_count(variant):
     pytest.importorskip("torch")
     from benchmarks import torch_marnet
 
-    config = default.get_config(variant)
+    config = default.get_config(f"{variant},joint")  # the protocol the port mirrors
     facts = datasets.shape_facts(config.data)
     torch_model, _, _ = torch_marnet.build_torch_model(
         config, facts.num_classes, facts.num_ingredients

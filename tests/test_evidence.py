@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from configs import tiny
+from configs import default, tiny
 from evidence import (
     ablation,
     cdr_inference,
@@ -1016,3 +1016,27 @@ def test_config_line_names_smaller_training_crops():
     config.data.train_image_size = 24
     line = results._config_line(common.config_summary(config))
     assert line.startswith("synthetic_food/tiny (32 px, trained on 24 px crops); resnet")
+
+
+def test_recorded_commands_of_the_default_config_name_the_protocol_they_trained():
+    def shown(command, config):
+        return results._command({"command": command, "config": config})
+
+    old = {"dataset": "synthetic_food/default"}  # reports from before the tuned default
+    assert shown("python -m evidence.ablation --config configs/default.py --workdir W", old) == (
+        "python -m evidence.ablation --config configs/default.py:full,joint --workdir W"
+    )
+    assert shown("x --config=configs/default.py:baseline", old) == (
+        "x --config=configs/default.py:baseline,joint"
+    )
+    for kept in (
+        "x --config configs/default.py:full,teacher --seeds 0",
+        "x --config configs/tiny.py",
+    ):
+        assert shown(kept, old) == kept
+    new = common.config_summary(default.get_config())
+    assert new["protocol"] == "teacher"
+    assert (
+        shown("x --config configs/default.py --seeds 0", new)
+        == "x --config configs/default.py --seeds 0"
+    )

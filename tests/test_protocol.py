@@ -39,9 +39,31 @@ def test_config_arg_sets_variant_and_protocol():
 
 
 def test_default_config_variants_build():
-    for arg in ("full", "baseline", "distill", "full,joint", "aux"):
+    for arg in ("full", "baseline", "distill", "full,joint", "aux", "ema,tuned", "cdr,teacher"):
         config = default.get_config(arg)
         assert config.variant == arg.split(",")[0]
+
+
+def test_default_config_is_the_tuned_teacher_protocol_and_names_the_searched_ones():
+    def settings(c):
+        return (c.loss.w_mse, c.loss.w_cdr, c.model.classifier_input, c.loss.distill_temperature)
+
+    tuned = default.get_config()
+    assert tuned.to_dict() == default.get_config("full,tuned").to_dict()
+    assert tuned.protocol == "teacher" and tuned.model.freeze_text and tuned.model.use_text_head
+    assert settings(tuned) == (0.1, 0.1, "x_v", 4.0)
+    # Naming a protocol gives it at the settings the searches started from (docs/results.md).
+    for protocol in ("teacher", "joint"):
+        searched = default.get_config(f"full,{protocol}")
+        assert searched.protocol == protocol and settings(searched) == (1.0, 1.0, "x_ema", 2.0)
+    assert default.get_config("full,teacher").model.freeze_text
+    # For the baseline and aux, the tuned config differs in settings they do not read only.
+    for variant in ("baseline", "aux"):
+        a = traverse_util.flatten_dict(default.get_config(variant).to_dict(), sep=".")
+        b = traverse_util.flatten_dict(default.get_config(f"{variant},joint").to_dict(), sep=".")
+        assert {k for k in a if a[k] != b[k]} == {*default.TUNED, "protocol"}
+    with pytest.raises(ValueError, match="Unknown protocol"):
+        default.get_config("full,staged")
 
 
 # --- optimizer groups
