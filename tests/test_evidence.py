@@ -585,6 +585,34 @@ def test_pretrained_section_pairs_imagenet_with_scratch_by_seed(evidence, tmp_pa
     assert results._pretrained_claims(None)[0].endswith("not measured (run the pretrained study).")
 
 
+def test_chosen_protocol_pretrained_section_round_trips_on_its_own(evidence, tmp_path):
+    """Section 16: the ImageNet pair of the chosen protocol, under protocol/pretrained/, next to
+    section 7's and published and restored as protocol_pretrained_<init>."""
+    workdir, _, _ = evidence
+    report = json.loads((workdir / "ablation" / "ablation.json").read_text())
+    report = _with_seeds(report, {"baseline": [0.20, 0.18, 0.19], "full": [0.30, 0.28, 0.31]})
+    out = tmp_path / "w" / "protocol" / "pretrained" / "imagenet" / "ablation"
+    out.mkdir(parents=True)
+    (out / "ablation.json").write_text(json.dumps(report))
+    studies = results.load_studies(tmp_path / "w")
+    assert set(studies) == {results.PROTOCOL_PRETRAINED}
+    md = studies[results.PROTOCOL_PRETRAINED]["md"]
+    assert "a thousandth of the heads' learning rate" in md and "| from scratch |" not in md
+    (claim,) = [c for c in results.summary(studies) if "encoder lr x0.001" in c]
+    assert claim.startswith(
+        "- Full MARNet, ImageNet-1k weights (chosen protocol, encoder lr x0.001) "
+        "(imagenet full vs imagenet baseline): **helps** (29.7 vs 19.0 %"
+    )
+    page = results.run(tmp_path / "w", tmp_path / "out/results.md").read_text()
+    assert f"## {results.STUDIES[results.PROTOCOL_PRETRAINED]}" in page and md.strip() in page
+    assert (tmp_path / "out/results/protocol_pretrained_imagenet.json").exists()
+    assert "protocol_pretrained_imagenet" in results.restore(
+        tmp_path / "out/results", tmp_path / "again"
+    )
+    restored = tmp_path / "again/protocol/pretrained/imagenet/ablation/ablation.json"
+    assert json.loads(restored.read_text()) == report
+
+
 def test_search_page_states_the_seed_spread_of_the_chosen_protocol_study():
     def setting(*vals):
         return {"runs": [{"validation": {"fused_top1": v}} for v in vals]}
