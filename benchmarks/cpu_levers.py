@@ -1,6 +1,6 @@
 """What each XLA:CPU lever does to the train step, the levers taking turns in one process; a table.
 
-  python -m benchmarks.cpu_levers                       # default config, full and baseline
+  python -m benchmarks.cpu_levers                       # default config: full (joint), baseline
   python -m benchmarks.cpu_levers --torch               # plus PyTorch eager on the same step
   python -m benchmarks.cpu_levers --configs tiny:full --levers 'fast math,no fusion emitters'
   python -m benchmarks.cpu_levers --preset tiny         # seconds (tests)
@@ -77,7 +77,8 @@ LEVERS = (
 PRESETS = {
     # configs, levers (empty: all), warm-up steps, rounds, timed steps per round
     "tiny": (("tiny:full",), (REFERENCE, "oneDNN ops (xla_cpu_use_onednn)"), 1, 2, 1),
-    "small": (("default:full", "default:baseline"), (), 2, 6, 3),
+    # full MARNet under the joint protocol: the network the torch port mirrors (--torch)
+    "small": (("default:full,joint", "default:baseline"), (), 2, 6, 3),
 }
 
 

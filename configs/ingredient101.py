@@ -7,7 +7,9 @@ Build the dataset once (see `python -m marnet_jax.build_dataset --help` and READ
     python -m marnet_jax.main --config configs/ingredient101.py:vit_b16 --workdir runs/i101_vit \
         --config.data.builder_config=simplified
 
-Arg: 'BACKBONE[,VARIANT]', BACKBONE resnet50 (default) | vit_b16, VARIANT baseline | ema | cdr | full.
+Arg: 'BACKBONE[,VARIANT[,PROTOCOL]]', BACKBONE resnet50 (default) | vit_b16, VARIANT baseline | ema |
+cdr | full (default) | aux | distill, PROTOCOL joint (default) | teacher (docs/method.md, "Training
+protocol"; the settings tuned on synthetic_food are not carried over).
 Batch 256, about 30 epochs (the schedule assumes ~68k training images: train + val are Food-101's
 75,750 training images; the build prints the exact split sizes), AdamW with warm-up + cosine, bf16 compute.
 The ingredient lists are per class, so every image of a class shares its text: the EMA loss treats

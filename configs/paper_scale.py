@@ -1,8 +1,8 @@
 """Shared set-up of the paper-scale configs (vireo_food172.py, ingredient101.py): 224 px, one host.
 
 Not a config itself: `paper_scale_config(dataset, arg)` is called by those files. `arg` is
-'BACKBONE[,VARIANT]' with BACKBONE 'resnet50' (default) or 'vit_b16' and VARIANT one of
-baseline | ema | cdr | full (default full).
+'BACKBONE[,VARIANT[,PROTOCOL]]' with BACKBONE 'resnet50' (default) or 'vit_b16', VARIANT a key of
+VARIANTS (default full) and PROTOCOL a key of PROTOCOLS (default joint).
 """
 
 import ml_collections
@@ -19,7 +19,9 @@ BACKBONES = {
 
 
 def parse_arg(arg: str | None) -> tuple[str, str]:
-    backbone, _, variant = (arg or "resnet50").partition(",")
+    """'BACKBONE[,VARIANT[,PROTOCOL]]' -> (backbone, 'VARIANT[,PROTOCOL]' for apply_variant)."""
+    backbone, _, rest = (arg or "resnet50").partition(",")
+    variant, _, protocol = rest.partition(",")
     if backbone not in BACKBONES:
         raise ValueError(
             f"Unknown backbone {backbone!r} in config arg; expected one of {sorted(BACKBONES)}."
@@ -29,7 +31,7 @@ def parse_arg(arg: str | None) -> tuple[str, str]:
         raise ValueError(
             f"Unknown variant {variant!r} in config arg; expected one of {sorted(VARIANTS)}."
         )
-    return backbone, variant
+    return backbone, f"{variant},{protocol}" if protocol else variant
 
 
 def paper_scale_config(

@@ -6,7 +6,9 @@ Build the dataset once (see `python -m marnet_jax.build_dataset --help` and READ
         --config.data.data_dir=DATA_DIR
     python -m marnet_jax.main --config configs/vireo_food172.py:vit_b16,baseline --workdir runs/vireo_vit_base
 
-Arg: 'BACKBONE[,VARIANT]', BACKBONE resnet50 (default) | vit_b16, VARIANT baseline | ema | cdr | full.
+Arg: 'BACKBONE[,VARIANT[,PROTOCOL]]', BACKBONE resnet50 (default) | vit_b16, VARIANT baseline | ema |
+cdr | full (default) | aux | distill, PROTOCOL joint (default) | teacher (docs/method.md, "Training
+protocol"; the settings tuned on synthetic_food are not carried over).
 Batch 256, 30 epochs of TR.txt's 66,071 images (7,742 steps), AdamW with warm-up + cosine, bf16 compute.
 
 From ImageNet weights (a local file; README "Starting from ImageNet weights"), with the backbone at a

@@ -66,6 +66,21 @@ def test_default_config_is_the_tuned_teacher_protocol_and_names_the_searched_one
         default.get_config("full,staged")
 
 
+def test_paper_scale_configs_take_a_protocol():
+    from configs import ingredient101, vireo_food172
+
+    teacher = vireo_food172.get_config("resnet50,full,teacher")
+    assert (teacher.protocol, teacher.model.freeze_text, teacher.variant) == (
+        "teacher",
+        True,
+        "full",
+    )
+    joint = ingredient101.get_config("vit_b16,ema")
+    assert (joint.protocol, joint.model.backbone, joint.variant) == ("joint", "vit_b16", "ema")
+    with pytest.raises(ValueError, match="Unknown protocol 'staged'"):
+        vireo_food172.get_config("resnet50,full,staged")
+
+
 # --- optimizer groups
 
 
