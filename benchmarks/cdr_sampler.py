@@ -112,7 +112,7 @@ def _cdr(config: ml_collections.ConfigDict, sampler: str, steps: int) -> tuple[C
     config.model.cdr.sample_steps = steps
     facts = datasets.shape_facts(config.data)
     model = build_model(config.model, facts.num_classes, facts.num_ingredients)
-    on_x_v = config.model.cdr_condition_on == "x_v"
+    on_x_v = config.model.cdr_wiring.condition_on == "x_v"
     return model.cdr, model.backbone.feature_dim if on_x_v else config.model.embed_dim
 
 

@@ -57,10 +57,10 @@ _SUPPORTED = {
     "model.cdr.eta": 0.0,
     "model.cdr.num_samples": 1,
     "model.cdr.clip_mode": "none",
-    "model.cdr_target_grad": "straight_through",
-    "model.cdr_train_estimate": "chain",
-    "model.cdr_condition_on": "x_v",
-    "model.cdr_chain_start": "noise",
+    "model.cdr_wiring.target_grad": "straight_through",
+    "model.cdr_wiring.train_estimate": "chain",
+    "model.cdr_wiring.condition_on": "x_v",
+    "model.cdr_wiring.chain_start": "noise",
     "model.cdr.conditioning": "film",
     "model.cdr.dropout": 0.0,
     "model.ema.learnable_temperature": True,
@@ -89,8 +89,8 @@ def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
 # Fields where the port implements several values.
 _SUPPORTED_ANY = {
     "model.backbone": ("resnet10", "resnet18"),
-    "model.cdr_chain_grad": ("all", "last_step"),
-    "model.cdr_head_input": ("chain", "one_step"),
+    "model.cdr_wiring.chain_grad": ("all", "last_step"),
+    "model.cdr_wiring.head_input": ("chain", "one_step"),
     "model.use_aux": (False,),
 }
 _STAGES = {"resnet10": 1, "resnet18": 2}  # basic blocks per stage
@@ -263,7 +263,7 @@ def build_torch_model(config: ml_collections.ConfigDict, num_classes: int, num_i
 
         def ddim_chain(self, cond):
             x = torch.randn(cond.shape[0], m.embed_dim)
-            last_only = m.cdr_chain_grad == "last_step"
+            last_only = m.cdr_wiring.chain_grad == "last_step"
             for i, (t, sa, s1a, ap) in enumerate(self.chain):
                 tb = torch.full((cond.shape[0],), t, dtype=torch.long)
                 with torch.set_grad_enabled(not last_only or i == len(self.chain) - 1):
@@ -301,7 +301,7 @@ def build_torch_model(config: ml_collections.ConfigDict, num_classes: int, num_i
                 parts["mse"] = F.mse_loss(out, sa * noise - s1a * x0)
                 s0_hat = sa * x_t - s1a * out + (s0 - x0)  # straight-through into s0
                 x_cdr = self.ddim_chain(x_v)
-                head_in = x_cdr if m.cdr_head_input == "chain" else s0_hat
+                head_in = x_cdr if m.cdr_wiring.head_input == "chain" else s0_hat
                 parts["ce_cdr"] = F.cross_entropy(self.cdr_head(self.cdr_norm(head_in)), labels)
                 feats.append(x_cdr)
             normed = [norm(f) for norm, f in zip(self.fused_norms, feats)]

@@ -32,8 +32,8 @@ from absl import flags
 
 from evidence import common
 from marnet_jax import cli, reporting
-from marnet_jax.config import PROTOCOLS, VARIANTS, apply_variant
-from marnet_jax.models.config import upgrade_model_config
+from marnet_jax.config import PROTOCOLS, VARIANTS, apply_variant, upgrade
+from marnet_jax.models.config import moved_field
 from marnet_jax.train.steps import EVAL_HEADS
 
 log = logging.getLogger("marnet_jax")
@@ -96,6 +96,8 @@ def parse_extra_variant(spec: str) -> tuple[str, str, dict[str, Any]]:
     """'LABEL=BASE field=value ...' -> (label, base variant, {dotted field: value}).
 
     Values are Python literals (numbers, True, 'quoted') or bare strings: 'gated=full model.fusion=gated'.
+    A field of an earlier config layout is read under its name now (models.config.moved_field), so
+    the commands of earlier studies still run.
     The field `protocol` (a key of PROTOCOLS) trains the variant under another protocol than the
     config's: 'full_joint=full protocol=joint'. A label equal to its base gives that variant
     settings of its own under its own name (each variant's tuned settings, compared as the
@@ -122,6 +124,7 @@ def parse_extra_variant(spec: str) -> tuple[str, str, dict[str, Any]]:
         field, sep, raw = a.partition("=")
         if not sep:
             raise common.UsageError(f"--extra_variant {spec!r}: {a!r} is not field=value.")
+        field = moved_field(field)
         try:
             overrides[field] = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
@@ -167,8 +170,8 @@ def _set_field(config: ml_collections.ConfigDict, field: str, value: Any) -> Non
 def protocol_of(config: ml_collections.ConfigDict) -> str:
     """The protocol a run was trained under, or '-' for a variant that never reads the text."""
     m = config.model
-    reads_text = m.use_ema or m.use_cdr or m.get("use_distill", False)
-    return config.get("protocol", "joint") if reads_text else "-"
+    reads_text = m.use_ema or m.use_cdr or m.use_distill
+    return config.protocol if reads_text else "-"
 
 
 def variant_config(
@@ -177,7 +180,7 @@ def variant_config(
     """A copy of `config` switched to variant `base` (under the config's protocol, or the one
     `overrides` names) with `overrides` and `seed`."""
     config = copy.deepcopy(config)
-    protocol = overrides.get("protocol", config.get("protocol", "joint"))
+    protocol = overrides.get("protocol", config.protocol)
     if protocol not in PROTOCOLS:
         raise common.UsageError(f"protocol={protocol!r}: expected one of {sorted(PROTOCOLS)}.")
     apply_variant(config, f"{base},{protocol}")
@@ -236,10 +239,7 @@ def train_run(config: ml_collections.ConfigDict, run_dir: Path) -> dict[str, Any
         if path.exists():
             old = json.loads(path.read_text())
             old = old.get("config", old) if path.name == MARKER else old
-            if "model" in old:  # an earlier layout's model section, as the trainer reads it
-                old["model"] = upgrade_model_config(
-                    ml_collections.ConfigDict(old["model"])
-                ).to_dict()
+            old = upgrade(old).to_dict()  # an earlier layout, read as the trainer reads it
             diff = config_differences(old, wanted)
             if diff:
                 raise common.UsageError(
@@ -408,8 +408,9 @@ def report_protocol(v: Mapping[str, Any]) -> str:
 
 
 def overrides_text(v: Mapping[str, Any]) -> str:
-    """A report variant's overrides as 'field=value, ...' ('' for none)."""
-    return ", ".join(f"{k}={val}" for k, val in v["overrides"].items())
+    """A report variant's overrides as 'field=value, ...' ('' for none), each field under its name
+    now."""
+    return ", ".join(f"{moved_field(k)}={val}" for k, val in v["overrides"].items())
 
 
 def csv_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:

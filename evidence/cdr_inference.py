@@ -187,7 +187,7 @@ def markdown(report: Mapping[str, Any]) -> str:
         f"up to {report['repeats']} calls (at least 3; fewer once they took 10 s), in ms per "
         "image at batch "
         + " and ".join(str(b) for b in batches)
-        + f". Trained with: {report['trained_setting']} (with model.cdr_train_estimate='chain' the "
+        + f". Trained with: {report['trained_setting']} (with model.cdr_wiring.train_estimate='chain' the "
         "fused classifier was trained on that chain's x_CDR: other settings change its input).",
         "",
     ]

@@ -167,19 +167,19 @@ def config_summary(config: Any) -> dict[str, Any]:
     model = config.model
     return {
         "dataset": f"{config.data.name}/{config.data.builder_config}",
-        "protocol": config.get("protocol", "joint"),
+        "protocol": config.protocol,
         "image_size": config.data.image_size,
         "train_image_size": train_image_size(config.data),
         "backbone": model.backbone,
         "backbone_kwargs": dict(model.backbone_kwargs),
         "embed_dim": model.embed_dim,
         "train_steps": config.train.num_steps,
-        "train_fraction": float(config.data.get("train_fraction", 1.0)),
+        "train_fraction": float(config.data.train_fraction),
         "batch_size": config.train.batch_size,
         "lr": config.optim.lr,
         "loss_weights": {k: v for k, v in config.loss.items() if k.startswith("w_")},
-        "cdr_training": f"head_input={model.get('cdr_head_input', 'one_step')}, "
-        f"chain_grad={model.cdr_chain_grad}",
+        "cdr_training": f"head_input={model.cdr_wiring.head_input}, "
+        f"chain_grad={model.cdr_wiring.chain_grad}",
         "cdr_test_chain": f"{model.cdr.sampler} {model.cdr.sample_steps} steps x "
         f"{model.cdr.num_samples} samples (T={model.cdr.num_steps})",
         "fusion": model.fusion,

@@ -156,12 +156,7 @@ def markdown(report: Mapping[str, Any]) -> str:
     and the plot."""
     rows = [
         [
-            r["variant"]
-            + (
-                f" ({', '.join(f'{k}={v}' for k, v in r['overrides'].items())})"
-                if r["overrides"]
-                else ""
-            ),
+            r["variant"] + (f" ({ablation.overrides_text(r)})" if r["overrides"] else ""),
             r["protocol"],
             r["steps"],
             ", ".join(str(s) for s in r["seeds"]),

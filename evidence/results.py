@@ -33,6 +33,7 @@ from typing import Any
 from absl import flags
 
 from marnet_jax import cli, reporting
+from marnet_jax.models.config import moved_field
 
 PROG = "evidence.results"
 
@@ -123,7 +124,7 @@ COMMANDS = {
     "--setting_at '0.1:baseline=baseline optim.lr=0.012' "
     "--setting_at '0.1:aux=aux loss.w_aux=10.0' "
     "--setting_at '0.1:distill=distill loss.w_distill=2.0 loss.distill_temperature=4.0' "
-    "--setting_at '0.1:full=full model.cdr_chain_grad=last_step' (the settings the search at 10 % "
+    "--setting_at '0.1:full=full model.cdr_wiring.chain_grad=last_step' (the settings the search at 10 % "
     "chose, section 10; the budgets from section 15)",
     "protocol/robustness": "python -m evidence.robustness --config configs/default.py:full,teacher "
     f"{_CHOSEN} --variants baseline,full --seeds 0,1,2,3,4",
@@ -139,7 +140,7 @@ COMMANDS = {
     "protocol/convergence": "python -m evidence.convergence --config configs/default.py:full,teacher "
     "--workdir W/protocol --variants= --extra_variant 'baseline_f01=baseline "
     "data.train_fraction=0.1 optim.lr=0.012' --budgets_of baseline_f01=1600,3200 --extra_variant "
-    "'full_f01=full data.train_fraction=0.1 model.cdr_chain_grad=last_step' --budgets_of "
+    "'full_f01=full data.train_fraction=0.1 model.cdr_wiring.chain_grad=last_step' --budgets_of "
     "full_f01=1600,3200 --extra_variant 'baseline_f03=baseline data.train_fraction=0.3 "
     "loss.label_smoothing=0.1' --budgets_of baseline_f03=1600,3200,6400 --extra_variant "
     "'baseline_48=baseline loss.label_smoothing=0.1 data.train_image_size=48' --budgets_of "
@@ -412,14 +413,17 @@ def pretrained_markdown(reports: Mapping[str, Mapping[str, Any]], group: str = P
 
 
 _DEFAULT_CONFIG = re.compile(r"(--config[ =]configs/default\.py)(?::(\w+))?(?=\s|$)")
+_MODEL_FIELD = re.compile(r"\bmodel\.[\w.]+(?==)")
 
 
 def _command(p: Mapping[str, Any]) -> str:
     """The recorded command of a study, as it runs now: the studies were modules of the package
-    (marnet_jax.evidence) before they moved to evidence/ (the code did not change), and
-    configs/default.py without a protocol trained 'joint' before its default became 'tuned'
-    (reports since then record the protocol in their config summary)."""
+    (marnet_jax.evidence) before they moved to evidence/ (the code did not change), config fields
+    that moved are named as they are now, and configs/default.py without a protocol trained 'joint'
+    before its default became 'tuned' (reports since then record the protocol in their config
+    summary)."""
     command = (p["command"] or "(called from Python)").replace("marnet_jax.evidence.", "evidence.")
+    command = _MODEL_FIELD.sub(lambda m: moved_field(m[0]), command)
     if "protocol" in p.get("config", {}):
         return command
     return _DEFAULT_CONFIG.sub(lambda m: f"{m[1]}:{m[2] or 'full'},joint", command)
@@ -651,7 +655,7 @@ def _convergence_claims(report: Mapping[str, Any] | None) -> list[str]:
         first = rows[label, top]
         what = ", ".join(
             [f"{first['protocol']} protocol"] * (first["protocol"] != "-")
-            + [f"{k}={x}" for k, x in first["overrides"].items() if k != "protocol"]
+            + [f"{moved_field(k)}={x}" for k, x in first["overrides"].items() if k != "protocol"]
         )
         line = f"- Learning curve of {label}{f' ({what})' if what else ''}: {state}"
         ref = rows.get(("baseline", top))

@@ -7,10 +7,14 @@ marnet_jax/models/config.py); the trainer's sections are documented here.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
+from typing import Any
+
 import ml_collections
 
 from marnet_jax.data.config import get_data_config
-from marnet_jax.models.config import get_loss_config, get_model_config
+from marnet_jax.models.config import get_loss_config, get_model_config, upgrade_model_config
 
 
 def train_config() -> ml_collections.ConfigDict:
@@ -174,3 +178,31 @@ def base_config() -> ml_collections.ConfigDict:
     config.checkpoint = checkpoint_config()
     config.teacher = teacher_config()
     return config
+
+
+def upgrade(config: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """A run's config as an earlier layout wrote it (its config.json) -> this layout: the one place
+    that knows the earlier layouts, applied wherever a saved config is read. Values are kept, moved
+    model fields move (models.config.upgrade_model_config), and every field added since takes its
+    default, which is what those runs did: the data section's from its dataset's preset, the
+    protocol 'joint' (the only one before there were two)."""
+    old = json.loads(json.dumps(config.to_dict() if hasattr(config, "to_dict") else config))
+    defaults = base_config().to_dict()
+    defaults["data"] = get_data_config(old.get("data", {}).get("name", "synthetic_food")).to_dict()
+    defaults["protocol"] = "joint"
+    model = old.pop("model", None)
+    upgraded = ml_collections.ConfigDict(_merged(defaults, old))
+    if model is not None:
+        upgraded.model = upgrade_model_config(ml_collections.ConfigDict(model))
+    return upgraded
+
+
+def _merged(defaults: dict[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """`defaults` with `values` on top, section by section (nested dicts merged key by key)."""
+    out = dict(defaults)
+    for key, value in values.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = value
+    return out

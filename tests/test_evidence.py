@@ -264,11 +264,13 @@ def test_a_run_of_the_earlier_config_layout_is_compared_field_by_field(tiny_data
     config = apply_variant(_config(tiny_data_dir), "full")
     old = json.loads(config.to_json_best_effort())
     old["model"]["cdr"]["head_input"] = "one_step"
-    del old["model"]["cdr_head_input"]
+    del old["model"]["cdr_wiring"]["head_input"]
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "config.json").write_text(json.dumps(old))
-    with pytest.raises(common.UsageError, match=r"model.cdr_head_input: 'one_step' -> 'chain'"):
+    with pytest.raises(
+        common.UsageError, match=r"model.cdr_wiring.head_input: 'one_step' -> 'chain'"
+    ):
         ablation.train_run(config, run_dir)
 
 
@@ -1064,6 +1066,16 @@ def test_recorded_commands_of_the_default_config_name_the_protocol_they_trained(
         assert shown(kept, old) == kept
     new = common.config_summary(default.get_config())
     assert new["protocol"] == "teacher"
+    # A field that moved is shown, and read, under its name now.
+    moved = "x --extra_variant 'm=full model.cdr_chain_grad=last_step model.cdr.sampler=ddpm'"
+    assert shown(moved, new) == (
+        "x --extra_variant 'm=full model.cdr_wiring.chain_grad=last_step model.cdr.sampler=ddpm'"
+    )
+    assert ablation.parse_extra_variant("m=full model.cdr_chain_grad=last_step") == (
+        "m",
+        "full",
+        {"model.cdr_wiring.chain_grad": "last_step"},
+    )
     assert (
         shown("x --config configs/default.py --seeds 0", new)
         == "x --config configs/default.py --seeds 0"

@@ -679,7 +679,9 @@ def test_config_sections_are_the_modules_defaults():
         for key, value in cfg[section].items():
             assert getattr(module, key) == value, (section, key)
     assert model.ema.num_layers == EMAHeads.num_layers == 1
-    assert model.cdr_chain_start == cfg.cdr_chain_start == "noise"
+    for key, value in cfg.cdr_wiring.items():
+        assert getattr(model, f"cdr_{key}") == value, key
+    assert model.cdr_chain_start == cfg.cdr_wiring.chain_start == "noise"
 
 
 def test_a_run_config_of_the_earlier_layout_still_builds():
@@ -691,21 +693,24 @@ def test_a_run_config_of_the_earlier_layout_still_builds():
     old["ema"]["proj_layers"] = old["ema"].pop("num_layers")
     old["ema"]["proj_hidden_dim"] = 64
     del old["ema"]["hidden_dim"]
-    for new, name in (("cdr_head_input", "head_input"), ("cdr_chain_start", "init_from")):
-        old["cdr"][name] = old.pop(new)
-    old["cdr"]["head_input"] = "one_step"
+    wiring = old.pop("cdr_wiring")  # the first layout: the wiring inside the cdr section
+    old["cdr"].update(wiring, init_from=wiring["chain_start"], head_input="one_step")
+    del old["cdr"]["chain_start"]
     old["cdr"]["chain_grad"] = False
-    del old["cdr_chain_grad"]
     old["cdr"]["target_norm"], old["visual_probe_on"] = "sqrt_dim", "auto"
     new = upgrade_model_config(ml_collections.ConfigDict(old))
     expected = get_model_config()
-    expected.ema.hidden_dim, expected.cdr_head_input, expected.cdr_chain_grad = (
-        64,
-        "one_step",
-        "none",
-    )
+    expected.ema.hidden_dim = 64
+    expected.cdr_wiring.head_input, expected.cdr_wiring.chain_grad = "one_step", "none"
     assert new.to_dict() == expected.to_dict()
     assert build_model(new, C, V).cdr_chain_grad == "none"
+    # The second layout: the wiring as config.model's cdr_* fields.
+    flat = get_model_config().to_dict()
+    flat.update(
+        {f"cdr_{k}": v for k, v in flat.pop("cdr_wiring").items()}, cdr_chain_grad="last_step"
+    )
+    moved = upgrade_model_config(ml_collections.ConfigDict(flat))
+    assert moved.cdr_wiring.chain_grad == "last_step" and "cdr_chain_grad" not in moved
     old["cdr"]["target_norm"] = "unit"
     with pytest.raises(ValueError, match="target_norm='unit'"):
         upgrade_model_config(ml_collections.ConfigDict(old))

@@ -66,6 +66,30 @@ def test_default_config_is_the_tuned_teacher_protocol_and_names_the_searched_one
         default.get_config("full,staged")
 
 
+def test_a_saved_config_of_an_earlier_layout_is_read_as_this_one(tmp_path):
+    """config.upgrade, through experiment.read_config: the fields added since a run was written
+    take their defaults, moved ones move, values are kept."""
+    from marnet_jax.config import upgrade
+    from marnet_jax.train.experiment import read_config
+
+    now = default.get_config("full,joint")
+    now.train.num_steps, now.data.augment.brightness = 7, 0.1
+    old = json.loads(now.to_json_best_effort())
+    del (
+        old["protocol"],
+        old["teacher"],
+        old["loss"]["aux_rampup_steps"],
+        old["optim"]["text_lr_mult"],
+    )
+    for key in ("decoder", "cache_decoded", "train_image_size"):
+        del old["data"][key]
+    old["model"].update({f"cdr_{k}": v for k, v in old["model"].pop("cdr_wiring").items()})
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    expected = json.loads(now.to_json_best_effort())
+    assert json.loads(read_config(tmp_path).to_json_best_effort()) == expected
+    assert json.loads(upgrade(now).to_json_best_effort()) == expected  # this layout: unchanged
+
+
 def test_paper_scale_configs_take_a_protocol():
     from configs import ingredient101, vireo_food172
 

@@ -150,9 +150,8 @@ def get_data_config(dataset: str = "synthetic_food") -> ml_collections.ConfigDic
 
 
 def train_image_size(data_cfg: ml_collections.ConfigDict) -> int:
-    """Side of the training crops: data.train_image_size, or data.image_size where it is None (or
-    a config predates the field)."""
-    size = data_cfg.get("train_image_size")
+    """Side of the training crops: data.train_image_size, or data.image_size where it is None."""
+    size = data_cfg.train_image_size
     size = data_cfg.image_size if size is None else size
     if int(size) < 1:
         raise ValueError(f"config.data.train_image_size must be a positive int, got {size!r}.")

@@ -223,8 +223,8 @@ DECODERS: dict[str, Decoder] = {d.name: d for d in (Decoder(), CpuDecode(), Dali
 
 
 def for_config(data_cfg: ml_collections.ConfigDict) -> Decoder:
-    """The strategy that data.decoder names ('cpu' where a config predates the field)."""
-    name = data_cfg.get("decoder", "cpu")
+    """The strategy that data.decoder names."""
+    name = data_cfg.decoder
     if name not in DECODERS:
         raise ValueError(f"Unknown data.decoder {name!r}; expected one of {list(DECODERS)}.")
     return DECODERS[name]

@@ -476,10 +476,10 @@ def train_iterator(
         if data_source is not None
         else datasets.source(data_cfg, split or data_cfg.train_split)
     )
-    fraction = float(data_cfg.get("train_fraction", 1.0))
+    fraction = float(data_cfg.train_fraction)
     if fraction != 1.0:
         src = Subset(src, train_subset_indices(len(src), fraction))
-    if data_cfg.get("cache_decoded", False):
+    if data_cfg.cache_decoded:
         src = cached_decoded(src, data_cfg)
     n = len(src)
     used = n - n % shard_count  # Drop the remainder so every shard has the same epoch length.

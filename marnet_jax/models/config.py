@@ -56,20 +56,39 @@ def get_model_config() -> ml_collections.ConfigDict:
     cfg.ema = _section(alignment.EMAHeads, "embed_dim")
     # --- CDR: the CDR module's attributes (models/diffusion.py)
     cfg.cdr = _section(diffusion.CDR, "dim")
+    # --- how MARNet wires CDR in (what it conditions on, what the heads read in training, where
+    # the gradients go): MARNet's cdr_* attributes without the prefix (models/marnet.py)
+    cfg.cdr_wiring = ml_collections.ConfigDict(
+        {f.removeprefix(marnet.WIRING_PREFIX): defaults[f] for f in marnet.wiring_fields()}
+    )
     return cfg
 
 
-# Where fields of earlier config layouts live now: (section, old name) -> (section, new name).
+# Where fields of earlier config layouts live now: (section, old name) -> (section, new name);
+# section '' is config.model itself. The CDR wiring moved from `cdr` to config.model (cdr_*), then
+# into its own section.
 _MOVED = {
     ("ema", "proj_hidden_dim"): ("ema", "hidden_dim"),
     ("ema", "proj_layers"): ("ema", "num_layers"),
-    ("cdr", "target_grad"): ("", "cdr_target_grad"),
-    ("cdr", "condition_on"): ("", "cdr_condition_on"),
-    ("cdr", "init_from"): ("", "cdr_chain_start"),
-    ("cdr", "train_estimate"): ("", "cdr_train_estimate"),
-    ("cdr", "head_input"): ("", "cdr_head_input"),
-    ("cdr", "chain_grad"): ("", "cdr_chain_grad"),
+    ("cdr", "init_from"): ("cdr_wiring", "chain_start"),
+    **{
+        (old_section, f"{prefix}{name}"): ("cdr_wiring", name)
+        for old_section, prefix in (("cdr", ""), ("", "cdr_"))
+        for name in ("target_grad", "condition_on", "train_estimate", "head_input", "chain_grad")
+    },
+    ("", "cdr_chain_start"): ("cdr_wiring", "chain_start"),
 }
+_SECTIONS = ("ema", "cdr", "cdr_wiring")  # merged key by key with the defaults; other fields whole
+
+
+def moved_field(dotted: str) -> str:
+    """A config field's dotted name in an earlier layout ('model.cdr_chain_grad') -> its name now
+    ('model.cdr_wiring.chain_grad'); any other name as it is."""
+    section, _, name = dotted.removeprefix("model.").rpartition(".")
+    if not dotted.startswith("model.") or (section, name) not in _MOVED:
+        return dotted
+    new_section, new = _MOVED[section, name]
+    return f"model.{new_section}.{new}" if new_section else f"model.{new}"
 
 
 def upgrade_model_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -78,11 +97,12 @@ def upgrade_model_config(model: ml_collections.ConfigDict) -> ml_collections.Con
     value it supports; fields it added take their defaults."""
     model = model.to_dict()
     for (section, old), (new_section, new) in _MOVED.items():
-        if old in model.get(section, {}):
-            value = model[section].pop(old)
-            if new == "cdr_chain_grad" and isinstance(value, bool):
+        source = model.get(section, {}) if section else model
+        if old in source:
+            value = source.pop(old)
+            if new == "chain_grad" and isinstance(value, bool):
                 value = "all" if value else "none"
-            (model[new_section] if new_section else model)[new] = value
+            model.setdefault(new_section, {})[new] = value
     for section, key, only in (("cdr", "target_norm", "sqrt_dim"), ("", "visual_probe_on", "auto")):
         value = (model.get(section, {}) if section else model).pop(key, only)
         if value != only:
@@ -91,7 +111,7 @@ def upgrade_model_config(model: ml_collections.ConfigDict) -> ml_collections.Con
     # Fields added since then take their defaults, which are what those runs did.
     defaults = get_model_config().to_dict()
     for key, value in model.items():
-        if key in ("ema", "cdr"):  # module sections; backbone_kwargs etc. are taken whole
+        if key in _SECTIONS:  # backbone_kwargs, text_kwargs etc. are taken whole
             defaults[key].update(value)
         else:
             defaults[key] = value

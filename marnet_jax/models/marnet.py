@@ -345,16 +345,27 @@ def compute_dtype(name: str) -> Any:
 _BUILT = ("backbone", "text_encoder", "ema", "cdr", "num_classes", "num_ingredients")
 
 
+# MARNet's fields that wire CDR into it; config.model.cdr_wiring holds them without this prefix.
+WIRING_PREFIX = "cdr_"
+
+
 def marnet_fields() -> tuple[str, ...]:
-    """MARNet's own choices: the config.model fields passed to it as they are."""
-    return tuple(f for f in module_fields(MARNet) if f not in _BUILT)
+    """MARNet's own choices: config.model fields passed to it as they are (the CDR wiring aside)."""
+    own = (f for f in module_fields(MARNet) if f not in _BUILT)
+    return tuple(f for f in own if not f.startswith(WIRING_PREFIX))
+
+
+def wiring_fields() -> tuple[str, ...]:
+    """MARNet's fields that say how CDR is wired in: config.model.cdr_wiring, without the prefix."""
+    return tuple(f for f in module_fields(MARNet) if f.startswith(WIRING_PREFIX))
 
 
 def build_model(
     model_cfg: ml_collections.ConfigDict, num_classes: int, num_ingredients: int | None
 ) -> MARNet:
     """MARNet from config.model (marnet_jax.models.config): the encoders from their fields, EMAHeads
-    from the `ema` section, CDR from the `cdr` section, MARNet's own choices from the rest."""
+    from the `ema` section, CDR from the `cdr` section, how CDR is wired in from `cdr_wiring`,
+    MARNet's own choices from the rest."""
     cfg = model_cfg
     dtype = compute_dtype(cfg.dtype)
     backbone_kwargs = cfg.backbone_kwargs.to_dict()
@@ -378,6 +389,7 @@ def build_model(
         num_classes=num_classes,
         num_ingredients=num_ingredients,
         **{name: cfg[name] for name in marnet_fields()},
+        **{WIRING_PREFIX + name: value for name, value in cfg.cdr_wiring.items()},
     )
 
 

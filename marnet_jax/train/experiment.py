@@ -22,10 +22,10 @@ import numpy as np
 import optax
 from etils import epath
 
+from marnet_jax.config import upgrade
 from marnet_jax.data import datasets, decoders, pipeline
 from marnet_jax.data.config import train_image_size
 from marnet_jax.models import build_model, pretrained, word_vectors
-from marnet_jax.models.config import upgrade_model_config
 from marnet_jax.models.marnet import MARNet
 from marnet_jax.train import checkpoint, sharding
 from marnet_jax.train.optim import make_optimizer
@@ -92,13 +92,8 @@ class Experiment:
         """The set-up for `config`. `facts` given (predict, benchmarks, preflight: only the shapes
         matter) skips preparing the dataset; `devices` (default: jax.devices()) may be a TPU
         topology's abstract devices (preflight)."""
-        teacher = config.get("teacher")
-        if (
-            config.model.get("use_text_head")
-            and teacher
-            and teacher.steps < 1
-            and not teacher.init_from
-        ):
+        teacher = config.teacher
+        if config.model.use_text_head and teacher.steps < 1 and not teacher.init_from:
             raise ValueError(
                 "model.use_text_head needs a teacher: set config.teacher.steps >= 1 or "
                 "config.teacher.init_from to a finished run's workdir."
@@ -107,7 +102,7 @@ class Experiment:
         facts = datasets.prepare(config.data) if facts is None else facts
         mesh = sharding.make_mesh(config.mesh, devices)
         model = build_model(config.model, facts.num_classes, facts.num_ingredients)
-        frozen = ("text",) if config.model.get("freeze_text") else ()
+        frozen = ("text",) if config.model.freeze_text else ()
         tx, schedule = make_optimizer(config.optim, config.train.num_steps, frozen)
         return cls(config, facts, mesh, model, tx, schedule, jax.random.PRNGKey(config.seed))
 
@@ -193,7 +188,7 @@ class Experiment:
             state = self._backbone_from_run(state, model_cfg.init_from)
         elif model_cfg.init_from:
             state = pretrained.load_into_state(state, model_cfg)
-        if model_cfg.get("word_vectors") and state.params.get("text_encoder"):
+        if model_cfg.word_vectors and state.params.get("text_encoder"):
             state = word_vectors.load_into_state(state, model_cfg, self.facts.ingredient_names)
         return state
 
@@ -347,14 +342,12 @@ class Trained(NamedTuple):
 
 
 def read_config(workdir: str | epath.Path) -> ml_collections.ConfigDict:
-    """The resolved config a run wrote to `<workdir>/config.json` (tuples come back as lists; a
-    model section of an earlier layout is upgraded)."""
+    """The resolved config a run wrote to `<workdir>/config.json`, in this layout (config.upgrade;
+    tuples come back as lists)."""
     path = epath.Path(workdir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: {workdir} is not a training workdir.")
-    config = ml_collections.ConfigDict(json.loads(path.read_text()))
-    config.model = upgrade_model_config(config.model)
-    return config
+    return upgrade(json.loads(path.read_text()))
 
 
 def checkpoint_facts(params: Any, data_cfg: ml_collections.ConfigDict) -> datasets.DatasetFacts:

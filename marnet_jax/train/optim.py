@@ -74,8 +74,8 @@ def lr_multipliers(optim_cfg: ml_collections.ConfigDict) -> dict[str, float]:
     """{group: learning-rate multiplier} from config.optim (0 = frozen)."""
     mults = {
         "backbone": float(optim_cfg.backbone_lr_mult),
-        "text": float(optim_cfg.get("text_lr_mult", 1.0)),
-        "heads": float(optim_cfg.get("heads_lr_mult", 1.0)),
+        "text": float(optim_cfg.text_lr_mult),
+        "heads": float(optim_cfg.heads_lr_mult),
     }
     for group, m in mults.items():
         if m < 0:

@@ -117,7 +117,7 @@ def train_step(
     chex.assert_rank(batch["image"], 4)
     images = model_input(batch, data_cfg)
     chex.assert_type(batch["label"], jnp.int32)
-    aux_scale = rampup(state.step, loss_cfg.get("aux_rampup_steps", 0))
+    aux_scale = rampup(state.step, loss_cfg.aux_rampup_steps)
 
     def loss_fn(params):
         outputs, batch_stats = _train_forward(model, params, state, images, batch)
@@ -172,7 +172,7 @@ def grad_diagnostics(
     ('grad/<term>_cos_ce'), at this state and on this batch with the train step's own keys. One
     forward pass and one backward pass per term."""
     images = model_input(batch, data_cfg)
-    aux_scale = rampup(state.step, loss_cfg.get("aux_rampup_steps", 0))
+    aux_scale = rampup(state.step, loss_cfg.aux_rampup_steps)
     terms = backbone_terms(model)
 
     def terms_fn(backbone):

@@ -51,7 +51,7 @@ def text_split(
     fixed part that data.train_fraction trains on (the images' runs see the same examples)."""
     src = datasets.source(data_cfg, split)
     indices = np.arange(len(src))
-    fraction = float(data_cfg.get("train_fraction", 1.0))
+    fraction = float(data_cfg.train_fraction)
     if training and fraction != 1.0:
         indices = pipeline.train_subset_indices(len(src), fraction)
     ingredients, labels = [], []

@@ -75,7 +75,7 @@ def _train(config, exp, p_eval, state, start, train_iter, manager, writer, stop)
     end, or {'preempted_at_step'} after SIGTERM (a checkpoint saved at that step)."""
     is_main = jax.process_index() == 0
     p_train = exp.jit_train_step()
-    p_diag = exp.jit_grad_diagnostics() if config.train.get("grad_diag_every", 0) else None
+    p_diag = exp.jit_grad_diagnostics() if config.train.grad_diag_every else None
     num_steps, last_saved = config.train.num_steps, (start or None)
     pending = PendingMetrics()
     batches = DevicePrefetcher(train_iter, exp.mesh, exp.decoder.train_keys())
