@@ -456,6 +456,15 @@ def test_decoded_source_decodes_every_record_once_and_keeps_the_rest():
     assert pipeline.DecodedSource(cached)[2]["image"] is cached[2]["image"]  # decoded stays as is
 
 
+def test_cache_decoded_is_refused_when_the_split_would_fill_the_memory(monkeypatch):
+    src = memory_source(4)  # 32 x 32 x 3 bytes each once decoded: 12 KiB in all
+    monkeypatch.setattr(pipeline, "available_memory", lambda: 20 * 1024)
+    with pytest.raises(ValueError, match=r"cache_decoded=True would keep .* more than half"):
+        pipeline.cached_decoded(src, cfg(cache_decoded=True))
+    monkeypatch.setattr(pipeline, "available_memory", lambda: 30 * 1024)
+    assert len(pipeline.cached_decoded(src, cfg(cache_decoded=True))) == 4
+
+
 def test_cache_decoded_is_refused_with_dali_naming_both_fields():
     with pytest.raises(ValueError, match=r"cache_decoded.*decoder='dali'"):
         pipeline.train_iterator(

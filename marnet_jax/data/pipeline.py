@@ -35,6 +35,7 @@ import concurrent.futures
 import json
 import logging
 import math
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -421,14 +422,32 @@ def train_transforms(data_cfg: ml_collections.ConfigDict) -> list[Any]:
 # Public pipelines.
 
 
+def available_memory() -> int:
+    """Bytes of host memory available to a new allocation now (Linux; 0 where it cannot be read)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 def cached_decoded(src: Sequence[Example], data_cfg: ml_collections.ConfigDict) -> DecodedSource:
-    """The training source decoded once into memory (data.cache_decoded), refused with DALI,
-    which decodes the encoded bytes itself."""
+    """The training source decoded once into memory (data.cache_decoded). Refused with DALI, which
+    decodes the encoded bytes itself, and when the split would take more than half of the host's
+    available memory (estimated from its first image)."""
     if data_cfg.decoder == "dali":
         raise ValueError(
             "config.data.cache_decoded=True keeps decoded images, but data.decoder='dali' decodes "
             "the encoded bytes on the GPUs: set one of them off ('cpu' or 'cpu_decode')."
         )
+    if len(src):
+        estimate = DecodedSource([src[0]]).nbytes() * len(src)
+        available = available_memory()
+        if available and estimate > available // 2:
+            raise ValueError(
+                f"config.data.cache_decoded=True would keep about {estimate / 2**30:.1f} GiB of "
+                f"decoded training images ({len(src)} like the first) in host memory, more than "
+                f"half of the {available / 2**30:.1f} GiB available: set it to False."
+            )
     cached = DecodedSource(src, int(data_cfg.read_threads))
     log.info(
         "Decoded %d training images into %.0f MB of host memory.",
