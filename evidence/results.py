@@ -445,6 +445,7 @@ def _config_line(c: Mapping[str, Any]) -> str:
         + (f"{_share(c['train_fraction'])}; " if c.get("train_fraction", 1.0) != 1.0 else "")
         + (f"loss {c['loss_weights']}; CDR {c['cdr_training']}; " if "cdr_training" in c else "")
         + f"CDR test chain {c['cdr_test_chain']}"
+        + (f"; {c['protocol']} protocol" if "protocol" in c else "")
     )
 
 

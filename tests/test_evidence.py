@@ -1046,6 +1046,7 @@ def test_config_line_names_smaller_training_crops():
     config.data.train_image_size = 24
     line = results._config_line(common.config_summary(config))
     assert line.startswith("synthetic_food/tiny (32 px, trained on 24 px crops); resnet")
+    assert line.endswith("; joint protocol")
 
 
 def test_recorded_commands_of_the_default_config_name_the_protocol_they_trained():
