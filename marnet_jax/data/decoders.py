@@ -101,7 +101,7 @@ class CropBox(grain.transforms.RandomMap):
 
     def random_map(self, element: Example, rng: np.random.Generator) -> Example:
         image = element["image"]
-        if isinstance(image, np.ndarray) and image.ndim == 3:
+        if decoding.is_decoded(image):
             raise ValueError(
                 "data.decoder='dali' needs encoded images (PNG/JPEG bytes); this source gives "
                 f"decoded arrays of shape {image.shape}: use data.decoder='cpu'."

@@ -114,13 +114,18 @@ def decode(data: bytes, factor: int = 1) -> np.ndarray | Image.Image:
     return rgb if rgb is not None else decode_pil(open_image(data), factor)
 
 
+def is_decoded(image: Any) -> bool:
+    """Whether a record's 'image' is already pixels (uint8 [H, W, 3]) rather than encoded bytes."""
+    return isinstance(image, np.ndarray) and image.ndim == 3
+
+
 def decoded_box(
     image: Any, crop_box: Callable[[int, int], tuple[int, int, int, int]], size: int
 ) -> tuple[np.ndarray | Image.Image, tuple[float, ...]]:
     """A decoded uint8 image, or encoded bytes decoded only as finely as the box
     `crop_box(height, width)` needs at size x size (dct_factor: far less work for a large photo),
     and that box in the decoded image's pixels."""
-    if isinstance(image, np.ndarray) and image.ndim == 3:
+    if is_decoded(image):
         return image, crop_box(image.shape[0], image.shape[1])
     data = encoded_bytes(image)
     header = jpeg_size(data)

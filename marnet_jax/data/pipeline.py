@@ -319,7 +319,7 @@ class DecodedSource:
         def decoded(index: int) -> Example:
             record = source[index]
             image = record["image"]
-            if not (isinstance(image, np.ndarray) and image.ndim == 3):  # not decoded yet
+            if not decoding.is_decoded(image):
                 image = np.asarray(decoding.decode(decoding.encoded_bytes(image)))
             return {**record, "image": image}
 
